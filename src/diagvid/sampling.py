@@ -1,0 +1,229 @@
+"""Flow-matching maths and per-chunk step schedules, shared by training and streaming.
+
+Rectified flow: x_t = (1 - sigma) x0 + sigma * noise, the network predicts v = noise - x0, so
+x0 = x_t - sigma v. Timesteps are t = 1000 sigma. A shift s bends the schedule towards high noise:
+sigma' = s sigma / (1 + (s - 1) sigma).
+
+Sigma lookup has two modes:
+- "nearest": snap t to the nearest entry of the 1000-entry shifted training table (what the CausVid /
+  Self-Forcing / DD code does everywhere; t = 0 then maps to the smallest table sigma, not to 0);
+- "exact": sigma = t / 1000 (continuous; t = 0 is really clean).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+SIGMA_MODES = ("exact", "nearest")
+
+
+def shift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """sigma' = shift * sigma / (1 + (shift - 1) * sigma)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def training_table(shift: float, n: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """The shifted sigma table of the reference scheduler: n entries from 1 down to about shift/n/(...)."""
+    base = 1.0 - torch.arange(n, dtype=torch.float64) / n  # linspace(1, 0, n+1) without the final 0
+    return shift_sigma(base, shift)
+
+
+def warp_steps(steps: Sequence[float], shift: float) -> list[float]:
+    """Map config steps written in unshifted units to shifted timesteps: t = 1000 * shift_sigma(step/1000).
+
+    At integer steps this equals the reference's table lookup `T_ext[1000 - step]`.
+    """
+    for s in steps:
+        if not 0 <= s <= NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"step {s} outside [0, {NUM_TRAIN_TIMESTEPS}]")
+    return [float(NUM_TRAIN_TIMESTEPS * shift_sigma(s / NUM_TRAIN_TIMESTEPS, shift)) for s in steps]
+
+
+class FlowMatch:
+    """Noising and conversions at timesteps t in [0, 1000], with exact or nearest-table sigmas."""
+
+    def __init__(self, shift: float = 5.0, sigma_mode: str = "exact") -> None:
+        if sigma_mode not in SIGMA_MODES:
+            raise ValueError(f"sigma_mode={sigma_mode!r}; allowed: {SIGMA_MODES}")
+        if shift <= 0:
+            raise ValueError(f"shift={shift} must be > 0")
+        self.shift = shift
+        self.sigma_mode = sigma_mode
+        self.table = training_table(shift)  # [1000] float64
+
+    def sigma(self, t: torch.Tensor | float) -> torch.Tensor:
+        """sigma of timesteps t (any shape), float32."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        if self.sigma_mode == "exact":
+            return (t / NUM_TRAIN_TIMESTEPS).float()
+        grid = self.table.to(t.device) * NUM_TRAIN_TIMESTEPS
+        idx = (t.reshape(-1, 1) - grid[None]).abs().argmin(dim=1)
+        return self.table.to(t.device)[idx].reshape(t.shape).float()
+
+    def _expand(self, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        # sigma [B] or [B, F] against latents [B, C, F, H, W]
+        sigma = sigma.to(like.device)
+        if sigma.ndim == 0:
+            return sigma.to(like.dtype)
+        if sigma.ndim == 1:
+            return sigma.view(-1, 1, 1, 1, 1).to(like.dtype)
+        return sigma[:, None, :, None, None].to(like.dtype)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """x_t = (1 - sigma) x0 + sigma noise; t scalar, [B] or per frame [B, F]."""
+        s = self._expand(self.sigma(t), x0)
+        return (1 - s) * x0 + s * noise
+
+    def x0_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """Clean-sample estimate x0 = x_t - sigma v."""
+        return x_t - self._expand(self.sigma(t), x_t) * v
+
+    def v_from_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """Velocity v = (x_t - x0) / sigma, in float64 as the reference does (sigma may be small)."""
+        s = self._expand(self.sigma(t), x_t).double()
+        return ((x_t.double() - x0.double()) / s).to(x_t.dtype)
+
+    @staticmethod
+    def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network is trained to predict: v = noise - x0."""
+        return noise - x0
+
+
+def teacher_timesteps(num_steps: int, shift: float) -> list[float]:
+    """The undistilled sampler's timesteps: num_steps shifted sigmas from 1 towards 0, as t = 1000 sigma."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps} must be >= 1")
+    base = 1.0 - torch.arange(num_steps, dtype=torch.float64) / num_steps
+    return [float(NUM_TRAIN_TIMESTEPS * s) for s in shift_sigma(base, shift)]
+
+
+# ----- per-chunk schedules --------------------------------------------------------------------------------
+
+CONTEXT_POLICIES = ("clean", "noisy")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-chunk denoising timesteps and how each chunk's KV context is written; the last entry repeats.
+
+    context "clean": after the chunk's last step, one extra forward at t = `context_t` on the clean output
+    writes its K/V (CausVid, Self-Forcing). "noisy": no extra forward; later chunks see the K/V of the
+    chunk's last noisy denoising forward (Diagonal Distillation).
+    """
+
+    name: str
+    steps: tuple[tuple[float, ...], ...]
+    context: tuple[str, ...]
+    context_t: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise ValueError(f"schedule {self.name!r} has no per-chunk step lists")
+        for i, chunk in enumerate(self.steps):
+            if not chunk:
+                raise ValueError(f"schedule {self.name!r}: chunk {i} has an empty step list")
+            for t in chunk:
+                if not 0 < t <= NUM_TRAIN_TIMESTEPS:
+                    raise ValueError(
+                        f"schedule {self.name!r}: chunk {i} timestep {t} is outside (0, {NUM_TRAIN_TIMESTEPS}]"
+                    )
+            if any(a <= b for a, b in itertools.pairwise(chunk)):
+                raise ValueError(
+                    f"schedule {self.name!r}: chunk {i} steps {list(chunk)} are not strictly decreasing"
+                )
+        if not self.context or any(c not in CONTEXT_POLICIES for c in self.context):
+            raise ValueError(
+                f"schedule {self.name!r}: context {self.context}; allowed per chunk: {CONTEXT_POLICIES}"
+            )
+        if not 0 <= self.context_t < NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"context_t={self.context_t} must be in [0, {NUM_TRAIN_TIMESTEPS})")
+
+    def chunk_steps(self, k: int) -> tuple[float, ...]:
+        """Timesteps of chunk k."""
+        return self.steps[min(k, len(self.steps) - 1)]
+
+    def chunk_context(self, k: int) -> str:
+        """Context policy of chunk k."""
+        return self.context[min(k, len(self.context) - 1)]
+
+    def check_fits(self, num_chunks: int) -> None:
+        """Raise if the schedule lists more chunks than the video has (a silent mismatch otherwise)."""
+        longest = max(len(self.steps), len(self.context))
+        if num_chunks < longest:
+            raise ValueError(
+                f"schedule {self.name!r} lists {longest} chunks but the video has {num_chunks}; "
+                f"generate at least {longest} chunks or shorten the schedule"
+            )
+
+    def nfe(self, num_chunks: int) -> int:
+        """Transformer forwards this schedule needs for `num_chunks` chunks (the engine counts its own)."""
+        return sum(len(self.chunk_steps(k)) + (self.chunk_context(k) == "clean") for k in range(num_chunks))
+
+    def with_context(self, policy: str) -> Schedule:
+        """The same steps with one context policy for every chunk."""
+        return Schedule(f"{self.name}+{policy}", self.steps, (policy,), self.context_t)
+
+
+def parse_steps(text: str) -> tuple[tuple[float, ...], ...]:
+    """Parse "1000,933,833,357;1000,933,357;1000,357" into per-chunk lists (validated by `Schedule`)."""
+    lists = []
+    for i, part in enumerate(text.split(";")):
+        items = [x.strip() for x in part.split(",")]
+        if not part.strip() or any(not x for x in items):
+            raise ValueError(f"malformed steps {text!r}: chunk {i} ({part!r}) has an empty entry")
+        try:
+            lists.append(tuple(float(x) for x in items))
+        except ValueError as err:
+            raise ValueError(
+                f"malformed steps {text!r}: chunk {i} ({part!r}) is not a list of numbers"
+            ) from err
+    return tuple(lists)
+
+
+def _sf_steps() -> tuple[float, ...]:
+    return tuple(warp_steps([1000, 750, 500, 250], shift=5.0))
+
+
+PRESET_SCHEDULES: dict[str, Schedule] = {
+    # Diagonal Distillation: more steps early, 2 later; chunk 0 gets a clean context pass, later chunks keep
+    # the K/V of their last noisy forward. 18 forwards for 7 chunks.
+    "diagonal": Schedule(
+        "diagonal", ((1000, 933, 833, 357), (1000, 933, 357), (1000, 357)), ("clean", "noisy")
+    ),
+    # the paper figure's 5 -> 4 -> 3 -> 2 denoising steps, same context policy (21 forwards for 7 chunks)
+    "diagonal-5to2": Schedule(
+        "diagonal-5to2",
+        ((*_sf_steps(), 357), (1000, 933, 833, 357), (1000, 933, 357), (1000, 357)),
+        ("clean", "noisy"),
+    ),
+    # Self-Forcing: 4 warped steps (shift 5) and a clean context pass every chunk, 35 forwards for 7 chunks
+    "self-forcing": Schedule("self-forcing", (_sf_steps(),), ("clean",)),
+    # CausVid: 3 unwarped steps and a clean context pass every chunk, 28 forwards for 7 chunks
+    "causvid": Schedule("causvid", ((1000, 757, 522),), ("clean",)),
+}
+
+
+def get_schedule(name_or_steps: str | Schedule, context: str | None = None) -> Schedule:
+    """A preset by name, or a per-chunk step string; `context` overrides the policy of every chunk."""
+    if isinstance(name_or_steps, Schedule):
+        sched = name_or_steps
+    elif name_or_steps in PRESET_SCHEDULES:
+        sched = PRESET_SCHEDULES[name_or_steps]
+    elif any(c.isdigit() for c in name_or_steps):
+        # a user list: chunk 0 gets a clean pass like the diagonal preset unless told otherwise
+        sched = Schedule("custom", parse_steps(name_or_steps), ("clean", "noisy"))
+    else:
+        raise ValueError(
+            f"unknown schedule {name_or_steps!r}; allowed: {sorted(PRESET_SCHEDULES)} or a per-chunk list "
+            f"like '1000,933,833,357;1000,933,357;1000,357'"
+        )
+    if context is not None:
+        if context not in CONTEXT_POLICIES:
+            raise ValueError(f"context={context!r}; allowed: {CONTEXT_POLICIES}")
+        sched = sched.with_context(context)
+    return sched

@@ -1,0 +1,213 @@
+"""The three attention modes agree: block-causal parallel == cached chunk loop == a dense masked reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diagvid.model.dit import WanDiT
+from tests.conftest import tiny_inputs
+
+K = 2  # latent frames per chunk
+
+
+def dense_block_causal_mask(
+    frames: int, s: int, k: int, window: int | None = None, sink: int = 0
+) -> torch.Tensor:
+    """Bool [L, L] mask, True = may attend, built frame by frame independently of the model's chunk loop."""
+    frame_of = torch.arange(frames * s) // s
+    q_chunk_end = (frame_of // k + 1) * k  # exclusive end frame of each query's chunk
+    kf = frame_of[None, :]
+    allowed = kf < q_chunk_end[:, None]
+    if window is not None:
+        recent = kf >= (q_chunk_end[:, None] - (window - sink))
+        allowed &= recent | (kf < sink)
+    return allowed
+
+
+def forward_with_dense_mask(model: WanDiT, x, t, ctx, mask: torch.Tensor) -> torch.Tensor:
+    """Run the model in full mode but with SDPA given a dense mask: the independent reference."""
+    original = F.scaled_dot_product_attention
+    calls = []
+
+    def masked(q, k, v, attn_mask=None, **kw):
+        if q.shape[-2] == k.shape[-2] == mask.shape[0]:  # self-attention over the whole clip
+            calls.append(1)
+            attn_mask = mask
+        return original(q, k, v, attn_mask=attn_mask, **kw)
+
+    F.scaled_dot_product_attention = masked
+    try:
+        return model(x, t, ctx, attention="full")
+    finally:
+        F.scaled_dot_product_attention = original
+        assert calls, "the dense mask was never applied"
+
+
+@torch.no_grad()
+def test_full_attention_differs_from_causal(tiny_dit):
+    x, t, ctx = tiny_inputs(tiny_dit)
+    full = tiny_dit(x, t, ctx, attention="full")
+    causal = tiny_dit(x, t, ctx, attention="causal", frames_per_chunk=K)
+    # chunk 0 sees only itself in causal mode: a full pass over chunk 0 alone gives the same result
+    alone = tiny_dit(x[:, :, :K], t[:, :K], ctx, attention="full")
+    assert (causal[:, :, :K] - alone).abs().max() <= 1e-5 * alone.abs().max()
+    assert (full[:, :, :K] - causal[:, :, :K]).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_block_causal_equals_dense_masked_reference(tiny_dit):
+    x, t, ctx = tiny_inputs(tiny_dit)
+    s = 2 * 3  # tokens per frame for a 4x6 latent and a 2x2 patch
+    ours = tiny_dit(x, t, ctx, attention="causal", frames_per_chunk=K)
+    ref = forward_with_dense_mask(tiny_dit, x, t, ctx, dense_block_causal_mask(6, s, K))
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@torch.no_grad()
+def test_cached_chunk_loop_equals_block_causal(tiny_dit):
+    """Clean context: feeding each chunk through the cache reproduces the parallel block-causal pass."""
+    x, t, ctx = tiny_inputs(tiny_dit)
+    parallel = tiny_dit(x, t, ctx, attention="causal", frames_per_chunk=K)
+    cache = tiny_dit.new_cache(batch_size=2, latent_hw=(4, 6), capacity_frames=6)
+    outs = [
+        tiny_dit(x[:, :, i : i + K], t[:, i : i + K], ctx, cache=cache, start_frame=i) for i in range(0, 6, K)
+    ]
+    cached = torch.cat(outs, dim=2)
+    assert (cached - parallel).abs().max() <= 1e-5 * parallel.abs().max()
+
+
+@torch.no_grad()
+def test_chunk_is_unchanged_when_a_later_chunk_changes(tiny_dit):
+    x, t, ctx = tiny_inputs(tiny_dit)
+    y = tiny_dit(x, t, ctx, attention="causal", frames_per_chunk=K)
+    x2 = x.clone()
+    x2[:, :, 4:] += 1.0
+    y2 = tiny_dit(x2, t, ctx, attention="causal", frames_per_chunk=K)
+    assert torch.equal(y[:, :, :4], y2[:, :, :4])
+    assert not torch.allclose(y[:, :, 4:], y2[:, :, 4:])
+
+
+@torch.no_grad()
+def test_overwrite_keeps_the_last_forward_of_a_chunk(tiny_dit):
+    """Re-running a chunk overwrites its slots: what the next chunk sees is the last forward's K/V."""
+    x, t, ctx = tiny_inputs(tiny_dit, frames=4)
+    cache = tiny_dit.new_cache(batch_size=2, latent_hw=(4, 6), capacity_frames=4)
+    noisy = torch.randn_like(x[:, :, :K])
+    tiny_dit(noisy, t[:, :K] * 0 + 999, ctx, cache=cache, start_frame=0)  # first pass: overwritten below
+    tiny_dit(x[:, :, :K], t[:, :K], ctx, cache=cache, start_frame=0)
+    second = tiny_dit(x[:, :, K:], t[:, K:], ctx, cache=cache, start_frame=K)
+    parallel = tiny_dit(x, t, ctx, attention="causal", frames_per_chunk=K)
+    assert (second - parallel[:, :, K:]).abs().max() <= 1e-5 * parallel.abs().max()
+
+
+@pytest.mark.parametrize(("window", "sink"), [(6, 2), (4, 0), (7, 1)])
+@torch.no_grad()
+def test_rolling_cache_equals_windowed_recompute(tiny_dit, window, sink):
+    """After evictions, cached output == a block-causal pass over sink + window frames at the same positions."""
+    frames = 12
+    x, t, ctx = tiny_inputs(tiny_dit, frames=frames)
+    cache = tiny_dit.new_cache(batch_size=2, latent_hw=(4, 6), capacity_frames=window, sink_frames=sink)
+    outs = []
+    for i in range(0, frames, K):
+        outs.append(tiny_dit(x[:, :, i : i + K], t[:, i : i + K], ctx, cache=cache, start_frame=i))
+    cached = torch.cat(outs, dim=2)
+    assert cache.num_frames == window and cache.evicted_frames == frames - window
+    s = 6
+    ref = forward_with_dense_mask(tiny_dit, x, t, ctx, dense_block_causal_mask(frames, s, K, window, sink))
+    assert (cached - ref).abs().max() <= 1e-5 * ref.abs().max()
+    parallel = tiny_dit(
+        x, t, ctx, attention="causal", frames_per_chunk=K, window_frames=window, sink_frames=sink
+    )
+    assert (parallel - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # and it really is windowed: the unwindowed pass differs on the late chunks
+    unwindowed = tiny_dit(x, t, ctx, attention="causal", frames_per_chunk=K)
+    assert (unwindowed[:, :, -K:] - ref[:, :, -K:]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_cache_rope_mode_matches_absolute_before_eviction_and_stays_bounded(tiny_dit):
+    frames = 12
+    x, t, ctx = tiny_inputs(tiny_dit, frames=frames)
+    absolute = tiny_dit.new_cache(batch_size=2, latent_hw=(4, 6), capacity_frames=6, sink_frames=2)
+    relative = tiny_dit.new_cache(
+        batch_size=2, latent_hw=(4, 6), capacity_frames=6, sink_frames=2, rope="cache"
+    )
+    for i in range(0, frames, K):
+        a = tiny_dit(x[:, :, i : i + K], t[:, i : i + K], ctx, cache=absolute, start_frame=i)
+        r = tiny_dit(x[:, :, i : i + K], t[:, i : i + K], ctx, cache=relative, start_frame=i)
+        if i + K <= 6:  # no eviction yet: identical positions
+            assert torch.allclose(a, r, atol=1e-5)
+        assert relative.chunk.rope_frame + K <= 6  # positions never leave the cache
+    assert not torch.allclose(a, r, atol=1e-4)  # after eviction the sink is nearer in cache positions
+
+
+def test_cache_relative_rope_rebases_keys_exactly(tiny_dit):
+    """Re-rotated window keys after eviction equal keys rotated at their new slot positions from scratch."""
+    from diagvid.model.cache import KVCache
+    from diagvid.model.rope import apply_rope, grid_positions, rope_cos_sin
+
+    s, dh = 6, tiny_dit.cfg.head_dim
+    cache = KVCache(
+        num_layers=1,
+        batch_size=1,
+        num_heads=2,
+        head_dim=dh,
+        tokens_per_frame=s,
+        capacity_frames=4,
+        sink_frames=1,
+        rope="cache",
+    )
+    raw = torch.randn(1, 8 * s, 2, dh)  # un-rotated keys of 8 frames
+    for start in range(0, 8, K):
+        slots = cache.prepare(start, K)
+        cos, sin = rope_cos_sin(grid_positions(K, 2, 3, slots.rope_frame), dh)
+        k = apply_rope(raw[:, start * s : (start + K) * s], cos, sin)
+        cache.write_and_read(0, k, k)
+    held = cache.slot_frames  # absolute frames now in slots 0..3
+    assert held == [0, 5, 6, 7]
+    expect = torch.cat(
+        [
+            apply_rope(raw[:, f * s : (f + 1) * s], *rope_cos_sin(grid_positions(1, 2, 3, slot), dh))
+            for slot, f in enumerate(held)
+        ],
+        dim=1,
+    )
+    assert torch.allclose(cache.k[0], expect, atol=1e-5)
+
+
+def test_cache_rejects_out_of_order_chunks(tiny_dit):
+    x, t, ctx = tiny_inputs(tiny_dit, frames=K)
+    cache = tiny_dit.new_cache(batch_size=2, latent_hw=(4, 6), capacity_frames=6)
+    with torch.no_grad():
+        tiny_dit(x, t, ctx, cache=cache, start_frame=0)
+        with pytest.raises(ValueError, match="append at frame 2"):
+            tiny_dit(x, t, ctx, cache=cache, start_frame=4)
+
+
+def test_gradients_flow_through_cached_chunk_only(tiny_dit):
+    """Under autograd the current chunk keeps its graph and the cached prefix is a constant."""
+    x, t, ctx = tiny_inputs(tiny_dit, frames=4)
+    cache = tiny_dit.new_cache(batch_size=2, latent_hw=(4, 6), capacity_frames=4)
+    x0 = x[:, :, :K].clone().requires_grad_(True)
+    with torch.no_grad():
+        tiny_dit(x0, t[:, :K], ctx, cache=cache, start_frame=0)
+    x1 = x[:, :, K:].clone().requires_grad_(True)
+    out = tiny_dit(x1, t[:, K:], ctx, cache=cache, start_frame=K)
+    out.square().mean().backward()
+    assert x1.grad is not None and x1.grad.abs().sum() > 0
+    assert x0.grad is None
+    assert all(p.grad is not None for p in tiny_dit.blocks[0].self_attn.parameters())
+
+
+def test_bad_inputs_raise(tiny_dit):
+    x, t, ctx = tiny_inputs(tiny_dit)
+    with pytest.raises(ValueError, match="frames_per_chunk=4 must be a positive divisor of 6"):
+        tiny_dit(x, t, ctx, attention="causal", frames_per_chunk=4)
+    with pytest.raises(ValueError, match="attention='sparse'"):
+        tiny_dit(x, t, ctx, attention="sparse")
+    with pytest.raises(ValueError, match="patch_size"):
+        tiny_dit(x[..., :3, :], t, ctx)
+    with pytest.raises(ValueError, match="timesteps of shape"):
+        tiny_dit(x, t[:, :2], ctx)

@@ -1,0 +1,114 @@
+"""Flow-matching maths and schedule validation."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from diagvid.sampling import (
+    PRESET_SCHEDULES,
+    FlowMatch,
+    Schedule,
+    get_schedule,
+    parse_steps,
+    teacher_timesteps,
+    training_table,
+    warp_steps,
+)
+
+
+def test_warp_matches_reference_values():
+    assert warp_steps([1000, 750, 500, 250], 5.0) == pytest.approx([1000, 937.5, 833.333, 625], abs=1e-2)
+    assert warp_steps([1000, 750, 500, 250], 8.0) == pytest.approx([1000, 960, 888.889, 727.273], abs=1e-2)
+    assert warp_steps([100], 5.0) == pytest.approx([357.142857], abs=1e-4)
+
+
+def test_warp_equals_table_lookup_at_integer_steps():
+    table = torch.cat([training_table(5.0) * 1000, torch.zeros(1, dtype=torch.float64)])
+    for s in (1000, 757, 522, 100, 1):
+        assert warp_steps([s], 5.0)[0] == pytest.approx(float(table[1000 - s]), abs=1e-9)
+
+
+def test_table_ends():
+    table = training_table(5.0)
+    assert table[0] == 1.0 and table.shape == (1000,)
+    assert float(table[-1] * 1000) == pytest.approx(4.98, abs=0.01)  # the reference's smallest t at shift 5
+
+
+def test_x0_v_round_trip_and_add_noise():
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 3, 5, 5, generator=gen)
+    noise = torch.randn(2, 4, 3, 5, 5, generator=gen)
+    for mode in ("exact", "nearest"):
+        fm = FlowMatch(shift=5.0, sigma_mode=mode)
+        t = torch.tensor([[900.0, 900.0, 900.0], [357.0, 357.0, 120.0]])  # per frame
+        xt = fm.add_noise(x0, noise, t)
+        v = fm.velocity_target(x0, noise)
+        assert torch.allclose(fm.x0_from_v(xt, v, t), x0, atol=1e-5) or mode == "nearest"
+        assert torch.allclose(fm.x0_from_v(xt, fm.v_from_x0(xt, x0, t), t), x0, atol=1e-5)
+    exact = FlowMatch(sigma_mode="exact")
+    assert torch.allclose(
+        exact.x0_from_v(exact.add_noise(x0, noise, 600.0), noise - x0, 600.0), x0, atol=1e-5
+    )
+
+
+def test_nearest_mode_snaps_like_the_reference():
+    fm = FlowMatch(shift=5.0, sigma_mode="nearest")
+    assert float(fm.sigma(0.0)) == pytest.approx(0.00498, abs=1e-4)  # t=0 is not clean in the reference
+    assert float(fm.sigma(933.0)) == pytest.approx(0.9331, abs=2e-4)
+    assert float(FlowMatch(sigma_mode="exact").sigma(0.0)) == 0.0
+
+
+def test_teacher_timesteps():
+    ts = teacher_timesteps(50, 5.0)
+    assert len(ts) == 50 and ts[0] == 1000.0 and all(a > b for a, b in itertools.pairwise(ts))
+
+
+def test_presets_nfe():
+    assert PRESET_SCHEDULES["diagonal"].nfe(7) == 18
+    assert PRESET_SCHEDULES["self-forcing"].nfe(7) == 35
+    assert PRESET_SCHEDULES["causvid"].nfe(7) == 28
+    assert PRESET_SCHEDULES["diagonal-5to2"].nfe(7) == 21
+    d = PRESET_SCHEDULES["diagonal"]
+    assert d.chunk_steps(6) == (1000, 357) and d.chunk_context(0) == "clean" and d.chunk_context(5) == "noisy"
+
+
+def test_parse_and_custom_schedule():
+    assert parse_steps("1000,933,833,357;1000,933,357;1000,357") == (
+        (1000, 933, 833, 357),
+        (1000, 933, 357),
+        (1000, 357),
+    )
+    s = get_schedule("1000,500;1000,300", context="clean")
+    assert s.chunk_steps(9) == (1000, 300) and s.chunk_context(1) == "clean"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("1000,933;;1000", "chunk 1"),
+        ("1000,abc", "not a list of numbers"),
+        ("1000,1000,357", "not strictly decreasing"),
+        ("357,1000", "not strictly decreasing"),
+        ("1200,500", "outside"),
+        ("1000,0", "outside"),
+        ("1000,-5", "outside"),
+    ],
+)
+def test_bad_steps_raise(text, message):
+    with pytest.raises(ValueError, match=message):
+        get_schedule(text)
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="unknown schedule 'fast'"):
+        get_schedule("fast")
+    with pytest.raises(ValueError, match="no per-chunk"):
+        Schedule("x", (), ("clean",))
+    with pytest.raises(ValueError, match="context"):
+        get_schedule("diagonal", context="dirty")
+    with pytest.raises(ValueError, match="lists 3 chunks but the video has 2"):
+        PRESET_SCHEDULES["diagonal"].check_fits(2)
+    PRESET_SCHEDULES["diagonal"].check_fits(3)
