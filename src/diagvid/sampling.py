@@ -227,3 +227,46 @@ def get_schedule(name_or_steps: str | Schedule, context: str | None = None) -> S
             raise ValueError(f"context={context!r}; allowed: {CONTEXT_POLICIES}")
         sched = sched.with_context(context)
     return sched
+
+
+# ----- the undistilled sampler ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_euler(
+    model: torch.nn.Module,
+    noise: torch.Tensor,
+    context: torch.Tensor,
+    null_context: torch.Tensor | None,
+    *,
+    num_steps: int = 50,
+    shift: float = 5.0,
+    guidance: float = 5.0,
+    trajectory_at: Sequence[int] = (),
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The teacher's sampler: Euler on the flow ODE over `num_steps` shifted steps, classifier-free guidance.
+
+    `model(x, t, context)` returns velocity; with `null_context` and guidance != 1 the conditional and
+    unconditional velocities are batched into one forward: v = v_u + guidance (v_c - v_u). Returns the
+    final sample and the states x_t before step i for every i in `trajectory_at` (for ODE pairs; index
+    `num_steps` is the final sample).
+    """
+    ts = [*teacher_timesteps(num_steps, shift), 0.0]
+    x = noise
+    saved = {}
+    use_cfg = null_context is not None and guidance != 1.0
+    for i in range(num_steps):
+        if i in trajectory_at:
+            saved[i] = x.clone()
+        t = torch.full((x.shape[0],), ts[i], device=x.device)
+        if use_cfg:
+            v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, null_context])).chunk(
+                2
+            )
+            v = v_u + guidance * (v_c - v_u)
+        else:
+            v = model(x, t, context)
+        x = x + (ts[i + 1] - ts[i]) / NUM_TRAIN_TIMESTEPS * v  # sigma goes down: dt < 0
+    if num_steps in trajectory_at:
+        saved[num_steps] = x.clone()
+    return x, saved

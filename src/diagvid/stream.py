@@ -1,0 +1,320 @@
+"""The streaming engine: chunk loop, KV-cache policy, prompt switching, image/video conditioning, decode.
+
+One engine serves every method: the schedule (`diagvid.sampling.Schedule`) decides how many steps each
+chunk takes and whether a clean context pass follows it. Frames are decoded chunk by chunk with the Wan
+VAE's causal feature cache, so the first frames exist after one chunk.
+
+Shape letters: B batch (always 1 here), C latent channels, F latent frames, K latent frames per chunk,
+h/w latent size, T pixel frames, H/W pixel size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from diagvid.model.cache import KVCache
+from diagvid.model.dit import WanDiT
+from diagvid.sampling import FlowMatch, Schedule, get_schedule
+
+TEMPORAL_STRIDE = 4  # Wan VAE: the first latent frame is 1 pixel frame, every later one 4
+
+
+def pixel_to_latent_frames(frames: int) -> int:
+    """Latent frames that decode to `frames` = 1 + 4k pixel frames."""
+    return 1 + (frames - 1) // TEMPORAL_STRIDE
+
+
+def latent_to_pixel_frames(latents: int) -> int:
+    """Pixel frames decoded from `latents` latent frames."""
+    return 1 + TEMPORAL_STRIDE * (latents - 1) if latents > 0 else 0
+
+
+@dataclass(frozen=True)
+class PromptEvent:
+    """From `at_seconds` on, the stream follows `prompt`."""
+
+    at_seconds: float
+    prompt: str
+
+
+def parse_timeline(prompts: str | Sequence[str | PromptEvent | tuple[float, str]]) -> list[PromptEvent]:
+    """Prompts -> a time-ordered timeline. Strings may start with "@4s " to set their start time.
+
+    The first prompt starts at 0 s; later ones without a time are an error (ambiguous).
+    """
+    items = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not items:
+        raise ValueError("no prompt given; pass at least one prompt")
+    events: list[PromptEvent] = []
+    for i, item in enumerate(items):
+        if isinstance(item, PromptEvent):
+            event = item
+        elif isinstance(item, tuple):
+            event = PromptEvent(float(item[0]), str(item[1]))
+        else:
+            text = str(item).strip()
+            at = 0.0
+            if text.startswith("@"):
+                head, _, rest = text.partition(" ")
+                number = head[1:].removesuffix("s")
+                try:
+                    at = float(number)
+                except ValueError as err:
+                    raise ValueError(
+                        f"prompt {i} {item!r}: bad time {head!r}; write it like '@4s a blue square moves up'"
+                    ) from err
+                text = rest.strip()
+            elif i > 0:
+                raise ValueError(f"prompt {i} {item!r} has no start time; write it like '@4s {text}'")
+            event = PromptEvent(at, text)
+        if not event.prompt.strip():
+            raise ValueError(f"prompt {i} is empty; describe the video, e.g. 'a red circle moves left'")
+        if not math.isfinite(event.at_seconds) or event.at_seconds < 0:
+            raise ValueError(f"prompt {i} starts at {event.at_seconds} s; times must be >= 0")
+        events.append(event)
+    if events[0].at_seconds != 0:
+        raise ValueError(f"the first prompt must start at 0 s, not {events[0].at_seconds} s")
+    times = [e.at_seconds for e in events]
+    if any(b <= a for a, b in itertools.pairwise(times)):
+        raise ValueError(f"prompt times {times} must be strictly increasing")
+    return events
+
+
+@dataclass
+class ChunkResult:
+    """One generated chunk: its decoded frames and the figures of its generation."""
+
+    index: int
+    frames: np.ndarray  # uint8 [T, H, W, 3], possibly empty
+    latents: torch.Tensor  # [1, C, K, h, w]
+    timesteps: tuple[float, ...]
+    nfe: int  # transformer forwards spent on this chunk (context pass included)
+    seconds: float  # wall time of this chunk, denoise + decode
+    dit_seconds: float  # wall time of the transformer part
+    prompt: str
+    first_frame: int  # index of frames[0] in the whole video
+
+
+@dataclass
+class StreamConfig:
+    """How a pipeline generates: geometry, sampler and cache policy."""
+
+    frames_per_chunk: int = 3
+    """latent frames per chunk K"""
+    latent_hw: tuple[int, int] = (8, 8)
+    """latent height and width"""
+    fps: int = 16
+    """pixel frames per second"""
+    shift: float = 5.0
+    """flow shift of the student's sampler"""
+    sigma_mode: str = "exact"
+    """"exact" or "nearest" (reference parity)"""
+    schedule: str = "diagonal"
+    """default schedule"""
+    window_frames: int | None = None
+    """KV-cache capacity in latent frames; None = the whole video (no eviction)"""
+    sink_frames: int = 0
+    """frames at the start kept forever once the window rolls"""
+    rope: str = "absolute"
+    """"absolute" (reference) or "cache" (positions inside the window: unbounded length)"""
+    extra: dict = field(default_factory=dict)
+
+
+class Pipeline:
+    """A causal generator, its VAE and text encoder, and the chunk loop that streams video from them."""
+
+    def __init__(self, generator: WanDiT, vae, text_encoder, config: StreamConfig | None = None) -> None:
+        self.generator = generator.eval()
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.config = config or StreamConfig()
+        self.fm = FlowMatch(self.config.shift, self.config.sigma_mode)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.generator.parameters()).dtype
+
+    # ----- sizes -------------------------------------------------------------------------------------------
+
+    def num_chunks(self, seconds: float) -> int:
+        """Chunks needed for at least `seconds` of video."""
+        if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"seconds={seconds!r} must be a finite number > 0")
+        frames = max(1, round(seconds * self.config.fps))
+        latents = 1 + math.ceil((frames - 1) / TEMPORAL_STRIDE)  # round up to a whole latent frame
+        return math.ceil(latents / self.config.frames_per_chunk)
+
+    # ----- the stream --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def stream(
+        self,
+        prompt: str | Sequence[str | PromptEvent | tuple[float, str]],
+        *,
+        seconds: float | None = None,
+        num_chunks: int | None = None,
+        schedule: str | Schedule | None = None,
+        context: str | None = None,
+        seed: int = 0,
+        image: np.ndarray | None = None,
+    ) -> Iterator[ChunkResult]:
+        """Yield decoded chunks as soon as each is ready.
+
+        Args:
+            prompt: a prompt, or a timeline of prompts ("@4s a blue square moves up" switches at 4 s).
+            seconds / num_chunks: length (one of them; default 5 s).
+            schedule: preset name, per-chunk step string or a `Schedule`; default from the config.
+            context: override the context policy of every chunk ("clean" or "noisy").
+            seed: noise seed; the same seed gives the same video on the same device.
+            image: uint8 [H, W, 3] first frame (image-to-video): encoded into the cache before chunk 0.
+        """
+        # 1. validate everything before any compute
+        cfg = self.config
+        timeline = parse_timeline(prompt)
+        sched = get_schedule(schedule or cfg.schedule, context)
+        if num_chunks is None:
+            num_chunks = self.num_chunks(5.0 if seconds is None else seconds)
+        elif seconds is not None:
+            raise ValueError("give seconds or num_chunks, not both")
+        if not isinstance(num_chunks, int) or num_chunks < 1:
+            raise ValueError(f"num_chunks={num_chunks!r} must be an int >= 1")
+        if cfg.window_frames is None:
+            sched.check_fits(num_chunks)
+        first_latents = self._encode_image(image) if image is not None else None
+        k = cfg.frames_per_chunk
+        h, w = cfg.latent_hw
+        prefix = 0 if first_latents is None else first_latents.shape[2]
+        capacity = cfg.window_frames or (prefix + num_chunks * k)
+
+        # 2. encode the first prompt, prepare cache, noise and decoder
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        cache = self.generator.new_cache(
+            batch_size=1,
+            latent_hw=(h, w),
+            capacity_frames=capacity,
+            sink_frames=cfg.sink_frames,
+            rope=cfg.rope,
+        )
+        decoder = self.vae.stream_decoder()
+        ctx = None
+        current_prompt = None
+        frames_out = 0
+
+        # 3. image-to-video: the given frame becomes clean context at frame 0 and is decoded first
+        if first_latents is not None:
+            current_prompt = timeline[0].prompt
+            ctx = self._encode_prompt(current_prompt)
+            self.generator(
+                first_latents, torch.zeros(1, prefix, device=self.device), ctx, cache=cache, start_frame=0
+            )
+            pixels = self._to_uint8(decoder.decode(first_latents))
+            frames_out += len(pixels)
+            yield ChunkResult(-1, pixels, first_latents, (0.0,), 1, 0.0, 0.0, current_prompt, 0)
+
+        # 4. the chunk loop
+        for index in range(num_chunks):
+            start = time.perf_counter()
+            at_seconds = frames_out / cfg.fps
+            wanted = [e.prompt for e in timeline if e.at_seconds <= at_seconds + 1e-9][-1]
+            if wanted != current_prompt:
+                cache.reset_text()  # the next forward encodes the new prompt's cross-attention K/V
+                ctx = self._encode_prompt(wanted)
+                current_prompt = wanted
+            noise = torch.randn(1, self.generator.cfg.in_dim, k, h, w, generator=gen).to(
+                self.device, self.dtype
+            )
+            forwards_before = self.generator.stats.forwards
+            latents = self.denoise_chunk(noise, sched, index, ctx, cache, prefix + index * k, gen)
+            if not torch.isfinite(latents).all():
+                # never write garbage into a video: stop and say where it happened
+                raise FloatingPointError(
+                    f"chunk {index} produced NaN or Inf latents (prompt {current_prompt!r})"
+                )
+            dit_seconds = time.perf_counter() - start
+            pixels = self._to_uint8(decoder.decode(latents))
+            yield ChunkResult(
+                index=index,
+                frames=pixels,
+                latents=latents,
+                timesteps=tuple(sched.chunk_steps(index)),
+                nfe=self.generator.stats.forwards - forwards_before,
+                seconds=time.perf_counter() - start,
+                dit_seconds=dit_seconds,
+                prompt=current_prompt,
+                first_frame=frames_out,
+            )
+            frames_out += len(pixels)
+
+    def denoise_chunk(
+        self,
+        noise: torch.Tensor,
+        schedule: Schedule,
+        index: int,
+        ctx: torch.Tensor,
+        cache: KVCache,
+        start_frame: int,
+        gen: torch.Generator,
+    ) -> torch.Tensor:
+        """Denoise one chunk from noise with its timesteps, then write its context as the schedule says.
+
+        Each step predicts x0 and re-noises it with fresh noise to the next timestep (the few-step sampler
+        of CausVid / Self-Forcing / DD). Every forward overwrites the chunk's cache slots, so with a
+        "noisy" policy later chunks see the K/V of the last denoising forward.
+        """
+        steps = schedule.chunk_steps(index)
+        x = noise
+        x0 = noise
+        for i, t in enumerate(steps):
+            tt = torch.full((1, noise.shape[2]), float(t), device=self.device)
+            v = self.generator(x, tt, ctx, cache=cache, start_frame=start_frame)
+            x0 = self.fm.x0_from_v(x, v, tt)
+            if i + 1 < len(steps):
+                fresh = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+                x = self.fm.add_noise(x0, fresh, tt.new_full(tt.shape, float(steps[i + 1])))
+        if schedule.chunk_context(index) == "clean":
+            tc = torch.full((1, noise.shape[2]), float(schedule.context_t), device=self.device)
+            x_ctx = x0
+            if schedule.context_t > 0:
+                fresh = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+                x_ctx = self.fm.add_noise(x0, fresh, tc)
+            self.generator(x_ctx, tc, ctx, cache=cache, start_frame=start_frame)
+        return x0
+
+    def generate(self, prompt, **kwargs) -> tuple[np.ndarray, list[ChunkResult]]:
+        """The whole clip as uint8 [T, H, W, 3] plus the per-chunk results."""
+        chunks = list(self.stream(prompt, **kwargs))
+        frames = np.concatenate([c.frames for c in chunks], axis=0)
+        return frames, chunks
+
+    # ----- helpers -----------------------------------------------------------------------------------------
+
+    def _encode_prompt(self, prompt: str) -> torch.Tensor:
+        emb, _mask = self.text_encoder.encode([prompt])
+        return emb.to(self.device, self.dtype)
+
+    def _encode_image(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 [H, W, 3] -> one clean latent frame [1, C, 1, h, w]."""
+        h, w = self.config.latent_hw
+        expected = (h * self.vae.spatial_stride, w * self.vae.spatial_stride, 3)
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != expected:
+            got = (getattr(image, "shape", None), getattr(image, "dtype", type(image).__name__))
+            raise ValueError(f"image must be uint8 of shape {expected} (H, W, RGB); got shape/dtype {got}")
+        video = torch.from_numpy(image).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1  # [1, 3, 1, H, W]
+        return self.vae.encode(video.to(self.device)).to(self.dtype)
+
+    @staticmethod
+    def _to_uint8(video: torch.Tensor) -> np.ndarray:
+        """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
+        x = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return x.permute(1, 2, 3, 0).cpu().numpy()
