@@ -53,6 +53,116 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
             console.print(f"[bold]{key}[/bold]: {value}")
 
 
+@app.command()
+def generate(
+    prompt: list[str] = typer.Option(
+        ..., "--prompt", "-p", help="Prompt; repeat with '@4s ...' to switch prompts mid-stream."
+    ),
+    out: str = typer.Option(
+        "clip.mp4", "--out", "-o", help="Output: .mp4, .gif, or a folder for PNG frames."
+    ),
+    seconds: float = typer.Option(5.0, "--seconds", "-s", help="Length of the video in seconds."),
+    schedule: str | None = typer.Option(
+        None, "--schedule", help="diagonal | diagonal-5to2 | self-forcing | causvid (default: the model's)."
+    ),
+    steps: str | None = typer.Option(
+        None, "--steps", help="Per-chunk timesteps, e.g. '1000,933,833,357;1000,933,357;1000,357'."
+    ),
+    context: str | None = typer.Option(
+        None, "--context", help="Context policy of every chunk: noisy | clean."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Noise seed: the same seed gives the same video."),
+    image: str | None = typer.Option(None, "--image", help="First frame (image-to-video)."),
+    model: str = typer.Option("toy", "--model", help="Bundled name or pipeline folder."),
+    generator: str | None = typer.Option(
+        None, "--generator", help="Distilled causal checkpoint (Wan folders)."
+    ),
+    window: int | None = typer.Option(None, "--window", help="KV window in latent frames (endless video)."),
+    sink: int | None = typer.Option(None, "--sink", help="Attention-sink frames kept when the window rolls."),
+    device: str | None = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the run's figures as JSON on stdout."),
+) -> None:
+    """Generate a video, writing frames as each chunk is ready."""
+    import time
+
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from diagvid.pretrained import load_pipeline
+    from diagvid.sampling import get_schedule
+    from diagvid.video_io import VideoWriter, output_kind, read_image
+
+    try:
+        # every check before any compute
+        if schedule and steps:
+            raise ValueError("give --schedule or --steps, not both")
+        sched = (
+            get_schedule(steps or schedule or "diagonal", context) if (steps or schedule or context) else None
+        )
+        output_kind(out)
+        first = read_image(image) if image else None
+        pipe = load_pipeline(model, generator=generator, device=device)
+        if window is not None:
+            pipe.config.window_frames = window
+        if sink is not None:
+            pipe.config.sink_frames = sink
+        num_chunks = pipe.num_chunks(seconds)
+        stream = pipe.stream(prompt, num_chunks=num_chunks, schedule=sched, seed=seed, image=first)
+        t0 = time.perf_counter()
+        chunks, ttff = [], None
+        bar = Progress(
+            TextColumn("[bold]generate"), BarColumn(), TextColumn("{task.fields[info]}"), console=console
+        )
+        with bar, VideoWriter(out, pipe.config.fps) as writer:
+            task = bar.add_task("gen", total=num_chunks, info="")
+            for chunk in stream:
+                writer.append(chunk.frames)
+                ttff = ttff if ttff is not None else time.perf_counter() - t0
+                chunks.append(chunk)
+                elapsed = time.perf_counter() - t0
+                bar.update(
+                    task,
+                    completed=max(0, chunk.index + 1),
+                    info=f"chunk {chunk.index + 1}/{num_chunks}  nfe {sum(c.nfe for c in chunks)}  "
+                    f"{writer.frames_written / elapsed:.1f} fps",
+                )
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted:[/yellow] nothing written to {out}")
+        raise typer.Exit(130) from None
+    total = time.perf_counter() - t0
+    figures = {
+        "out": out,
+        "frames": writer.frames_written,
+        "seconds_of_video": writer.frames_written / pipe.config.fps,
+        "chunks": len([c for c in chunks if c.index >= 0]),
+        "nfe": sum(c.nfe for c in chunks),
+        "wall_s": round(total, 3),
+        "fps": round(writer.frames_written / total, 2),
+        "ttff_s": round(ttff or 0.0, 3),
+        "per_chunk": [
+            {
+                "index": c.index,
+                "nfe": c.nfe,
+                "timesteps": list(c.timesteps),
+                "seconds": round(c.seconds, 4),
+                "prompt": c.prompt,
+            }
+            for c in chunks
+        ],
+    }
+    if as_json:
+        typer.echo(json.dumps(figures, indent=2))
+    else:
+        console.print(
+            f"wrote {out}: {figures['frames']} frames ({figures['seconds_of_video']:.2f} s) in {total:.2f} s, "
+            f"{figures['fps']} fps, NFE {figures['nfe']}, first frame after {figures['ttff_s']} s"
+        )
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,106 @@
+"""Loading whole pipelines: the bundled toy models, a folder of ours, or a real Wan2.1 folder + generator.
+
+Our pipeline folder:
+    pipeline.json          StreamConfig fields (chunk size, latent size, fps, shift, default schedule, ...)
+    generator/             causal student: model.safetensors + config.json (diagvid.model.weights)
+    vae/                   vae.safetensors + vae.json (diagvid.model.vae)
+    text/                  the toy text encoder (diagvid.model.text)
+
+A real Wan2.1-T2V folder in diffusers layout (`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`) is
+combined with `generator=`, a distilled causal checkpoint (ours, Self-Forcing, CausVid, LongLive, DD).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from diagvid.assets import ASSETS
+from diagvid.config import from_dict
+from diagvid.stream import Pipeline, StreamConfig
+
+DEFAULT_PIPELINE = "toy"
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    """A bundled name (folder under diagvid/assets) or a path, with an error that lists both options."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    bundled = ASSETS / str(name_or_path)
+    if bundled.exists():
+        return bundled
+    have = sorted(p.name for p in ASSETS.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    raise FileNotFoundError(
+        f"{name_or_path!r} is neither an existing path nor a bundled model (bundled: {have})"
+    )
+
+
+def load_vae(name_or_path: str | Path, device=None, dtype=None):
+    """The Wan VAE adapter from one of our folders or a diffusers `AutoencoderKLWan` folder."""
+    from diagvid.model.vae import WanVAE
+
+    path = _resolve(name_or_path)
+    if (path / "config.json").exists() and not (path / "vae.json").exists():
+        vae = WanVAE.from_diffusers_folder(path)
+    else:
+        vae = WanVAE.load(path)
+    return vae.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
+
+
+def load_text_encoder(name_or_path: str | Path, device=None):
+    """The toy text encoder from one of our folders, or umT5 from a transformers folder."""
+    from diagvid.model import text
+
+    path = _resolve(name_or_path)
+    if (path / "text_encoder").is_dir():
+        return text.UMT5TextEncoder(path / "text_encoder", path / "tokenizer", device=device)
+    return text.ToyTextEncoder.load(path).to(device or "cpu")
+
+
+def load_pipeline(
+    name_or_path: str | Path | None = None,
+    *,
+    generator: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    config: str | None = None,
+) -> Pipeline:
+    """A ready streaming pipeline.
+
+    Args:
+        name_or_path: "toy" (bundled, the default), a folder of ours, or a Wan2.1-T2V diffusers folder.
+        generator: for a Wan folder, the distilled causal checkpoint to generate with (any supported layout).
+        device / dtype: where and in which precision the models run (default: cuda if present, fp32 on CPU,
+            bf16 on GPU).
+        config: with `generator`, the DiT preset of a checkpoint that carries no config.
+    """
+    from diagvid.model.weights import load_dit, load_generator
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    path = _resolve(name_or_path or DEFAULT_PIPELINE)
+
+    if (path / "pipeline.json").exists():  # ours (the bundled toy included)
+        stream_cfg = from_dict(StreamConfig, json.loads((path / "pipeline.json").read_text()))
+        dit = load_generator(generator, config=config) if generator else load_dit(path / "generator")
+        vae = load_vae(path / "vae", device, torch.float32)
+        text = load_text_encoder(path / "text", device)
+    elif (path / "transformer").is_dir() and (path / "vae").is_dir():  # a real Wan2.1 folder
+        if generator is None:
+            raise ValueError(
+                f"{path} is a Wan2.1 folder; pass generator= a distilled causal checkpoint (Self-Forcing, "
+                "CausVid, LongLive, Diagonal Distillation or ours): the base model is not causal"
+            )
+        dit = load_generator(generator, config=config or str(path / "transformer"))
+        vae = load_vae(path / "vae", device, torch.float32)
+        text = load_text_encoder(path, device)
+        stream_cfg = StreamConfig(frames_per_chunk=3, latent_hw=(60, 104), fps=16, shift=5.0)
+    else:
+        raise ValueError(
+            f"{path} is not a pipeline folder: expected pipeline.json (ours) or transformer/ + vae/ + "
+            "text_encoder/ + tokenizer/ (Wan2.1 diffusers layout)"
+        )
+    return Pipeline(dit.to(device=device, dtype=dtype), vae, text, stream_cfg)

@@ -1,0 +1,157 @@
+"""Pieces every training stage shares: EMA, the JSONL log, the resumable step loop with atomic checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diagvid.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+
+log = logging.getLogger("diagvid.train")
+
+
+class EMA:
+    """Exponential moving average of a model's parameters, kept in fp32."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema decay={decay} must be in [0, 1)")
+        self.decay = decay
+        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            ema_p.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+
+
+class JsonlLog:
+    """Append-only JSON-lines log; on resume, lines past the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path, resume_step: int = 0) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            kept = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln and json.loads(ln).get("step", 0) <= resume_step
+            ]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class StopRequested(Exception):
+    """Raised inside the loop after SIGINT/SIGTERM so that a final checkpoint is written."""
+
+
+def run_loop(
+    *,
+    out_dir: Path,
+    max_steps: int,
+    state: dict[str, Any],
+    train_step: Callable[[int], dict[str, float]],
+    ckpt_every: int,
+    log_every: int,
+    evaluate: Callable[[int], dict[str, Any]] | None = None,
+    eval_every: int = 0,
+    config: dict[str, Any] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> int:
+    """Run `train_step(step)` from the last checkpoint (if any) until `max_steps`, checkpointing atomically.
+
+    `state` maps names to objects with state_dict/load_state_dict (models, optimisers, EMA); RNG states and
+    the step are added here. Returns the step reached. The data position must be a function of the step
+    (the stages index their data by step), which is what makes a resumed run bit-identical.
+    """
+    ckpt_path = out_dir / "checkpoint.pt"
+    step = 0
+    if resume and ckpt_path.exists():
+        blob = load_checkpoint(ckpt_path)
+        for name, obj in state.items():
+            if name not in blob["state"]:
+                raise ValueError(f"{ckpt_path} has no {name!r} state; it holds {sorted(blob['state'])}")
+            obj.load_state_dict(blob["state"][name])
+        set_rng_state(blob["rng"])
+        step = int(blob["step"])
+        log.info("resumed from %s at step %d", ckpt_path, step)
+    jsonl = JsonlLog(out_dir / "log.jsonl", resume_step=step)
+
+    def save() -> None:
+        blob = {
+            "step": step,
+            "state": {name: obj.state_dict() for name, obj in state.items()},
+            "rng": rng_state(),
+            "config": json.dumps(config or {}),
+        }
+        save_atomic(blob, ckpt_path)
+
+    stop = {"flag": False}
+
+    def request_stop(signum, frame):  # finish the current step, then save and leave
+        stop["flag"] = True
+
+    old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        task = bar.add_task("train", total=max_steps, completed=step, info="")
+        bar.start()
+    try:
+        t0 = time.perf_counter()
+        while step < max_steps:
+            metrics = train_step(step)
+            step += 1
+            if step % log_every == 0 or step == max_steps:
+                record = {"step": step, "time": round(time.perf_counter() - t0, 3), **metrics}
+                jsonl.write(record)
+                log.info(
+                    " ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                    )
+                )
+            if evaluate is not None and eval_every and (step % eval_every == 0 or step == max_steps):
+                jsonl.write({"step": step, "eval": evaluate(step)})
+            if step % ckpt_every == 0 or step == max_steps:
+                save()
+            if bar is not None:
+                bar.update(
+                    task,
+                    completed=step,
+                    info=" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+                )
+            if stop["flag"]:
+                save()
+                raise StopRequested(f"stopped at step {step}; checkpoint written to {ckpt_path}")
+    finally:
+        if bar is not None:
+            bar.stop()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return step

@@ -1,0 +1,203 @@
+"""Stage 0: the bidirectional teacher, trained by flow matching on toy-world latents with caption dropout.
+
+Data flow: world clips -> frozen VAE -> latents (encoded once into a sharded cache on disk) -> DiT in full
+attention learns v = noise - x0 at shifted uniform noise levels. One caption in `caption_dropout` is
+replaced by the empty prompt so that classifier-free guidance works at sampling time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from diagvid.config import to_dict
+from diagvid.model.dit import WanDiT, preset
+from diagvid.sampling import FlowMatch, shift_sigma
+from diagvid.train.loop import EMA, run_loop
+
+log = logging.getLogger("diagvid.train")
+
+
+@dataclass
+class DataConfig:
+    """Which world clips the teacher learns from."""
+
+    num_frames: int = 81
+    """pixel frames per clip (1 + 4k): 81 -> 21 latent frames, 7 chunks of 3"""
+    size: int = 64
+    """pixel height and width"""
+    p_two: float = 0.25
+    """probability of a two-object clip"""
+    num_clips: int = 4096
+    """clips encoded into the latent cache (training cycles over them)"""
+    shard_size: int = 256
+    """clips per cache shard (the encode step resumes shard by shard)"""
+    cache_dir: str = "data/toy-latents"
+    """where the encoded latents are kept (git-ignored)"""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01
+    warmup: int = 200
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TeacherConfig:
+    """A teacher training run."""
+
+    model: str = "toy"
+    """DiT preset"""
+    model_overrides: dict = field(default_factory=dict)
+    """DiTConfig fields changed from the preset"""
+    vae: str = "toy-vae"
+    """bundled name or folder of the VAE"""
+    text: str = "toy-text"
+    """bundled name or folder of the text encoder"""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 6000
+    batch_size: int = 8
+    caption_dropout: float = 0.1
+    train_shift: float = 3.0
+    """noise levels are shift(u), u ~ U(0, 1): more weight on high noise"""
+    ema_decay: float = 0.999
+    seed: int = 0
+    out_dir: str = "runs/toy-teacher"
+    log_every: int = 10
+    ckpt_every: int = 100
+    eval_every: int = 500
+
+    def __post_init__(self) -> None:
+        if self.data.num_frames < 1 or (self.data.num_frames - 1) % 4:
+            raise ValueError(f"data.num_frames={self.data.num_frames} must be 1 + 4k (Wan VAE)")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if self.batch_size < 1 or self.steps < 1:
+            raise ValueError(f"batch_size={self.batch_size} and steps={self.steps} must be >= 1")
+
+
+def build_latent_cache(
+    cfg: DataConfig, vae, text_encoder, progress: bool = True
+) -> tuple[torch.Tensor, list[str]]:
+    """Encode `num_clips` world clips once (resumable by shard); returns latents [N, C, F, h, w] and captions."""
+    from diagvid.world import WorldDataset
+
+    root = Path(cfg.cache_dir) / f"f{cfg.num_frames}-s{cfg.size}-p{cfg.p_two}"
+    root.mkdir(parents=True, exist_ok=True)
+    data = WorldDataset(num_frames=cfg.num_frames, size=cfg.size, p_two=cfg.p_two)
+    shards = (cfg.num_clips + cfg.shard_size - 1) // cfg.shard_size
+    latents, captions = [], []
+    for s in range(shards):
+        path = root / f"shard-{s:04d}-{cfg.shard_size}.pt"
+        if not path.exists():
+            lo, hi = s * cfg.shard_size, min((s + 1) * cfg.shard_size, cfg.num_clips)
+            log.info("encoding clips %d..%d into %s", lo, hi, path)
+            zs, caps = [], []
+            with torch.no_grad():
+                for i in range(lo, hi):
+                    video, cap = data[i]
+                    zs.append(vae.encode(video[None]).half())
+                    caps.append(cap)
+            from diagvid.train.checkpoint import save_atomic
+
+            save_atomic({"latents": torch.cat(zs), "captions": json.dumps(caps)}, path)
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        latents.append(blob["latents"])
+        captions.extend(json.loads(blob["captions"]))
+    return torch.cat(latents)[: cfg.num_clips].float(), captions[: cfg.num_clips]
+
+
+def flow_matching_loss(
+    model: WanDiT, x0: torch.Tensor, ctx: torch.Tensor, shift: float, gen: torch.Generator | None = None
+) -> torch.Tensor:
+    """MSE between predicted and true velocity at one shifted-uniform noise level per sample."""
+    b = x0.shape[0]
+    u = torch.rand(b, generator=gen)
+    sigma = shift_sigma(u, shift).to(x0.device)
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    fm = FlowMatch(shift=1.0, sigma_mode="exact")  # sigma is already shifted; t = 1000 sigma exactly
+    t = sigma * 1000
+    x_t = fm.add_noise(x0, noise, t)
+    v = model(x_t, t, ctx, attention="full")
+    return torch.nn.functional.mse_loss(v.float(), fm.velocity_target(x0, noise).float())
+
+
+def train_teacher(
+    cfg: TeacherConfig, *, resume: bool = True, max_steps: int | None = None, progress: bool = True
+) -> Path:
+    """Train (or continue) a teacher run; returns the run folder. Weights: `<out_dir>/checkpoint.pt`."""
+    from diagvid.pretrained import load_text_encoder, load_vae
+
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    vae = load_vae(cfg.vae)
+    text = load_text_encoder(cfg.text)
+    latents, captions = build_latent_cache(cfg.data, vae, text, progress)
+    dit_cfg = preset(cfg.model, **cfg.model_overrides)
+    if dit_cfg.in_dim != latents.shape[1]:
+        raise ValueError(
+            f"model in_dim={dit_cfg.in_dim} but the VAE makes {latents.shape[1]} latent channels"
+        )
+    model = WanDiT(dit_cfg)
+    ema = EMA(model, cfg.ema_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.optim.warmup)))
+    null_ctx = text.encode([""])[0]
+    text_cache: dict[str, torch.Tensor] = {}
+
+    def embed(caption: str) -> torch.Tensor:
+        if caption not in text_cache:
+            text_cache[caption] = text.encode([caption])[0]
+        return text_cache[caption]
+
+    n = latents.shape[0]
+
+    def train_step(step: int) -> dict[str, float]:
+        # data position is a function of the step: epoch permutation seeded by (seed, epoch)
+        first = step * cfg.batch_size
+        idx = []
+        for j in range(first, first + cfg.batch_size):
+            epoch, pos = divmod(j, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+            idx.append(int(perm[pos]))
+        x0 = latents[idx]
+        drop = torch.rand(cfg.batch_size) < cfg.caption_dropout
+        ctx = torch.cat(
+            [null_ctx if d else embed(captions[i]) for i, d in zip(idx, drop.tolist(), strict=True)]
+        )
+        model.train()
+        loss = flow_matching_loss(model, x0, ctx, cfg.train_shift)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update(model)
+        return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": float(sched.get_last_lr()[0])}
+
+    run_loop(
+        out_dir=out,
+        max_steps=min(cfg.steps, max_steps) if max_steps else cfg.steps,
+        state={"model": model, "ema": ema, "opt": opt, "sched": sched},
+        train_step=train_step,
+        ckpt_every=cfg.ckpt_every,
+        log_every=cfg.log_every,
+        config=to_dict(cfg),
+        resume=resume,
+        progress=progress,
+    )
+    return out
