@@ -38,3 +38,57 @@ def tiny_inputs(model: WanDiT, batch: int = 2, frames: int = 6, hw: tuple[int, i
     t = torch.rand(batch, frames, generator=gen) * 1000
     ctx = torch.randn(batch, cfg.text_len, cfg.text_dim, generator=gen)
     return x, t, ctx
+
+
+VOCAB = [
+    "a",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "moves",
+    "left",
+    "right",
+    "up",
+    "down",
+    "fast",
+    "slowly",
+]
+
+
+def make_tiny_pipeline(seed: int = 0, **stream_overrides):
+    """A complete pipeline of tiny random models: DiT (4 latent channels), VAE (4x spatial), toy text encoder."""
+    from diagvid.model.text import ToyTextConfig, ToyTextEncoder
+    from diagvid.model.vae import WanVAE
+    from diagvid.model.vae import preset as vae_preset
+    from diagvid.stream import Pipeline, StreamConfig
+
+    torch.manual_seed(seed)
+    text = ToyTextEncoder(VOCAB, ToyTextConfig(d_model=12, num_layers=1, num_heads=2, d_ff=16, text_len=6))
+    dit = randomize(WanDiT(preset("tiny")), seed=seed, std=0.2).eval()
+    vae = WanVAE(vae_preset("tiny")).eval()
+    cfg = StreamConfig(frames_per_chunk=2, latent_hw=(4, 4), fps=16, **stream_overrides)
+    return Pipeline(dit, vae, text, cfg)
+
+
+@pytest.fixture(scope="session")
+def _tiny_pipeline_models():
+    return make_tiny_pipeline()
+
+
+@pytest.fixture
+def tiny_pipeline(_tiny_pipeline_models):
+    """A tiny random pipeline (16x16 pixels, 4x4 latents, 2 latent frames a chunk) with fresh counters.
+
+    The models are built once per session (the text encoder is slow to construct); tests must not change
+    their weights.
+    """
+    from diagvid.model.dit import ForwardStats
+    from diagvid.stream import Pipeline, StreamConfig
+
+    m = _tiny_pipeline_models
+    m.generator.stats = ForwardStats()
+    return Pipeline(
+        m.generator, m.vae, m.text_encoder, StreamConfig(frames_per_chunk=2, latent_hw=(4, 4), fps=16)
+    )

@@ -120,6 +120,8 @@ class Schedule:
     steps: tuple[tuple[float, ...], ...]
     context: tuple[str, ...]
     context_t: float = 0.0
+    strict: bool = False
+    """a user's list: generating fewer chunks than it lists is an error (presets apply to any length)"""
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -152,7 +154,9 @@ class Schedule:
         return self.context[min(k, len(self.context) - 1)]
 
     def check_fits(self, num_chunks: int) -> None:
-        """Raise if the schedule lists more chunks than the video has (a silent mismatch otherwise)."""
+        """For a strict (user) schedule, raise if it lists more chunks than the video has."""
+        if not self.strict:
+            return
         longest = max(len(self.steps), len(self.context))
         if num_chunks < longest:
             raise ValueError(
@@ -166,7 +170,7 @@ class Schedule:
 
     def with_context(self, policy: str) -> Schedule:
         """The same steps with one context policy for every chunk."""
-        return Schedule(f"{self.name}+{policy}", self.steps, (policy,), self.context_t)
+        return Schedule(f"{self.name}+{policy}", self.steps, (policy,), self.context_t, self.strict)
 
 
 def parse_steps(text: str) -> tuple[tuple[float, ...], ...]:
@@ -216,7 +220,7 @@ def get_schedule(name_or_steps: str | Schedule, context: str | None = None) -> S
         sched = PRESET_SCHEDULES[name_or_steps]
     elif any(c.isdigit() for c in name_or_steps):
         # a user list: chunk 0 gets a clean pass like the diagonal preset unless told otherwise
-        sched = Schedule("custom", parse_steps(name_or_steps), ("clean", "noisy"))
+        sched = Schedule("custom", parse_steps(name_or_steps), ("clean", "noisy"), strict=True)
     else:
         raise ValueError(
             f"unknown schedule {name_or_steps!r}; allowed: {sorted(PRESET_SCHEDULES)} or a per-chunk list "
