@@ -1,0 +1,526 @@
+"""Wan VAE adapter: diffusers' `AutoencoderKLWan` with per-channel latent normalisation, streaming decode and
+encode through its causal feature cache, and strict safetensors save/load.
+
+Shape letters: B batch, C latent channels, F latent frames, K latent frames in one chunk, h/w latent size,
+T pixel frames, H/W pixel size. The time axis is causal with stride 4: the first latent frame holds one pixel
+frame and every later one holds four, so T = 1 + 4(F - 1).
+
+Our folder format: `vae.safetensors` (diffusers' parameter names, so a diffusers folder loads through the
+same check) and `vae.json` (the `VAEConfig` fields, latent statistics included).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+TEMPORAL_STRIDE = 4
+WEIGHTS_FILE = "vae.safetensors"
+CONFIG_FILE = "vae.json"
+DIFFUSERS_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+# The per-channel statistics Wan2.1's latents are normalised with (released with the model).
+_WAN21_MEAN = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+]  # fmt: skip
+_WAN21_STD = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+]  # fmt: skip
+
+
+@dataclass
+class VAEConfig:
+    """Architecture of a Wan2.1 VAE and the statistics that normalise its latents."""
+
+    base_dim: int = 96
+    """channels at full resolution; level i has base_dim * dim_mult[i]"""
+    z_dim: int = 16
+    """latent channels C"""
+    dim_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    """channel multiplier per level; len - 1 halvings of H and W, so the spatial stride is 2 ** (len - 1)"""
+    num_res_blocks: int = 2
+    """residual blocks per encoder level (the decoder has one more per level)"""
+    attn_scales: list[float] = field(default_factory=list)
+    """resolutions with extra attention blocks (none in Wan2.1)"""
+    temperal_downsample: list[bool] = field(default_factory=lambda: [False, True, True])
+    """which spatial halvings also halve time (diffusers' spelling); exactly two for the 4x stride"""
+    dropout: float = 0.0
+    """dropout inside the residual blocks"""
+    latents_mean: list[float] = field(default_factory=lambda: list(_WAN21_MEAN))
+    """per-channel mean of the raw posterior means; z = (mu - mean) / std"""
+    latents_std: list[float] = field(default_factory=lambda: list(_WAN21_STD))
+    """per-channel standard deviation of the raw posterior means"""
+
+    def __post_init__(self) -> None:
+        if self.base_dim < 1 or self.z_dim < 1 or self.num_res_blocks < 1:
+            raise ValueError(
+                f"base_dim={self.base_dim}, z_dim={self.z_dim} and num_res_blocks={self.num_res_blocks} "
+                "must all be >= 1"
+            )
+        if len(self.dim_mult) < 2:
+            raise ValueError(f"dim_mult={self.dim_mult} needs at least 2 levels (one 2x downsampling)")
+        if len(self.temperal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"temperal_downsample={self.temperal_downsample} needs one entry per downsampling, "
+                f"len(dim_mult) - 1 = {len(self.dim_mult) - 1}"
+            )
+        if sum(map(bool, self.temperal_downsample)) != 2:
+            # diffusers' encode loop and our streaming code both assume 1 + 4k frames
+            raise ValueError(
+                f"temperal_downsample={self.temperal_downsample} must hold exactly two True (4x in time)"
+            )
+        for name in ("latents_mean", "latents_std"):
+            if len(getattr(self, name)) != self.z_dim:
+                raise ValueError(
+                    f"{name} has {len(getattr(self, name))} values; z_dim={self.z_dim} needs one each"
+                )
+        if any(not s > 0 for s in self.latents_std):
+            raise ValueError(f"latents_std={self.latents_std} must be > 0 everywhere")
+
+    @property
+    def spatial_stride(self) -> int:
+        """Pixels per latent along H and W."""
+        return 2 ** (len(self.dim_mult) - 1)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VAEConfig:
+        """Inverse of `to_dict`; unknown keys are an error."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown VAEConfig keys {unknown}; allowed: {[f.name for f in fields(cls)]}")
+        return cls(**d)
+
+    def summary(self) -> str:
+        """The architecture fields in one line (for error messages)."""
+        return (
+            f"VAEConfig(base_dim={self.base_dim}, z_dim={self.z_dim}, dim_mult={self.dim_mult}, "
+            f"num_res_blocks={self.num_res_blocks}, attn_scales={self.attn_scales}, "
+            f"temperal_downsample={self.temperal_downsample})"
+        )
+
+
+PRESETS: dict[str, VAEConfig] = {
+    # the released Wan2.1 VAE (127 M parameters)
+    "wan2.1": VAEConfig(),
+    # the toy world: 64x64 RGB at 16 fps -> 8x8 latents, 4x in time, 2.0 M parameters. The deepest level is
+    # the widest because at 8x8 it costs almost nothing; statistics are 0/1 until the VAE is trained.
+    "toy": VAEConfig(
+        base_dim=16,
+        z_dim=8,
+        dim_mult=[1, 2, 2, 4],
+        num_res_blocks=1,
+        latents_mean=[0.0] * 8,
+        latents_std=[1.0] * 8,
+    ),
+    # unit tests: 4x spatial, 4x temporal, about 160 k parameters
+    "tiny": VAEConfig(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> VAEConfig:
+    """A named VAE config, with fields replaced by `overrides`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown VAE preset {name!r}; allowed: {sorted(PRESETS)}")
+    return VAEConfig.from_dict({**PRESETS[name].to_dict(), **overrides})
+
+
+def allowed_frame_counts(t: int) -> str:
+    """The valid pixel frame counts next to `t`, for error messages."""
+    lower = 1 + TEMPORAL_STRIDE * max(0, (t - 1) // TEMPORAL_STRIDE)
+    return f"T = 1 + 4k (1, 5, 9, 13, ...; nearest: {lower} or {lower + TEMPORAL_STRIDE})"
+
+
+def latent_frames(t: int) -> int:
+    """Latent frames F of a clip of T = 1 + 4k pixel frames."""
+    return 1 + (t - 1) // TEMPORAL_STRIDE
+
+
+def pixel_frames(f: int) -> int:
+    """Pixel frames T decoded from F latent frames."""
+    return 1 + TEMPORAL_STRIDE * (f - 1)
+
+
+class WanVAE(nn.Module):
+    """The Wan VAE: video in [-1, 1] <-> normalised latents, whole clips or chunk by chunk."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = AutoencoderKLWan(
+            base_dim=cfg.base_dim,
+            z_dim=cfg.z_dim,
+            dim_mult=list(cfg.dim_mult),
+            num_res_blocks=cfg.num_res_blocks,
+            attn_scales=list(cfg.attn_scales),
+            temperal_downsample=list(cfg.temperal_downsample),
+            dropout=cfg.dropout,
+            latents_mean=list(cfg.latents_mean),
+            latents_std=list(cfg.latents_std),
+            scale_factor_temporal=TEMPORAL_STRIDE,
+            scale_factor_spatial=cfg.spatial_stride,
+        )
+        # not persistent: the statistics live in the JSON config, the weight file holds only diffusers' keys
+        shape = (1, cfg.z_dim, 1, 1, 1)
+        self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean).view(shape), persistent=False)
+        self.register_buffer("latents_std", torch.tensor(cfg.latents_std).view(shape), persistent=False)
+
+    # ----- properties --------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Precision of the weights."""
+        return next(self.model.parameters()).dtype
+
+    @property
+    def spatial_stride(self) -> int:
+        """Pixels per latent along H and W."""
+        return self.cfg.spatial_stride
+
+    @property
+    def temporal_stride(self) -> int:
+        """Pixel frames per latent frame (after the first)."""
+        return TEMPORAL_STRIDE
+
+    @property
+    def z_dim(self) -> int:
+        """Latent channels C."""
+        return self.cfg.z_dim
+
+    # ----- whole clips -------------------------------------------------------------------------------------
+
+    def normalize(self, mu: torch.Tensor) -> torch.Tensor:
+        """Raw posterior means [B, C, F, h, w] -> normalised latents (what the DiT sees)."""
+        return (mu - self.latents_mean) / self.latents_std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, C, F, h, w] -> raw latents the decoder takes."""
+        return z * self.latents_std + self.latents_mean
+
+    def encode(
+        self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Video [B, 3, T, H, W] in [-1, 1], T = 1 + 4k -> normalised latents [B, C, 1 + k, H/s, W/s].
+
+        The posterior mean by default; `sample=True` draws from the posterior (VAE training, augmentation).
+        """
+        self._check_video(video)
+        posterior = self.model.encode(video.to(self.device, self.dtype)).latent_dist
+        mu = posterior.sample(generator) if sample else posterior.mode()
+        return self.normalize(mu)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B, C, F, h, w] -> video [B, 3, 1 + 4(F - 1), h*s, w*s] clamped to [-1, 1]."""
+        self._check_latents(latents)
+        return self.model.decode(self.denormalize(latents.to(self.device, self.dtype))).sample
+
+    # ----- streaming ---------------------------------------------------------------------------------------
+
+    def stream_decoder(self) -> StreamingDecoder:
+        """A fresh chunk-by-chunk decoder for one video."""
+        return StreamingDecoder(self)
+
+    def stream_encoder(self) -> StreamingEncoder:
+        """A fresh incremental encoder for one video."""
+        return StreamingEncoder(self)
+
+    # ----- files -------------------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        """Write `vae.safetensors` and `vae.json` into `folder` (created if missing)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_weights(self.model, folder / WEIGHTS_FILE)
+        (folder / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> WanVAE:
+        """A VAE written by `save`, in eval mode, on the CPU in fp32."""
+        folder = Path(folder)
+        cfg_path = folder / CONFIG_FILE
+        if not cfg_path.is_file():
+            raise FileNotFoundError(
+                f"{cfg_path} not found; a diagvid VAE folder holds {CONFIG_FILE} + {WEIGHTS_FILE}"
+            )
+        cfg = VAEConfig.from_dict(json.loads(cfg_path.read_text()))
+        vae = cls(cfg)
+        load_weights(vae.model, folder / WEIGHTS_FILE, cfg.summary())
+        return vae.eval()
+
+    @classmethod
+    def from_diffusers_folder(cls, folder: str | Path) -> WanVAE:
+        """A diffusers `AutoencoderKLWan` folder (config.json + diffusion_pytorch_model.safetensors), offline."""
+        folder = Path(folder)
+        cfg_path = folder / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path} not found; a diffusers VAE folder holds config.json")
+        cfg = config_from_diffusers(json.loads(cfg_path.read_text()))
+        vae = cls(cfg)
+        load_weights(vae.model, folder / DIFFUSERS_WEIGHTS_FILE, cfg.summary())
+        return vae.eval()
+
+    # ----- checks ------------------------------------------------------------------------------------------
+
+    def _check_video(self, video: torch.Tensor) -> None:
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"video must be [B, 3, T, H, W]; got shape {tuple(video.shape)}")
+        t, h, w = video.shape[2:]
+        if t < 1 or (t - 1) % TEMPORAL_STRIDE:
+            raise ValueError(f"video has T={t} frames; the Wan VAE takes {allowed_frame_counts(t)}")
+        s = self.spatial_stride
+        if h % s or w % s:
+            raise ValueError(f"video size {h}x{w} must be a multiple of the spatial stride {s}")
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        if latents.ndim != 5 or latents.shape[1] != self.z_dim or latents.shape[2] < 1:
+            raise ValueError(
+                f"latents must be [B, {self.z_dim}, F >= 1, h, w] for this VAE; got shape {tuple(latents.shape)}"
+            )
+
+
+def config_from_diffusers(raw: dict) -> VAEConfig:
+    """`VAEConfig` from an `AutoencoderKLWan` config.json; Wan2.2-style options are refused."""
+    ours = {f.name for f in fields(VAEConfig)}
+    # options we do not drive (Wan2.2's residual/patchified VAE, other channel counts) must keep Wan2.1's value
+    fixed = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "is_residual": False,
+        "patch_size": None,
+        "decoder_base_dim": None,
+    }
+    for key, value in raw.items():
+        if key.startswith("_") or key in ours or key.startswith("scale_factor_"):
+            continue
+        if key not in fixed:
+            raise ValueError(
+                f"unknown AutoencoderKLWan config key {key!r}={value!r}; this adapter reads {sorted(ours)}"
+            )
+        if value != fixed[key]:
+            raise ValueError(
+                f"AutoencoderKLWan config {key}={value!r} is not supported (Wan2.1 VAE needs {fixed[key]!r})"
+            )
+    cfg = VAEConfig.from_dict({k: v for k, v in raw.items() if k in ours})
+    if raw.get("scale_factor_spatial", cfg.spatial_stride) != cfg.spatial_stride:
+        raise ValueError(
+            f"config.json says scale_factor_spatial={raw['scale_factor_spatial']} but dim_mult={cfg.dim_mult} "
+            f"downsamples by {cfg.spatial_stride}"
+        )
+    return cfg
+
+
+def _count_causal_convs(module: nn.Module) -> int:
+    return sum(isinstance(m, WanCausalConv3d) for m in module.modules())
+
+
+class StreamingDecoder:
+    """Decodes one latent video chunk by chunk, keeping the decoder's causal feature cache between chunks.
+
+    diffusers' whole-clip decode already runs the decoder one latent frame at a time over such a cache, so the
+    concatenated chunk outputs are the same computation as `WanVAE.decode` of the whole video, only split.
+    """
+
+    def __init__(self, vae: WanVAE) -> None:
+        self.vae = vae
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the past: the next chunk starts a new video."""
+        # one slot per causal conv, filled in module order on every decoder call; our own list (not the
+        # model's `_feat_map`) so a whole-clip decode or another stream in between cannot disturb it
+        self._feat_cache: list = [None] * _count_causal_convs(self.vae.model.decoder)
+        self._batch: int | None = None
+        self.latent_frames = 0
+        """latent frames decoded so far"""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Next chunk [B, C, K, h, w] -> its pixel frames [B, 3, T, H, W] in [-1, 1].
+
+        T = 1 + 4(K - 1) for the video's first chunk, 4K for every later one.
+        """
+        vae = self.vae
+        vae._check_latents(latents)
+        if self._batch is not None and latents.shape[0] != self._batch:
+            raise ValueError(
+                f"chunk batch {latents.shape[0]} != {self._batch} of the earlier chunks; call reset()"
+            )
+        self._batch = latents.shape[0]
+        # post_quant_conv has a 1x1x1 kernel, so it needs no cache across chunks
+        x = vae.model.post_quant_conv(vae.denormalize(latents.to(vae.device, vae.dtype)))
+        out = []
+        for i in range(x.shape[2]):
+            frame = x[:, :, i : i + 1]
+            # as in diffusers' decode; the flag only matters for Wan2.2's residual upsampler, Wan2.1 keeps the
+            # first frame unstretched through the empty cache slots instead
+            first = self.latent_frames == 0
+            out.append(vae.model.decoder(frame, feat_cache=self._feat_cache, feat_idx=[0], first_chunk=first))
+            self.latent_frames += 1
+        return torch.cat(out, dim=2).clamp(-1.0, 1.0)
+
+
+class StreamingEncoder:
+    """Encodes pixel frames pushed in pieces of any size, keeping the encoder's causal cache between pieces.
+
+    Latent frame 0 is made from pixel frame 0 alone and every later one from the next 4 frames, as in
+    diffusers' whole-clip encode, so the outputs concatenate to `WanVAE.encode` of the whole clip. Frames
+    that do not yet complete a latent frame wait in `pending_frames`.
+    """
+
+    def __init__(self, vae: WanVAE) -> None:
+        self.vae = vae
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the past: the next frames start a new video."""
+        self._feat_cache: list = [None] * _count_causal_convs(self.vae.model.encoder)
+        self._pending: torch.Tensor | None = None
+        self.latent_frames = 0
+        """latent frames produced so far"""
+
+    @property
+    def pending_frames(self) -> int:
+        """Pixel frames received that do not complete a latent frame yet."""
+        return 0 if self._pending is None else self._pending.shape[2]
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Next frames [B, 3, n, H, W] in [-1, 1] -> the latent frames they complete [B, C, m, h, w] (m may be 0)."""
+        vae = self.vae
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"frames must be [B, 3, n, H, W]; got shape {tuple(video.shape)}")
+        s = vae.spatial_stride
+        b, _, _, h, w = video.shape
+        if h % s or w % s:
+            raise ValueError(f"frame size {h}x{w} must be a multiple of the spatial stride {s}")
+        video = video.to(vae.device, vae.dtype)
+        if self._pending is not None:
+            before = self._pending.shape
+            if (before[0], before[3], before[4]) != (b, h, w):
+                raise ValueError(
+                    f"frames {tuple(video.shape)} do not match the earlier ones {tuple(before)}; call reset()"
+                )
+            video = torch.cat([self._pending, video], dim=2)
+        out = []
+        while True:
+            need = 1 if self.latent_frames == 0 else TEMPORAL_STRIDE
+            if video.shape[2] < need:
+                break
+            piece, video = video[:, :, :need], video[:, :, need:]
+            out.append(vae.model.encoder(piece, feat_cache=self._feat_cache, feat_idx=[0]))
+            self.latent_frames += 1
+        self._pending = video
+        if not out:
+            return torch.zeros(b, vae.z_dim, 0, h // s, w // s, device=vae.device, dtype=vae.dtype)
+        # quant_conv is 1x1x1 (no cache needed); its channels are [posterior mean, log-variance]
+        moments = vae.model.quant_conv(torch.cat(out, dim=2))
+        return vae.normalize(moments.chunk(2, dim=1)[0])
+
+
+# ----- numpy <-> tensors -----------------------------------------------------------------------------------
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames [T, H, W, 3] (or [B, T, H, W, 3]) -> float32 video [3, T, H, W] (or [B, 3, ...]) in [-1, 1]."""
+    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim not in (4, 5):
+        got = (getattr(frames, "shape", None), getattr(frames, "dtype", type(frames).__name__))
+        raise ValueError(
+            f"frames must be a uint8 array [T, H, W, 3] or [B, T, H, W, 3]; got shape/dtype {got}"
+        )
+    if frames.shape[-1] != 3:
+        raise ValueError(f"frames must be RGB (last axis 3); got shape {frames.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1.0
+    return x.movedim(-1, -4)  # channels before time
+
+
+def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
+    """Video [3, T, H, W] (or [B, 3, T, H, W]) in [-1, 1] -> uint8 frames [T, H, W, 3] (or [B, T, H, W, 3])."""
+    if video.ndim not in (4, 5) or video.shape[-4] != 3:
+        raise ValueError(f"video must be [3, T, H, W] or [B, 3, T, H, W]; got shape {tuple(video.shape)}")
+    x = ((video.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.movedim(-4, -1).cpu().numpy()
+
+
+# ----- strict safetensors I/O (shared with diagvid.model.text) ----------------------------------------------
+
+
+def _unique_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`state_dict` with each tied tensor under its first name only (safetensors refuses shared storage)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    for name, t in module.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def save_weights(module: nn.Module, path: str | Path) -> None:
+    """Write a module's tensors to a safetensors file."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in _unique_state_dict(module).items()}
+    save_file(tensors, str(path))
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
+
+
+def load_weights(module: nn.Module, path: str | Path, expected: str) -> None:
+    """Load a safetensors file into `module` after checking every name and shape against it.
+
+    A file that does not fit raises one ValueError naming a few missing, unexpected and mis-shaped keys and
+    `expected` (the config the module was built from).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file {path} not found")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    want = {k: tuple(v.shape) for k, v in _unique_state_dict(module).items()}
+    missing = sorted(want.keys() - state.keys())
+    unexpected = sorted(state.keys() - want.keys())
+    misshaped = sorted(k for k in want.keys() & state.keys() if tuple(state[k].shape) != want[k])
+    if missing or unexpected or misshaped:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing ({_few(missing)})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+        if misshaped:
+            shapes = [f"{k}: file {list(state[k].shape)} vs model {list(want[k])}" for k in misshaped[:3]]
+            problems.append(
+                f"{len(misshaped)} with the wrong shape ({'; '.join(shapes)}{', ...' * (len(misshaped) > 3)})"
+            )
+        raise ValueError(f"{path} does not fit {expected}: {', '.join(problems)}")
+    # strict=False only forgives the second names of tied tensors, which load through their first name
+    module.load_state_dict(state, strict=False)
