@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from diagvid.model.dit import WanDiT, preset
 
-# two pytest-xdist workers share two cores: one thread each avoids oversubscription
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# tests run tiny tensors, where threading costs more than it gains (and xdist workers share two cores)
+torch.set_num_threads(1)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:

@@ -163,6 +163,102 @@ def generate(
         )
 
 
+train_app = typer.Typer(help="Train the toy world models and distilled students.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+_CONFIG = typer.Option(None, "--config", "-c", help="Recipe file (TOML) under configs/.")
+_SET = typer.Option([], "--set", help="Override a recipe field: --set optim.lr=3e-4 (repeatable).")
+_MAX_STEPS = typer.Option(None, "--max-steps", help="Stop at this step (the run can be continued later).")
+_FRESH = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in the run folder.")
+_EXPORT = typer.Option(None, "--export", help="Write the final weights to this folder.")
+
+
+def _setup_logging(out_dir: str) -> None:
+    import logging
+    from pathlib import Path
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(message)s",
+        handlers=[logging.FileHandler(Path(out_dir) / "train.log")],
+    )
+
+
+@train_app.command("text")
+def train_text_cmd(
+    export: str = typer.Option(..., "--export", help="Folder to write the encoder to."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the frozen random weights."),
+) -> None:
+    """Build the toy text encoder: a word tokenizer over the world's vocabulary + a tiny frozen umT5.
+
+    Nothing is trained: like umT5 for Wan, it is a fixed feature map; the DiT's text projection learns on it.
+    """
+    from diagvid.model.text import ToyTextConfig, ToyTextEncoder
+    from diagvid.world import VOCABULARY
+
+    ToyTextEncoder(VOCABULARY, ToyTextConfig(seed=seed)).save(export)
+    console.print(f"wrote {export} ({len(VOCABULARY)} words)")
+
+
+@train_app.command("vae")
+def train_vae_cmd(
+    config: str | None = _CONFIG,
+    overrides: list[str] = _SET,
+    max_steps: int | None = _MAX_STEPS,
+    fresh: bool = _FRESH,
+    export: str | None = _EXPORT,
+) -> None:
+    """Train the toy VAE (diffusers AutoencoderKLWan) on world clips; resumes from the run folder."""
+    from diagvid.config import load_config
+    from diagvid.train.loop import StopRequested
+    from diagvid.train.vae import VAETrainConfig, evaluate_vae, heldout_clips, train_vae
+
+    try:
+        cfg = load_config(VAETrainConfig, config, overrides)
+        _setup_logging(cfg.out_dir)
+        vae = train_vae(cfg, resume=not fresh, max_steps=max_steps)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    except StopRequested as stop:
+        console.print(f"[yellow]{stop}[/yellow]")
+        raise typer.Exit(130) from None
+    metrics = evaluate_vae(vae, heldout_clips(cfg.eval_clips, cfg.size))
+    console.print(f"held-out PSNR {metrics['psnr']} dB")
+    if export:
+        vae.save(export)
+        console.print(f"wrote {export}")
+
+
+@train_app.command("teacher")
+def train_teacher_cmd(
+    config: str | None = _CONFIG,
+    overrides: list[str] = _SET,
+    max_steps: int | None = _MAX_STEPS,
+    fresh: bool = _FRESH,
+    export: str | None = _EXPORT,
+) -> None:
+    """Train the bidirectional teacher by flow matching on world latents; resumes from the run folder."""
+    from diagvid.config import load_config
+    from diagvid.train.loop import StopRequested
+    from diagvid.train.teacher import TeacherConfig, export_teacher, train_teacher
+
+    try:
+        cfg = load_config(TeacherConfig, config, overrides)
+        _setup_logging(cfg.out_dir)
+        out = train_teacher(cfg, resume=not fresh, max_steps=max_steps)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    except StopRequested as stop:
+        console.print(f"[yellow]{stop}[/yellow]")
+        raise typer.Exit(130) from None
+    if export:
+        export_teacher(out, export)
+        console.print(f"wrote {export}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

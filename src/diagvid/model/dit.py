@@ -107,8 +107,8 @@ PRESETS: dict[str, DiTConfig] = {
     "wan2.1-t2v-14b": DiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
     # the toy world: 8x8 latents of a 64x64 video, 16 tokens a frame
     "toy": DiTConfig(
-        dim=192,
-        ffn_dim=576,
+        dim=128,
+        ffn_dim=512,
         num_heads=4,
         num_layers=6,
         freq_dim=64,

@@ -187,7 +187,7 @@ def train_teacher(
         opt.step()
         sched.step()
         ema.update(model)
-        return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": float(sched.get_last_lr()[0])}
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": float(sched.get_last_lr()[0])}
 
     run_loop(
         out_dir=out,
@@ -201,3 +201,15 @@ def train_teacher(
         progress=progress,
     )
     return out
+
+
+def export_teacher(run_dir: str | Path, folder: str | Path) -> Path:
+    """Write the EMA weights of a teacher run as a model folder of ours (safetensors + config)."""
+    from diagvid.model.weights import save_dit
+    from diagvid.train.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    model = WanDiT(preset(cfg["model"], **cfg.get("model_overrides", {})))
+    model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["state"]["ema"])
+    return save_dit(model, folder)

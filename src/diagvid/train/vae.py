@@ -1,0 +1,152 @@
+"""The toy latent codec: diffusers' AutoencoderKLWan at a small config, trained on world clips.
+
+The VAE is convolutional and causal, so it trains on short clips and random spatial crops (cheap) and runs
+on whole clips afterwards. Loss: L1 + MSE reconstruction plus a small KL term that keeps the posterior
+near a unit Gaussian. When training ends, per-channel latent statistics over held-out clips are written
+into the config so that the DiT sees roughly unit-variance latents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from diagvid.config import to_dict
+from diagvid.model.vae import WanVAE, preset
+from diagvid.train.loop import EMA, run_loop
+
+log = logging.getLogger("diagvid.train")
+
+
+@dataclass
+class VAETrainConfig:
+    """A VAE training run."""
+
+    preset: str = "toy"
+    overrides: dict = field(default_factory=dict)
+    steps: int = 3000
+    batch_size: int = 4
+    clip_frames: int = 9
+    """pixel frames per training clip (1 + 4k)"""
+    crop: int = 32
+    """spatial crop (pixels); the full frame is 64"""
+    size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    kl_weight: float = 1e-6
+    ema_decay: float = 0.995
+    seed: int = 0
+    out_dir: str = "runs/toy-vae"
+    log_every: int = 10
+    ckpt_every: int = 100
+    eval_clips: int = 16
+    """held-out clips (full size, 17 frames) for PSNR and latent statistics"""
+
+    def __post_init__(self) -> None:
+        if (self.clip_frames - 1) % 4 or self.clip_frames < 1:
+            raise ValueError(f"clip_frames={self.clip_frames} must be 1 + 4k")
+        if not 8 <= self.crop <= self.size:
+            raise ValueError(f"crop={self.crop} must be in [8, size={self.size}]")
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of videos in [-1, 1]."""
+    mse = F.mse_loss(a.float(), b.float()).item()
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
+
+
+def _batch(cfg: VAETrainConfig, step: int) -> torch.Tensor:
+    """Clips for `step`: seeds and crops are functions of the step, so a resumed run sees the same data."""
+    from diagvid.world import frames_to_tensor, render, sample_spec
+
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    clips = []
+    for i in range(cfg.batch_size):
+        spec = sample_spec(step * cfg.batch_size + i, num_frames=cfg.clip_frames, size=cfg.size)
+        video = frames_to_tensor(render(spec).frames)  # [3, T, H, W]
+        y, x = (int(v) for v in torch.randint(0, cfg.size - cfg.crop + 1, (2,), generator=gen))
+        clips.append(video[:, :, y : y + cfg.crop, x : x + cfg.crop])
+    return torch.stack(clips)
+
+
+def heldout_clips(n: int, size: int, num_frames: int = 17) -> torch.Tensor:
+    """Held-out full-size clips [n, 3, T, H, W] from the evaluation seeds."""
+    from diagvid.world import eval_specs, frames_to_tensor, render
+
+    specs = (eval_specs("heldout-48", num_frames=num_frames, size=size) * 2)[:n]
+    return torch.stack([frames_to_tensor(render(s).frames) for s in specs])
+
+
+@torch.no_grad()
+def evaluate_vae(vae: WanVAE, clips: torch.Tensor) -> dict[str, float]:
+    """Reconstruction PSNR on held-out clips, with latents computed as the DiT will see them."""
+    vae.eval()
+    rec = torch.cat([vae.decode(vae.encode(c[None])) for c in clips])
+    return {"psnr": round(psnr(rec, clips), 3)}
+
+
+@torch.no_grad()
+def latent_statistics(vae: WanVAE, clips: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the raw posterior means over clips."""
+    mus = torch.cat([vae.model.encode(c[None]).latent_dist.mode() for c in clips])  # [N, C, F, h, w]
+    return mus.mean(dim=(0, 2, 3, 4)).tolist(), mus.std(dim=(0, 2, 3, 4)).clamp_min(1e-4).tolist()
+
+
+def train_vae(
+    cfg: VAETrainConfig, *, resume: bool = True, max_steps: int | None = None, progress: bool = True
+) -> WanVAE:
+    """Train (or continue) the VAE; returns the EMA model with latent statistics filled in."""
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    vae = WanVAE(preset(cfg.preset, **cfg.overrides))
+    ema = EMA(vae, cfg.ema_decay)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    held = heldout_clips(cfg.eval_clips, cfg.size)
+
+    def train_step(step: int) -> dict[str, float]:
+        x = _batch(cfg, step)
+        vae.train()
+        posterior = vae.model.encode(x).latent_dist
+        z = posterior.sample()
+        rec = vae.model.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        mse = F.mse_loss(rec, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = l1 + mse + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.update(vae)
+        return {"loss": loss.item(), "l1": l1.item(), "psnr": psnr(rec.detach(), x), "kl": kl.item()}
+
+    run_loop(
+        out_dir=out,
+        max_steps=min(cfg.steps, max_steps) if max_steps else cfg.steps,
+        state={"vae": vae, "ema": ema, "opt": opt, "sched": sched},
+        train_step=train_step,
+        ckpt_every=cfg.ckpt_every,
+        log_every=cfg.log_every,
+        evaluate=lambda step: evaluate_vae(ema.model, held[:4]),
+        eval_every=500,
+        config=to_dict(cfg),
+        resume=resume,
+        progress=progress,
+    )
+    final = ema.model
+    mean, std = latent_statistics(final, held)
+    final.cfg.latents_mean, final.cfg.latents_std = mean, std
+    shape = final.latents_mean.shape
+    final.latents_mean.copy_(torch.tensor(mean).view(shape))
+    final.latents_std.copy_(torch.tensor(std).view(shape))
+    return final
