@@ -104,3 +104,20 @@ def load_pipeline(
             "text_encoder/ + tokenizer/ (Wan2.1 diffusers layout)"
         )
     return Pipeline(dit.to(device=device, dtype=dtype), vae, text, stream_cfg)
+
+
+def save_pipeline(pipe: Pipeline, folder: str | Path) -> Path:
+    """Write a pipeline as one of our folders (generator, VAE, toy text encoder, pipeline.json)."""
+    from dataclasses import asdict
+
+    from diagvid.model.weights import save_dit
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_dit(pipe.generator, folder / "generator")
+    pipe.vae.save(folder / "vae")
+    pipe.text_encoder.save(folder / "text")
+    cfg = asdict(pipe.config)
+    cfg["latent_hw"] = list(cfg["latent_hw"])
+    (folder / "pipeline.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return folder

@@ -191,6 +191,8 @@ class Pipeline:
             raise ValueError(f"num_chunks={num_chunks!r} must be an int >= 1")
         if cfg.window_frames is None:
             sched.check_fits(num_chunks)
+        for event in timeline:
+            self.text_encoder.token_ids(event.prompt)  # unknown words or an over-long prompt fail here
         first_latents = self._encode_image(image) if image is not None else None
         k = cfg.frames_per_chunk
         h, w = cfg.latent_hw

@@ -1,0 +1,61 @@
+"""Video files: round trips, atomic writes, clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diagvid.video_io import VideoWriter, read_image, read_video, write_video
+
+
+def clip(t: int = 9) -> np.ndarray:
+    y, x = np.mgrid[0:32, 0:32]
+    return np.stack(
+        [np.stack([(x * 8 + i * 10) % 256, y * 8, np.full_like(x, 128)], -1) for i in range(t)]
+    ).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("name", "tol"), [("a.mp4", 12.0), ("a.gif", 20.0), ("frames", 0.0)])
+def test_round_trip(tmp_path, name, tol):
+    frames = clip()
+    write_video(frames, tmp_path / name, fps=16)
+    back = read_video(tmp_path / name)
+    assert back.shape == frames.shape
+    assert np.abs(back.astype(float) - frames).mean() <= tol
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt), VideoWriter(tmp_path / "x.mp4", 16) as w:
+        w.append(clip())
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_rewrite_keeps_the_old_file(tmp_path):
+    write_video(clip(5), tmp_path / "x.gif")
+    before = (tmp_path / "x.gif").read_bytes()
+    with pytest.raises(RuntimeError), VideoWriter(tmp_path / "x.gif", 16) as w:
+        w.append(clip(9))
+        raise RuntimeError("chunk 3 failed")
+    assert (tmp_path / "x.gif").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.gif"]
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown format '.avi'"):
+        VideoWriter(tmp_path / "x.avi", 16)
+    with pytest.raises(ValueError, match="uint8"):
+        write_video(clip().astype(np.float32), tmp_path / "x.mp4")
+    with pytest.raises(FileNotFoundError):
+        read_video(tmp_path / "missing.mp4")
+    (tmp_path / "junk.mp4").write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="cannot read video"):
+        read_video(tmp_path / "junk.mp4")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image"):
+        read_image(tmp_path / "junk.png")
+    from PIL import Image
+
+    Image.new("CMYK", (4, 4)).save(tmp_path / "c.jpg")
+    with pytest.raises(ValueError, match="mode 'CMYK'"):
+        read_image(tmp_path / "c.jpg")
