@@ -42,7 +42,7 @@ def test_interrupted_rewrite_keeps_the_old_file(tmp_path):
 
 
 def test_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown format '.avi'"):
+    with pytest.raises(ValueError, match=r"unknown format '\.avi'"):
         VideoWriter(tmp_path / "x.avi", 16)
     with pytest.raises(ValueError, match="uint8"):
         write_video(clip().astype(np.float32), tmp_path / "x.mp4")

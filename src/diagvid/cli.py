@@ -163,6 +163,31 @@ def generate(
         )
 
 
+@app.command()
+def convert(
+    src: str = typer.Argument(
+        ..., help="Checkpoint file or folder (ours, Wan, diffusers, SF/CausVid/LongLive/DD)."
+    ),
+    dst: str = typer.Argument(..., help="Output folder."),
+    to: str = typer.Option("diagvid", "--to", help="Output layout: diagvid | wan | diffusers."),
+    config: str | None = typer.Option(
+        None,
+        "--config",
+        help="Architecture of a generator checkpoint: preset name or config.json (default 1.3B).",
+    ),
+    no_ema: bool = typer.Option(False, "--no-ema", help="Take `generator` instead of `generator_ema`."),
+) -> None:
+    """Convert a DiT checkpoint between layouts (weights are read safely, never unpickled)."""
+    from diagvid.model.weights import convert as convert_fn
+
+    try:
+        out = convert_fn(src, dst, to=to, config=config, ema=not no_ema)
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    console.print(f"read {src}, wrote {to} layout to {out}")
+
+
 train_app = typer.Typer(help="Train the toy world models and distilled students.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 

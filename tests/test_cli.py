@@ -1,0 +1,119 @@
+"""The `diagvid` command as a user runs it: generate on a pipeline folder, errors, info."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from diagvid.cli import app
+from diagvid.pretrained import load_pipeline, save_pipeline
+from diagvid.video_io import read_video
+from tests.conftest import make_tiny_pipeline
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipe") / "tiny"
+    save_pipeline(make_tiny_pipeline(), folder)
+    return folder
+
+
+def test_saved_pipeline_reloads_to_the_same_video(tiny_folder):
+    a, _ = make_tiny_pipeline().generate("a red circle moves left", num_chunks=2, seed=3)
+    b, _ = load_pipeline(tiny_folder, device="cpu").generate("a red circle moves left", num_chunks=2, seed=3)
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "clip.gif", "frames"])
+def test_generate_writes_every_format(tiny_folder, tmp_path, name):
+    out = tmp_path / name
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(tiny_folder),
+            "-p",
+            "a red circle moves left",
+            "--seconds",
+            "1",
+            "--out",
+            str(out),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    frames = read_video(out)
+    assert figures["frames"] == len(frames) == 21 and frames.shape[1:] == (16, 16, 3)
+    assert figures["nfe"] == sum(c["nfe"] for c in figures["per_chunk"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_generate_prompt_timeline_and_steps(tiny_folder, tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(tiny_folder),
+            "-p",
+            "a red circle moves left",
+            "-p",
+            "@0.5s a blue square moves up",
+            "--steps",
+            "1000,500;1000,300",
+            "--seconds",
+            "1",
+            "--out",
+            str(tmp_path / "x.gif"),
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    per_chunk = json.loads(result.stdout)["per_chunk"]
+    assert [c["timesteps"] for c in per_chunk[:3]] == [[1000, 500], [1000, 300], [1000, 300]]
+    assert (
+        per_chunk[0]["prompt"] == "a red circle moves left"
+        and per_chunk[-1]["prompt"] == "a blue square moves up"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--seconds", "0"], "seconds=0.0 must be"),
+        (["--schedule", "warp"], "unknown schedule 'warp'"),
+        (["--steps", "1000,1000"], "not strictly decreasing"),
+        (["--out", "clip.avi"], "unknown format '.avi'"),
+        (["--image", "missing.png"], "no image at missing.png"),
+        (["--model", "no-such-model"], "neither an existing path nor a bundled model"),
+        (["-p", ""], "prompt 0 is empty"),
+        (["-p", "a purple circle moves left"], "unknown word 'purple'"),
+    ],
+)
+def test_generate_errors_exit_nonzero_with_a_clear_message(tiny_folder, tmp_path, args, message):
+    base = {"--model": str(tiny_folder), "-p": "a red circle moves left", "--out": str(tmp_path / "c.mp4")}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1]
+    argv = ["generate", "--device", "cpu"] + [x for kv in base.items() for x in kv]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_info_json():
+    result = runner.invoke(app, ["info", "--json"])
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["torch"] and "bundled" in data
