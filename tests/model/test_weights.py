@@ -133,21 +133,21 @@ def test_bad_files_give_clear_errors(tiny_dit, tmp_path):
     msg = str(err.value)
     assert "bad.pt" in msg and "'tiny'" in msg and "head.head.bias" in msg and "blocks.0.extra" in msg
     assert "patch_embedding.weight: file (3, 3)" in msg
-    with pytest.raises(ValueError, match="does not match the expected architecture 'wan2.1-t2v-1.3b'"):
+    with pytest.raises(ValueError, match=r"does not match the expected architecture 'wan2\.1-t2v-1\.3b'"):
         torch.save(sd, tmp_path / "small.pt")
         W.load_generator(tmp_path / "small.pt")
 
     save_file(sd, str(tmp_path / "w.safetensors"))
     data = (tmp_path / "w.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="cut.safetensors is not a readable safetensors file"):
+    with pytest.raises(ValueError, match=r"cut\.safetensors is not a readable safetensors file"):
         W.load_generator(tmp_path / "cut.safetensors", config="tiny")
     torch.save(sd, tmp_path / "pickled.safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         W.load_generator(tmp_path / "pickled.safetensors", config="tiny")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         W.load_generator(tmp_path / "missing.pt", config="tiny")
-    with pytest.raises(ValueError, match="unknown checkpoint type '.txt'"):
+    with pytest.raises(ValueError, match=r"unknown checkpoint type '\.txt'"):
         (tmp_path / "x.txt").write_text("hi")
         W.load_generator(tmp_path / "x.txt", config="tiny")
 
@@ -185,5 +185,5 @@ def test_unknown_preset_and_layout(tmp_path):
         W.load_generator(tmp_path / "x.pt", config="huge")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
-    with pytest.raises(ValueError, match="unrecognised config.json"):
+    with pytest.raises(ValueError, match=r"unrecognised config\.json"):
         W.load_dit(tmp_path / "c")
