@@ -13,6 +13,7 @@ combined with `generator=`, a distilled causal checkpoint (ours, Self-Forcing, C
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -67,6 +68,7 @@ def load_pipeline(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     config: str | None = None,
+    **stream_overrides,
 ) -> Pipeline:
     """A ready streaming pipeline.
 
@@ -76,6 +78,7 @@ def load_pipeline(
         device / dtype: where and in which precision the models run (default: cuda if present, fp32 on CPU,
             bf16 on GPU).
         config: with `generator`, the DiT preset of a checkpoint that carries no config.
+        stream_overrides: StreamConfig fields to change (e.g. latent_hw=(60, 104), window_frames=21).
     """
     from diagvid.model.weights import load_dit, load_generator
 
@@ -103,13 +106,13 @@ def load_pipeline(
             f"{path} is not a pipeline folder: expected pipeline.json (ours) or transformer/ + vae/ + "
             "text_encoder/ + tokenizer/ (Wan2.1 diffusers layout)"
         )
+    if stream_overrides:
+        stream_cfg = from_dict(StreamConfig, {**asdict(stream_cfg), **stream_overrides})
     return Pipeline(dit.to(device=device, dtype=dtype), vae, text, stream_cfg)
 
 
 def save_pipeline(pipe: Pipeline, folder: str | Path) -> Path:
     """Write a pipeline as one of our folders (generator, VAE, toy text encoder, pipeline.json)."""
-    from dataclasses import asdict
-
     from diagvid.model.weights import save_dit
 
     folder = Path(folder)
