@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from diagvid.model.vae import tensor_to_frames
 from diagvid.stream import parse_timeline
 from tests.conftest import make_tiny_pipeline
 
@@ -28,7 +29,7 @@ def test_stream_equals_generate_and_seed_is_reproducible(tiny_pipeline):
 def test_streaming_decode_equals_decoding_everything_at_once(tiny_pipeline):
     chunks = list(tiny_pipeline.stream(PROMPT, num_chunks=3, seed=1))
     latents = torch.cat([c.latents for c in chunks], dim=2)
-    whole = tiny_pipeline._to_uint8(tiny_pipeline.vae.decode(latents))
+    whole = tensor_to_frames(tiny_pipeline.vae.decode(latents)[0])
     streamed = np.concatenate([c.frames for c in chunks])
     assert np.abs(whole.astype(int) - streamed.astype(int)).max() <= 1  # rounding at the uint8 boundary
 
@@ -89,7 +90,7 @@ def test_image_to_video_starts_from_the_given_frame(tiny_pipeline):
     assert chunks[0].index == -1 and len(chunks[0].frames) == 1
     vae = tiny_pipeline.vae
     x = torch.from_numpy(image).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1
-    expect = tiny_pipeline._to_uint8(vae.decode(vae.encode(x)))
+    expect = tensor_to_frames(vae.decode(vae.encode(x))[0])
     assert np.array_equal(chunks[0].frames, expect)
     assert [len(c.frames) for c in chunks] == [1, 8, 8]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 
@@ -210,6 +211,21 @@ def _setup_logging(out_dir: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def _training_errors():
+    """Bad recipes exit 2 with the message; Ctrl-C / SIGTERM exit 130 after the final checkpoint."""
+    from diagvid.train.loop import StopRequested
+
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    except StopRequested as stop:
+        console.print(f"[yellow]{stop}[/yellow]")
+        raise typer.Exit(130) from None
+
+
 @train_app.command("text")
 def train_text_cmd(
     export: str = typer.Option(..., "--export", help="Folder to write the encoder to."),
@@ -236,19 +252,12 @@ def train_vae_cmd(
 ) -> None:
     """Train the toy VAE (diffusers AutoencoderKLWan) on world clips; resumes from the run folder."""
     from diagvid.config import load_config
-    from diagvid.train.loop import StopRequested
     from diagvid.train.vae import VAETrainConfig, evaluate_vae, heldout_clips, train_vae
 
-    try:
+    with _training_errors():
         cfg = load_config(VAETrainConfig, config, overrides)
         _setup_logging(cfg.out_dir)
         vae = train_vae(cfg, resume=not fresh, max_steps=max_steps)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from err
-    except StopRequested as stop:
-        console.print(f"[yellow]{stop}[/yellow]")
-        raise typer.Exit(130) from None
     metrics = evaluate_vae(vae, heldout_clips(cfg.eval_clips, cfg.size))
     console.print(f"held-out PSNR {metrics['psnr']} dB")
     if export:
@@ -266,19 +275,12 @@ def train_teacher_cmd(
 ) -> None:
     """Train the bidirectional teacher by flow matching on world latents; resumes from the run folder."""
     from diagvid.config import load_config
-    from diagvid.train.loop import StopRequested
     from diagvid.train.teacher import TeacherConfig, export_teacher, train_teacher
 
-    try:
+    with _training_errors():
         cfg = load_config(TeacherConfig, config, overrides)
         _setup_logging(cfg.out_dir)
         out = train_teacher(cfg, resume=not fresh, max_steps=max_steps)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from err
-    except StopRequested as stop:
-        console.print(f"[yellow]{stop}[/yellow]")
-        raise typer.Exit(130) from None
     if export:
         export_teacher(out, export)
         console.print(f"wrote {export}")

@@ -21,19 +21,8 @@ import torch
 
 from diagvid.model.cache import KVCache
 from diagvid.model.dit import WanDiT
+from diagvid.model.vae import TEMPORAL_STRIDE, frames_to_tensor, tensor_to_frames
 from diagvid.sampling import FlowMatch, Schedule, get_schedule
-
-TEMPORAL_STRIDE = 4  # Wan VAE: the first latent frame is 1 pixel frame, every later one 4
-
-
-def pixel_to_latent_frames(frames: int) -> int:
-    """Latent frames that decode to `frames` = 1 + 4k pixel frames."""
-    return 1 + (frames - 1) // TEMPORAL_STRIDE
-
-
-def latent_to_pixel_frames(latents: int) -> int:
-    """Pixel frames decoded from `latents` latent frames."""
-    return 1 + TEMPORAL_STRIDE * (latents - 1) if latents > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -220,7 +209,7 @@ class Pipeline:
             self.generator(
                 first_latents, torch.zeros(1, prefix, device=self.device), ctx, cache=cache, start_frame=0
             )
-            pixels = self._to_uint8(decoder.decode(first_latents))
+            pixels = tensor_to_frames(decoder.decode(first_latents)[0])
             frames_out += len(pixels)
             yield ChunkResult(-1, pixels, first_latents, (0.0,), 1, 0.0, 0.0, current_prompt, 0)
 
@@ -244,7 +233,7 @@ class Pipeline:
                     f"chunk {index} produced NaN or Inf latents (prompt {current_prompt!r})"
                 )
             dit_seconds = time.perf_counter() - start
-            pixels = self._to_uint8(decoder.decode(latents))
+            pixels = tensor_to_frames(decoder.decode(latents)[0])
             yield ChunkResult(
                 index=index,
                 frames=pixels,
@@ -312,11 +301,5 @@ class Pipeline:
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != expected:
             got = (getattr(image, "shape", None), getattr(image, "dtype", type(image).__name__))
             raise ValueError(f"image must be uint8 of shape {expected} (H, W, RGB); got shape/dtype {got}")
-        video = torch.from_numpy(image).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1  # [1, 3, 1, H, W]
+        video = frames_to_tensor(image[None])[None]  # [1, 3, 1, H, W]
         return self.vae.encode(video.to(self.device)).to(self.dtype)
-
-    @staticmethod
-    def _to_uint8(video: torch.Tensor) -> np.ndarray:
-        """[1, 3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
-        x = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return x.permute(1, 2, 3, 0).cpu().numpy()

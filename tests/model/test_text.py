@@ -14,15 +14,6 @@ WORDS = ["a", "and", "red", "blue", "square", "circle", "moves", "up-left", "up"
 CFG = ToyTextConfig(d_model=16, num_layers=2, num_heads=2, d_ff=32, text_len=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small run faster on one thread than on two cores shared with other workers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def enc() -> ToyTextEncoder:
     return ToyTextEncoder(WORDS, CFG)

@@ -23,15 +23,6 @@ MEAN = [0.3, -0.2, 0.1, 0.5]
 STD = [1.5, 0.7, 2.0, 1.1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small run faster on one thread than on two cores shared with other workers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def vae() -> WanVAE:
     """The `tiny` preset (4x spatial, 4x temporal) with seeded weights and non-trivial latent statistics."""

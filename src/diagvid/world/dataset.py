@@ -10,6 +10,7 @@ from itertools import count
 import numpy as np
 import torch
 
+from diagvid.model.vae import frames_to_tensor, tensor_to_frames  # noqa: F401  (re-exported by diagvid.world)
 from diagvid.world.captions import PromptObject, caption, parse_caption
 from diagvid.world.render import (
     COLOURS,
@@ -151,20 +152,6 @@ def eval_prompts(name: str) -> list[str]:
     """The prompts of a held-out set ("heldout-48": every colour x direction; "heldout-8": quick)."""
     _check_eval_name(name)
     return [caption(spec) for spec in eval_specs(name, num_frames=1)]
-
-
-def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 frames [T, H, W, 3] -> float32 video [3, T, H, W] in [-1, 1] (the VAE's layout)."""
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)
-    return video.float() / 127.5 - 1.0
-
-
-def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
-    """float video [3, T, H, W] in [-1, 1] -> uint8 frames [T, H, W, 3], clipped and rounded."""
-    if video.ndim != 4 or video.shape[0] != 3:
-        raise ValueError(f"expected a video [3, T, H, W], got shape {tuple(video.shape)}")
-    pixels = ((video.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return pixels.permute(1, 2, 3, 0).numpy()
 
 
 class WorldDataset(torch.utils.data.Dataset):
