@@ -117,3 +117,29 @@ def test_info_json():
     assert result.exit_code == 0
     data = json.loads(result.stdout)
     assert data["torch"] and "bundled" in data
+
+
+def test_generate_continue_and_video_to_video(tiny_folder, tmp_path):
+    first = tmp_path / "first.gif"
+    base = [
+        "generate",
+        "--model",
+        str(tiny_folder),
+        "-p",
+        "a red circle moves left",
+        "--device",
+        "cpu",
+        "--json",
+    ]
+    assert runner.invoke(app, [*base, "--seconds", "1", "--out", str(first)]).exit_code == 0
+    result = runner.invoke(
+        app, [*base, "--seconds", "1", "--continue", str(first), "--out", str(tmp_path / "c.gif")]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["per_chunk"][0]["index"] == -1
+    result = runner.invoke(
+        app, [*base, "--video", str(first), "--strength", "0.5", "--out", str(tmp_path / "v.gif")]
+    )
+    assert result.exit_code == 0, result.output
+    per_chunk = json.loads(result.stdout)["per_chunk"]
+    assert len(per_chunk) == 3 and all(c["timesteps"][0] == 500.0 for c in per_chunk)  # 21 frames: 6 latents

@@ -106,8 +106,16 @@ def test_image_to_video_starts_from_the_given_frame(tiny_pipeline):
         ({"num_chunks": 0}, "num_chunks=0"),
         ({"num_chunks": 2, "schedule": "1000,500;1000,400;1000,300"}, "lists 3 chunks but the video has 2"),
         ({"context": "dirty"}, "context='dirty'"),
-        ({"image": np.zeros((8, 8, 3), np.uint8)}, r"image must be uint8 of shape \(16, 16, 3\)"),
+        ({"image": np.zeros((8, 8, 3), np.uint8)}, r"image must be uint8 frames of size \(16, 16\)"),
         ({"image": np.zeros((16, 16, 3), np.float32)}, "image must be uint8"),
+        ({"continue_from": np.zeros((5, 16, 16, 4), np.uint8)}, "continue_from must be uint8 frames"),
+        ({"video": np.zeros((5, 16, 16, 3), np.uint8), "strength": 0}, "strength=0 must be in"),
+        ({"video": np.zeros((5, 16, 16, 3), np.uint8), "seconds": 2}, "takes its length from the video"),
+        ({"video": np.zeros((4, 16, 16, 3), np.uint8)}, "needs at least 5"),
+        (
+            {"video": np.zeros((5, 16, 16, 3), np.uint8), "image": np.zeros((16, 16, 3), np.uint8)},
+            "at most one",
+        ),
     ],
 )
 def test_bad_arguments_fail_before_any_compute(tiny_pipeline, kwargs, message):
@@ -149,3 +157,25 @@ def test_num_chunks_from_seconds(tiny_pipeline):
     assert tiny_pipeline.num_chunks(5.0) == 7  # 80 frames -> 21 latent frames -> 7 chunks of 3
     assert tiny_pipeline.num_chunks(10.0) == 14
     assert tiny_pipeline.num_chunks(0.01) == 1
+
+
+def test_continuation_encodes_the_clip_and_goes_on(tiny_pipeline):
+    clip, _ = tiny_pipeline.generate(PROMPT, num_chunks=2, seed=0)  # 13 frames
+    chunks = list(tiny_pipeline.stream(PROMPT, num_chunks=2, continue_from=clip[:12], seed=1))
+    # the last 1 + 4k = 9 of the 12 frames are kept: 3 latent frames, pushed as pieces of 2 and 1
+    assert chunks[0].index == -1 and len(chunks[0].frames) == 9 and chunks[0].nfe == 2
+    assert [c.first_frame for c in chunks] == [0, 9, 17]
+    assert [len(c.frames) for c in chunks] == [9, 8, 8]
+
+
+def test_video_to_video_follows_the_input_chunk_by_chunk(tiny_pipeline):
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 255, (17, 16, 16, 3), dtype=np.uint8)  # 5 latent frames -> 2 chunks of 2
+    chunks = list(tiny_pipeline.stream(PROMPT, video=video, strength=0.6, schedule="diagonal", seed=0))
+    assert [c.timesteps for c in chunks] == [(600.0, 357), (600.0, 357)]
+    assert [c.nfe for c in chunks] == [3, 2]  # chunk 0 keeps its clean context pass
+    other = video.copy()
+    other[9:] = 255 - other[9:]  # change only what chunk 1 reads (pixel frames 5..12 and later)
+    changed = list(tiny_pipeline.stream(PROMPT, video=other, strength=0.6, schedule="diagonal", seed=0))
+    assert np.array_equal(chunks[0].frames, changed[0].frames)
+    assert not np.array_equal(chunks[1].frames, changed[1].frames)

@@ -74,6 +74,11 @@ def generate(
     ),
     seed: int = typer.Option(0, "--seed", help="Noise seed: the same seed gives the same video."),
     image: str | None = typer.Option(None, "--image", help="First frame (image-to-video)."),
+    continue_from: str | None = typer.Option(
+        None, "--continue", help="A clip to continue: its frames are encoded into the cache first."
+    ),
+    video: str | None = typer.Option(None, "--video", help="Input video for streaming video-to-video."),
+    strength: float = typer.Option(0.6, "--strength", help="Video-to-video: how much to change, in (0, 1]."),
     model: str = typer.Option("toy", "--model", help="Bundled name or pipeline folder."),
     generator: str | None = typer.Option(
         None, "--generator", help="Distilled causal checkpoint (Wan folders)."
@@ -92,7 +97,7 @@ def generate(
 
     from diagvid.pretrained import load_pipeline
     from diagvid.sampling import get_schedule
-    from diagvid.video_io import VideoWriter, output_kind, read_image
+    from diagvid.video_io import VideoWriter, output_kind, read_image, read_video
 
     try:
         # every check before any compute
@@ -103,13 +108,25 @@ def generate(
         )
         output_kind(out)
         first = read_image(image) if image else None
+        previous = read_video(continue_from) if continue_from else None
+        source = read_video(video) if video else None
         pipe = load_pipeline(model, generator=generator, device=device)
         if window is not None:
             pipe.config.window_frames = window
         if sink is not None:
             pipe.config.sink_frames = sink
-        num_chunks = pipe.num_chunks(seconds)
-        stream = pipe.stream(prompt, num_chunks=num_chunks, schedule=sched, seed=seed, image=first)
+        length = {} if source is not None else {"num_chunks": pipe.num_chunks(seconds)}
+        stream = pipe.stream(
+            prompt,
+            schedule=sched,
+            seed=seed,
+            image=first,
+            continue_from=previous,
+            video=source,
+            strength=strength,
+            **length,
+        )
+        num_chunks = length.get("num_chunks") or pipe.chunks_of_video(len(source))
         t0 = time.perf_counter()
         chunks, ttff = [], None
         bar = Progress(
@@ -167,26 +184,34 @@ def generate(
 @app.command()
 def convert(
     src: str = typer.Argument(
-        ..., help="Checkpoint file or folder (ours, Wan, diffusers, SF/CausVid/LongLive/DD)."
+        ..., help="Checkpoint folder or file: ours, Wan2.1, diffusers, Self-Forcing/CausVid/LongLive/DD."
     ),
     dst: str = typer.Argument(..., help="Output folder."),
     to: str = typer.Option("diagvid", "--to", help="Output layout: diagvid | wan | diffusers."),
     config: str | None = typer.Option(
         None,
         "--config",
-        help="Architecture of a generator checkpoint: preset name or config.json (default 1.3B).",
+        help="Architecture of a checkpoint that carries none: preset or config.json (default wan2.1-t2v-1.3b).",
     ),
     no_ema: bool = typer.Option(False, "--no-ema", help="Take `generator` instead of `generator_ema`."),
+    lora: str | None = typer.Option(None, "--lora", help="Separate LoRA file to merge (LongLive / DD-S)."),
+    lora_scale: float = typer.Option(
+        1.0, "--lora-scale", help="LoRA alpha / rank (1.0 for their rank 256, alpha 256)."
+    ),
+    shards: int = typer.Option(1, "--shards", help="Split wan/diffusers weights over this many files."),
 ) -> None:
-    """Convert a DiT checkpoint between layouts (weights are read safely, never unpickled)."""
-    from diagvid.model.weights import convert as convert_fn
+    """Convert a DiT checkpoint between layouts; pickles are read with weights_only=True, never executed."""
+    from diagvid.model.weights import convert as convert_weights
 
     try:
-        out = convert_fn(src, dst, to=to, config=config, ema=not no_ema)
+        lines = convert_weights(
+            src, dst, to=to, config=config, ema=not no_ema, lora=lora, lora_scale=lora_scale, shards=shards
+        )
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
-    console.print(f"read {src}, wrote {to} layout to {out}")
+    for line in lines:
+        console.print(line, highlight=False)
 
 
 train_app = typer.Typer(help="Train the toy world models and distilled students.", no_args_is_help=True)

@@ -22,7 +22,7 @@ import torch
 from diagvid.model.cache import KVCache
 from diagvid.model.dit import WanDiT
 from diagvid.model.vae import TEMPORAL_STRIDE, frames_to_tensor, tensor_to_frames
-from diagvid.sampling import FlowMatch, Schedule, get_schedule
+from diagvid.sampling import NUM_TRAIN_TIMESTEPS, FlowMatch, Schedule, get_schedule
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,10 @@ class Pipeline:
         latents = 1 + math.ceil((frames - 1) / TEMPORAL_STRIDE)  # round up to a whole latent frame
         return math.ceil(latents / self.config.frames_per_chunk)
 
+    def chunks_of_video(self, frames: int) -> int:
+        """Whole chunks in a video of `frames` pixel frames (what video-to-video generates)."""
+        return (1 + (frames - 1) // TEMPORAL_STRIDE) // self.config.frames_per_chunk
+
     # ----- the stream --------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -157,6 +161,9 @@ class Pipeline:
         context: str | None = None,
         seed: int = 0,
         image: np.ndarray | None = None,
+        continue_from: np.ndarray | None = None,
+        video: np.ndarray | None = None,
+        strength: float = 0.6,
     ) -> Iterator[ChunkResult]:
         """Yield decoded chunks as soon as each is ready.
 
@@ -167,12 +174,32 @@ class Pipeline:
             context: override the context policy of every chunk ("clean" or "noisy").
             seed: noise seed; the same seed gives the same video on the same device.
             image: uint8 [H, W, 3] first frame (image-to-video): encoded into the cache before chunk 0.
+            continue_from: uint8 [T, H, W, 3] frames to continue; the last 1 + 4k of them are encoded into
+                the cache (and re-decoded as the start of the output), then new chunks follow.
+            video: uint8 [T, H, W, 3] input of streaming video-to-video: each chunk of it is encoded,
+                re-noised to t = 1000 * `strength` and denoised with the remaining steps of the schedule.
+                The length comes from the video.
+            strength: how much of the input video to replace, in (0, 1].
         """
         # 1. validate everything before any compute
         cfg = self.config
         timeline = parse_timeline(prompt)
         sched = get_schedule(schedule or cfg.schedule, context)
-        if num_chunks is None:
+        k = cfg.frames_per_chunk
+        h, w = cfg.latent_hw
+        if sum(x is not None for x in (image, continue_from, video)) > 1:
+            raise ValueError("give at most one of image, continue_from and video")
+        if video is not None:
+            if seconds is not None or num_chunks is not None:
+                raise ValueError("video-to-video takes its length from the video; drop seconds / num_chunks")
+            if not (isinstance(strength, int | float) and 0 < strength <= 1):
+                raise ValueError(f"strength={strength!r} must be in (0, 1]")
+            self._check_frames(video, "video")
+            num_chunks = self.chunks_of_video(len(video))
+            if num_chunks < 1:
+                need = 1 + TEMPORAL_STRIDE * (k - 1)
+                raise ValueError(f"video has {len(video)} frames; video-to-video needs at least {need}")
+        elif num_chunks is None:
             num_chunks = self.num_chunks(5.0 if seconds is None else seconds)
         elif seconds is not None:
             raise ValueError("give seconds or num_chunks, not both")
@@ -182,9 +209,15 @@ class Pipeline:
             sched.check_fits(num_chunks)
         for event in timeline:
             self.text_encoder.token_ids(event.prompt)  # unknown words or an over-long prompt fail here
-        first_latents = self._encode_image(image) if image is not None else None
-        k = cfg.frames_per_chunk
-        h, w = cfg.latent_hw
+        if image is not None:
+            self._check_frames(image[None] if isinstance(image, np.ndarray) else image, "image")
+            continue_from = image[None]
+        if continue_from is not None:
+            self._check_frames(continue_from, "continue_from")
+            keep = 1 + TEMPORAL_STRIDE * ((len(continue_from) - 1) // TEMPORAL_STRIDE)
+            first_latents = self._encode_frames(continue_from[-keep:])
+        else:
+            first_latents = None
         prefix = 0 if first_latents is None else first_latents.shape[2]
         capacity = cfg.window_frames or (prefix + num_chunks * k)
 
@@ -202,16 +235,23 @@ class Pipeline:
         current_prompt = None
         frames_out = 0
 
-        # 3. image-to-video: the given frame becomes clean context at frame 0 and is decoded first
+        encoder = self.vae.stream_encoder() if video is not None else None
+        v2v_start = float(NUM_TRAIN_TIMESTEPS * strength) if video is not None else None
+
+        # 3. image-to-video / continuation: the given frames become clean context, in pieces of at most K
         if first_latents is not None:
+            start = time.perf_counter()
             current_prompt = timeline[0].prompt
             ctx = self._encode_prompt(current_prompt)
-            self.generator(
-                first_latents, torch.zeros(1, prefix, device=self.device), ctx, cache=cache, start_frame=0
-            )
+            for a in range(0, prefix, k):
+                piece = first_latents[:, :, a : a + k]
+                t0 = torch.zeros(1, piece.shape[2], device=self.device)
+                self.generator(piece, t0, ctx, cache=cache, start_frame=a)
             pixels = tensor_to_frames(decoder.decode(first_latents)[0])
+            nfe = math.ceil(prefix / k)
+            elapsed = time.perf_counter() - start
+            yield ChunkResult(-1, pixels, first_latents, (0.0,), nfe, elapsed, elapsed, current_prompt, 0)
             frames_out += len(pixels)
-            yield ChunkResult(-1, pixels, first_latents, (0.0,), 1, 0.0, 0.0, current_prompt, 0)
 
         # 4. the chunk loop
         for index in range(num_chunks):
@@ -225,8 +265,25 @@ class Pipeline:
             noise = torch.randn(1, self.generator.cfg.in_dim, k, h, w, generator=gen).to(
                 self.device, self.dtype
             )
+            steps = tuple(sched.chunk_steps(index))
+            if encoder is not None:
+                # video-to-video: this chunk's input frames, encoded and re-noised to the start timestep
+                lo = 0 if index == 0 else 1 + TEMPORAL_STRIDE * (index * k - 1)
+                hi = 1 + TEMPORAL_STRIDE * ((index + 1) * k - 1)
+                clean = encoder.encode(frames_to_tensor(video[lo:hi])[None]).to(self.device, self.dtype)
+                noise = self.fm.add_noise(clean, noise, v2v_start)
+                steps = (v2v_start, *(t for t in steps if t < v2v_start))
             forwards_before = self.generator.stats.forwards
-            latents = self.denoise_chunk(noise, sched, index, ctx, cache, prefix + index * k, gen)
+            latents = self.denoise_chunk(
+                noise,
+                steps,
+                sched.chunk_context(index) == "clean",
+                sched.context_t,
+                ctx,
+                cache,
+                prefix + index * k,
+                gen,
+            )
             if not torch.isfinite(latents).all():
                 # never write garbage into a video: stop and say where it happened
                 raise FloatingPointError(
@@ -238,7 +295,7 @@ class Pipeline:
                 index=index,
                 frames=pixels,
                 latents=latents,
-                timesteps=tuple(sched.chunk_steps(index)),
+                timesteps=steps,
                 nfe=self.generator.stats.forwards - forwards_before,
                 seconds=time.perf_counter() - start,
                 dit_seconds=dit_seconds,
@@ -249,34 +306,34 @@ class Pipeline:
 
     def denoise_chunk(
         self,
-        noise: torch.Tensor,
-        schedule: Schedule,
-        index: int,
+        x: torch.Tensor,
+        steps: Sequence[float],
+        clean_context: bool,
+        context_t: float,
         ctx: torch.Tensor,
         cache: KVCache,
         start_frame: int,
         gen: torch.Generator,
     ) -> torch.Tensor:
-        """Denoise one chunk from noise with its timesteps, then write its context as the schedule says.
+        """Denoise one chunk from x (noise at steps[0]), then write its context.
 
         Each step predicts x0 and re-noises it with fresh noise to the next timestep (the few-step sampler
-        of CausVid / Self-Forcing / DD). Every forward overwrites the chunk's cache slots, so with a
-        "noisy" policy later chunks see the K/V of the last denoising forward.
+        of CausVid / Self-Forcing / DD). Every forward overwrites the chunk's cache slots, so without a
+        clean context pass later chunks see the K/V of the last denoising forward (DD's noisy context).
+        With `clean_context`, one more forward on the result at `context_t` writes its K/V instead.
         """
-        steps = schedule.chunk_steps(index)
-        x = noise
-        x0 = noise
+        x0 = x
         for i, t in enumerate(steps):
-            tt = torch.full((1, noise.shape[2]), float(t), device=self.device)
+            tt = torch.full((1, x.shape[2]), float(t), device=self.device)
             v = self.generator(x, tt, ctx, cache=cache, start_frame=start_frame)
             x0 = self.fm.x0_from_v(x, v, tt)
             if i + 1 < len(steps):
                 fresh = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
-                x = self.fm.add_noise(x0, fresh, tt.new_full(tt.shape, float(steps[i + 1])))
-        if schedule.chunk_context(index) == "clean":
-            tc = torch.full((1, noise.shape[2]), float(schedule.context_t), device=self.device)
+                x = self.fm.add_noise(x0, fresh, float(steps[i + 1]))
+        if clean_context:
+            tc = torch.full((1, x0.shape[2]), float(context_t), device=self.device)
             x_ctx = x0
-            if schedule.context_t > 0:
+            if context_t > 0:
                 fresh = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
                 x_ctx = self.fm.add_noise(x0, fresh, tc)
             self.generator(x_ctx, tc, ctx, cache=cache, start_frame=start_frame)
@@ -294,12 +351,17 @@ class Pipeline:
         emb, _mask = self.text_encoder.encode([prompt])
         return emb.to(self.device, self.dtype)
 
-    def _encode_image(self, image: np.ndarray) -> torch.Tensor:
-        """uint8 [H, W, 3] -> one clean latent frame [1, C, 1, h, w]."""
+    def _check_frames(self, frames: np.ndarray, name: str) -> None:
+        """uint8 [T, H, W, 3] at the pipeline's pixel size, or an error naming what is wrong."""
         h, w = self.config.latent_hw
-        expected = (h * self.vae.spatial_stride, w * self.vae.spatial_stride, 3)
-        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.shape != expected:
-            got = (getattr(image, "shape", None), getattr(image, "dtype", type(image).__name__))
-            raise ValueError(f"image must be uint8 of shape {expected} (H, W, RGB); got shape/dtype {got}")
-        video = frames_to_tensor(image[None])[None]  # [1, 3, 1, H, W]
-        return self.vae.encode(video.to(self.device)).to(self.dtype)
+        size = (h * self.vae.spatial_stride, w * self.vae.spatial_stride)
+        ok = isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4
+        if not ok or frames.shape[1:] != (*size, 3) or len(frames) < 1:
+            got = (getattr(frames, "shape", None), getattr(frames, "dtype", type(frames).__name__))
+            raise ValueError(
+                f"{name} must be uint8 frames of size {size} (H, W) with 3 channels (RGB); got shape/dtype {got}"
+            )
+
+    def _encode_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 [T, H, W, 3], T = 1 + 4k -> clean latents [1, C, 1 + k, h, w]."""
+        return self.vae.encode(frames_to_tensor(frames)[None].to(self.device)).to(self.dtype)
