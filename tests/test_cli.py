@@ -143,3 +143,26 @@ def test_generate_continue_and_video_to_video(tiny_folder, tmp_path):
     assert result.exit_code == 0, result.output
     per_chunk = json.loads(result.stdout)["per_chunk"]
     assert len(per_chunk) == 3 and all(c["timesteps"][0] == 500.0 for c in per_chunk)  # 21 frames: 6 latents
+
+
+def test_generate_prompt_file(tiny_folder, tmp_path):
+    timeline = tmp_path / "t.jsonl"
+    timeline.write_text(
+        '{"at": 0, "prompt": "a red circle moves left"}\n\n{"at": 0.5, "prompt": "a blue square moves up"}\n'
+    )
+    base = ["generate", "--model", str(tiny_folder), "--device", "cpu", "--json", "--seconds", "1"]
+    result = runner.invoke(app, [*base, "--prompt-file", str(timeline), "--out", str(tmp_path / "a.gif")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["per_chunk"][-1]["prompt"] == "a blue square moves up"
+    (tmp_path / "bad.jsonl").write_text('{"at": 0, "text": "x"}\n')
+    result = runner.invoke(
+        app, [*base, "--prompt-file", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "b.gif")]
+    )
+    assert result.exit_code == 2 and "bad.jsonl:1" in result.output
+    (tmp_path / "latin.jsonl").write_bytes(b'{"at": 0, "prompt": "caf\xe9"}\n')
+    result = runner.invoke(
+        app, [*base, "--prompt-file", str(tmp_path / "latin.jsonl"), "--out", str(tmp_path / "c.gif")]
+    )
+    assert result.exit_code == 2
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "d.gif")])
+    assert result.exit_code == 2 and "exactly one" in result.output

@@ -57,7 +57,10 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
 @app.command()
 def generate(
     prompt: list[str] = typer.Option(
-        ..., "--prompt", "-p", help="Prompt; repeat with '@4s ...' to switch prompts mid-stream."
+        [], "--prompt", "-p", help="Prompt; repeat with '@4s ...' to switch prompts mid-stream."
+    ),
+    prompt_file: str | None = typer.Option(
+        None, "--prompt-file", help='JSON-lines timeline: {"at": 0, "prompt": "..."} per line.'
     ),
     out: str = typer.Option(
         "clip.mp4", "--out", "-o", help="Output: .mp4, .gif, or a folder for PNG frames."
@@ -103,6 +106,11 @@ def generate(
         # every check before any compute
         if schedule and steps:
             raise ValueError("give --schedule or --steps, not both")
+        if bool(prompt) == bool(prompt_file):
+            raise ValueError("give --prompt (repeatable) or --prompt-file, exactly one of them")
+        from diagvid.stream import read_timeline
+
+        timeline = read_timeline(prompt_file) if prompt_file else prompt
         sched = (
             get_schedule(steps or schedule or "diagonal", context) if (steps or schedule or context) else None
         )
@@ -117,7 +125,7 @@ def generate(
             pipe.config.sink_frames = sink
         length = {} if source is not None else {"num_chunks": pipe.num_chunks(seconds)}
         stream = pipe.stream(
-            prompt,
+            timeline,
             schedule=sched,
             seed=seed,
             image=first,
@@ -145,7 +153,7 @@ def generate(
                     info=f"chunk {chunk.index + 1}/{num_chunks}  nfe {sum(c.nfe for c in chunks)}  "
                     f"{writer.frames_written / elapsed:.1f} fps",
                 )
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, UnicodeDecodeError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
     except KeyboardInterrupt:

@@ -11,10 +11,12 @@ h/w latent size, T pixel frames, H/W pixel size.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,6 +76,25 @@ def parse_timeline(prompts: str | Sequence[str | PromptEvent | tuple[float, str]
     if any(b <= a for a, b in itertools.pairwise(times)):
         raise ValueError(f"prompt times {times} must be strictly increasing")
     return events
+
+
+def read_timeline(path: str | Path) -> list[PromptEvent]:
+    """A prompt timeline from a JSON-lines file: one {"at": seconds, "prompt": "..."} object a line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no timeline file at {path}")
+    events = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="strict").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            events.append(PromptEvent(float(item.get("at", 0.0)), str(item["prompt"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(
+                f'{path}:{n}: expected {{"at": seconds, "prompt": "..."}}, got {line[:80]!r} ({err})'
+            ) from err
+    return parse_timeline(events)
 
 
 @dataclass
