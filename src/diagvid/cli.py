@@ -222,6 +222,57 @@ def convert(
         console.print(line, highlight=False)
 
 
+@app.command()
+def bench(
+    suite: str = typer.Option("toy", "--suite", help="toy | wan-1.3b | tiny"),
+    random_weights: bool = typer.Option(
+        False, "--random-weights", help="Time random-weight models of the suite's geometry (no checkpoints)."
+    ),
+    methods: str | None = typer.Option(
+        None, "--methods", help="Comma list, e.g. diagonal,self-forcing,teacher."
+    ),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda ... (default: cuda if present)."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)."
+    ),
+    out: str | None = typer.Option(None, "--json", help="Write the report to this JSON file."),
+) -> None:
+    """Time every method in one process: NFE, FPS (DiT-only and end to end), time to first frame, memory."""
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from diagvid.bench import run_bench
+
+    if not random_weights:
+        console.print(
+            "[red]error:[/red] benchmarks of trained students need the distilled toy models, which do not exist "
+            "yet; pass --random-weights to time the geometry (speed does not depend on weight values)"
+        )
+        raise typer.Exit(2)
+    try:
+        chosen = tuple(m.strip() for m in methods.split(",")) if methods else None
+        report = run_bench(suite, device=device, dtype=dtype, methods=chosen)
+    except ValueError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    table = Table(title=f"suite {suite} on {report['machine']['device']}")
+    for col in ("method", "nfe", "frames", "wall_s", "dit_s", "fps", "ttff_s", "peak_mem_mb"):
+        table.add_column(col)
+    for r in report["results"]:
+        table.add_row(
+            *(
+                str(r[c])
+                for c in ("method", "nfe", "frames", "wall_s", "dit_s", "fps", "ttff_s", "peak_mem_mb")
+            )
+        )
+    console.print(table)
+    console.print(f"ratios: {report['ratios']}")
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"wrote {out}")
+
+
 train_app = typer.Typer(help="Train the toy world models and distilled students.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 

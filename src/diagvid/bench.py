@@ -1,0 +1,223 @@
+"""The one benchmark protocol: every method in one process, on one machine, timed the same way.
+
+Speed does not depend on the weights' values, so `random_weights=True` measures a geometry without any
+checkpoint (the GPU suite uses the Wan2.1-1.3B geometry this way). Per method: one warm-up run, then a
+timed run; NFE is counted by the model itself; time to first frame is prompt -> first decoded chunk;
+DiT-only time excludes decoding; peak memory is the process's peak RSS on CPU (reset per method) or
+`torch.cuda.max_memory_allocated` on GPU. Ratios are taken between methods of the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from diagvid.model.dit import WanDiT, preset
+from diagvid.model.vae import WanVAE
+from diagvid.model.vae import preset as vae_preset
+from diagvid.sampling import get_schedule, sample_euler
+from diagvid.stream import Pipeline, StreamConfig
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A geometry to benchmark."""
+
+    dit: str
+    vae: str
+    latent_hw: tuple[int, int]
+    frames_per_chunk: int = 3
+    num_chunks: int = 7
+    teacher_steps: int = 50
+    guidance: float = 5.0
+
+
+SUITES = {
+    "toy": Suite(dit="toy", vae="toy", latent_hw=(8, 8)),
+    "wan-1.3b": Suite(dit="wan2.1-t2v-1.3b", vae="wan2.1", latent_hw=(60, 104)),
+    "tiny": Suite(
+        dit="tiny", vae="tiny", latent_hw=(4, 4), frames_per_chunk=2, num_chunks=4, teacher_steps=4
+    ),
+}
+
+# (method, schedule, context override); the teacher is the undistilled 50-step CFG sampler
+METHODS = (
+    ("teacher", None, None),
+    ("causvid", "causvid", None),
+    ("self-forcing", "self-forcing", None),
+    ("diagonal", "diagonal", None),
+    ("diagonal-clean", "diagonal", "clean"),
+)
+
+
+class PrecomputedText:
+    """Stands in for the text encoder: benchmarks time generation, not prompt encoding."""
+
+    def __init__(self, text_len: int, dim: int, device, dtype) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.emb = torch.randn(1, text_len, dim, generator=gen).to(device, dtype)
+
+    def token_ids(self, prompt: str) -> list[int]:
+        return []
+
+    def encode(self, prompts):
+        return self.emb.expand(len(prompts), -1, -1), None
+
+
+class Clock:
+    """Wall time that waits for the GPU when there is one."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError):  # Linux: writing 5 resets this process's peak resident set size
+            Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(suite: Suite, device: torch.device, dtype: torch.dtype) -> Pipeline:
+    """Random-weight models of the suite's geometry (speed does not depend on weight values)."""
+    torch.manual_seed(0)
+    cfg = preset(suite.dit)
+    with torch.device(device):
+        dit = WanDiT(cfg).to(dtype).eval()
+        vae = WanVAE(vae_preset(suite.vae)).to(device).eval()
+    text = PrecomputedText(cfg.text_len, cfg.text_dim, device, dtype)
+    stream_cfg = StreamConfig(frames_per_chunk=suite.frames_per_chunk, latent_hw=suite.latent_hw)
+    return Pipeline(dit, vae, text, stream_cfg)
+
+
+def _run_student(pipe: Pipeline, suite: Suite, schedule: str, context: str | None, clock: Clock) -> dict:
+    sched = get_schedule(schedule, context)
+    forwards = pipe.generator.stats.forwards
+    t0 = clock.now()
+    ttff, frames, dit_s = None, 0, 0.0
+    for chunk in pipe.stream("benchmark", num_chunks=suite.num_chunks, schedule=sched, seed=0):
+        ttff = clock.now() - t0 if ttff is None else ttff
+        frames += len(chunk.frames)
+        dit_s += chunk.dit_seconds
+    total = clock.now() - t0
+    return {
+        "nfe": pipe.generator.stats.forwards - forwards,
+        "frames": frames,
+        "wall_s": total,
+        "dit_s": dit_s,
+        "ttff_s": ttff,
+    }
+
+
+def _run_teacher(pipe: Pipeline, suite: Suite, clock: Clock) -> dict:
+    dit, vae = pipe.generator, pipe.vae
+    f = suite.num_chunks * suite.frames_per_chunk
+    noise = torch.randn(1, dit.cfg.in_dim, f, *suite.latent_hw, generator=torch.Generator().manual_seed(0))
+    noise = noise.to(pipe.device, pipe.dtype)
+    ctx = pipe.text_encoder.encode(["x"])[0]
+    forwards = dit.stats.forwards
+    t0 = clock.now()
+    with torch.no_grad():
+        latents, _ = sample_euler(
+            dit, noise, ctx, torch.zeros_like(ctx), num_steps=suite.teacher_steps, guidance=suite.guidance
+        )
+        dit_s = clock.now() - t0
+        video = vae.decode(latents.float())
+    total = clock.now() - t0
+    # CFG batches the conditional and unconditional passes: count both, as the papers do
+    nfe = 2 * (dit.stats.forwards - forwards)
+    return {"nfe": nfe, "frames": int(video.shape[2]), "wall_s": total, "dit_s": dit_s, "ttff_s": total}
+
+
+def run_bench(
+    suite_name: str = "toy",
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    methods: tuple[str, ...] | None = None,
+    warmup: bool = True,
+) -> dict:
+    """Benchmark every method on one suite in this process; returns the JSON-ready report."""
+    if suite_name not in SUITES:
+        raise ValueError(f"unknown suite {suite_name!r}; allowed: {sorted(SUITES)}")
+    known = [m[0] for m in METHODS]
+    chosen = methods or tuple(known)
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; allowed: {known}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
+    dt = dt or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    suite = SUITES[suite_name]
+    pipe = build(suite, dev, dt)
+    clock = Clock(dev)
+    results = []
+    for name, schedule, context in METHODS:
+        if name not in chosen:
+            continue
+        run = (
+            (lambda: _run_teacher(pipe, suite, clock))
+            if schedule is None
+            else (lambda s=schedule, c=context: _run_student(pipe, suite, s, c, clock))
+        )
+        if warmup:
+            run()
+        _reset_peak(dev)
+        r = run()
+        r.update(
+            method=name,
+            fps=r["frames"] / r["wall_s"],
+            dit_fps=r["frames"] / r["dit_s"] if r["dit_s"] > 0 else None,
+            peak_mem_mb=_peak_mb(dev),
+        )
+        results.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    by = {r["method"]: r for r in results}
+    ratios = {}
+    if "diagonal" in by and "self-forcing" in by:
+        ratios["diagonal_vs_self_forcing"] = round(by["self-forcing"]["wall_s"] / by["diagonal"]["wall_s"], 3)
+        ratios["diagonal_vs_self_forcing_dit"] = round(
+            by["self-forcing"]["dit_s"] / by["diagonal"]["dit_s"], 3
+        )
+    if "diagonal" in by and "teacher" in by:
+        ratios["diagonal_vs_teacher"] = round(by["teacher"]["wall_s"] / by["diagonal"]["wall_s"], 3)
+    return {
+        "suite": suite_name,
+        "geometry": {**asdict(suite), "latent_hw": list(suite.latent_hw)},
+        "machine": {
+            "device": torch.cuda.get_device_name(dev)
+            if dev.type == "cuda"
+            else platform.processor() or "cpu",
+            "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "dtype": str(dt).removeprefix("torch."),
+        },
+        "weights": "random (speed does not depend on values)",
+        "results": results,
+        "ratios": ratios,
+    }

@@ -1,0 +1,50 @@
+"""The benchmark protocol on the tiny suite: structure, engine-counted NFE, ratios from the same run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from diagvid.bench import run_bench
+from diagvid.cli import app
+
+
+def test_tiny_suite_report():
+    report = run_bench("tiny", device="cpu", warmup=False)
+    by = {r["method"]: r for r in report["results"]}
+    assert list(by) == ["teacher", "causvid", "self-forcing", "diagonal", "diagonal-clean"]
+    # 4 chunks: diagonal 5 + 3 + 2 + 2, self-forcing 5 each, causvid 4 each, teacher 4 CFG steps x 2
+    assert [by[m]["nfe"] for m in by] == [8, 16, 20, 12, 15]
+    assert all(r["frames"] == 1 + 4 * (4 * 2 - 1) for r in report["results"])
+    assert all(r["ttff_s"] <= r["wall_s"] and r["peak_mem_mb"] > 0 for r in report["results"])
+    assert report["ratios"]["diagonal_vs_self_forcing"] == pytest.approx(
+        by["self-forcing"]["wall_s"] / by["diagonal"]["wall_s"], rel=1e-2
+    )
+    assert report["machine"]["torch"] and report["weights"].startswith("random")
+
+
+def test_bench_cli(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "b.json"
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--suite",
+            "tiny",
+            "--random-weights",
+            "--methods",
+            "diagonal,self-forcing",
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["results"]] == ["self-forcing", "diagonal"]
+    assert "diagonal_vs_self_forcing" in data["ratios"]
+    assert runner.invoke(app, ["bench", "--suite", "tiny"]).exit_code == 2
+    bad = runner.invoke(app, ["bench", "--suite", "huge", "--random-weights"])
+    assert bad.exit_code == 2 and "unknown suite 'huge'" in bad.output
