@@ -251,9 +251,11 @@ def bench(
         )
         raise typer.Exit(2)
     try:
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)  # fail on an unwritable path before timing
         chosen = tuple(m.strip() for m in methods.split(",")) if methods else None
         report = run_bench(suite, device=device, dtype=dtype, methods=chosen)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
     table = Table(title=f"suite {suite} on {report['machine']['device']}")
