@@ -8,10 +8,10 @@ ASSETS = Path(__file__).resolve().parent
 
 
 def bundled_models() -> dict[str, str]:
-    """Name -> folder of every bundled model folder that exists (a folder holding a config.json)."""
+    """Name (path under assets/) -> folder, for every bundled folder holding weights (*.safetensors)."""
     found = {}
-    for cfg in sorted(ASSETS.glob("*/*.json")):
-        found.setdefault(cfg.parent.name, str(cfg.parent))
+    for weights in sorted(ASSETS.rglob("*.safetensors")):
+        found.setdefault(str(weights.parent.relative_to(ASSETS)), str(weights.parent))
     return found or {"(none yet)": str(ASSETS)}
 
 
