@@ -221,3 +221,25 @@ def run_bench(
         "results": results,
         "ratios": ratios,
     }
+
+
+def stream_memory(suite_name: str, seconds: float, window_frames: int, sink_frames: int = 3) -> dict:
+    """Peak memory of one endless-style stream with a rolling window (run once per process to compare)."""
+    suite = SUITES[suite_name]
+    dev = torch.device("cpu")
+    pipe = build(suite, dev, torch.float32)
+    pipe.config.window_frames, pipe.config.sink_frames, pipe.config.rope = window_frames, sink_frames, "cache"
+    _reset_peak(dev)
+    frames = chunks = 0
+    t0 = time.perf_counter()
+    for chunk in pipe.stream("benchmark", seconds=seconds, schedule="diagonal", seed=0):
+        frames += len(chunk.frames)  # frames are dropped as they come, as a live stream would
+        chunks += 1
+    return {
+        "seconds": seconds,
+        "frames": frames,
+        "chunks": chunks,
+        "window_frames": window_frames,
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "peak_rss_mb": round(_peak_mb(dev), 1),
+    }
