@@ -160,12 +160,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return (x * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2)
 
 
-# An attention function receives one layer's rotated-later q, k, v and returns the attended values.
+# An attention function receives one layer's index and its un-rotated q, k, v [B, L, N, Dh]; it applies
+# RoPE for its mode and returns the attended values [B, L, N, Dh].
 AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with RMSNorm on q and k over the full width (before the head split)."""
+class Attention(nn.Module):
+    """The projections Wan's two attentions share: q, k, v, o, and RMSNorm on q and k over the full width."""
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
@@ -176,6 +177,10 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
+
+
+class SelfAttention(Attention):
+    """Self-attention among video tokens; who sees whom is decided by the attention function."""
 
     def forward(self, x: torch.Tensor, layer: int, attend: AttnFn) -> torch.Tensor:
         n = self.num_heads
@@ -185,18 +190,8 @@ class SelfAttention(nn.Module):
         return self.o(attend(layer, q, k, v).flatten(2))  # [B, L, D]
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     """Attention from video tokens to the text tokens; the text K/V can be cached per prompt."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = nn.RMSNorm(dim, eps=eps)
-        self.norm_k = nn.RMSNorm(dim, eps=eps)
 
     def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [B, T, N, Dh] of the embedded text context [B, T, D]."""
