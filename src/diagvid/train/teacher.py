@@ -86,9 +86,7 @@ class TeacherConfig:
             raise ValueError(f"batch_size={self.batch_size} and steps={self.steps} must be >= 1")
 
 
-def build_latent_cache(
-    cfg: DataConfig, vae, text_encoder, progress: bool = True
-) -> tuple[torch.Tensor, list[str]]:
+def build_latent_cache(cfg: DataConfig, vae) -> tuple[torch.Tensor, list[str]]:
     """Encode `num_clips` world clips once (resumable by shard); returns latents [N, C, F, h, w] and captions."""
     from diagvid.world import WorldDataset
 
@@ -144,7 +142,7 @@ def train_teacher(
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     vae = load_vae(cfg.vae)
     text = load_text_encoder(cfg.text)
-    latents, captions = build_latent_cache(cfg.data, vae, text, progress)
+    latents, captions = build_latent_cache(cfg.data, vae)
     dit_cfg = preset(cfg.model, **cfg.model_overrides)
     if dit_cfg.in_dim != latents.shape[1]:
         raise ValueError(
