@@ -233,13 +233,11 @@ class Pipeline:
         if image is not None:
             self._check_frames(image[None] if isinstance(image, np.ndarray) else image, "image")
             continue_from = image[None]
+        prefix = 0  # latent frames pushed into the cache before chunk 0
         if continue_from is not None:
             self._check_frames(continue_from, "continue_from")
-            keep = 1 + TEMPORAL_STRIDE * ((len(continue_from) - 1) // TEMPORAL_STRIDE)
-            first_latents = self._encode_frames(continue_from[-keep:])
-        else:
-            first_latents = None
-        prefix = 0 if first_latents is None else first_latents.shape[2]
+            prefix = 1 + (len(continue_from) - 1) // TEMPORAL_STRIDE
+            continue_from = continue_from[-(1 + TEMPORAL_STRIDE * (prefix - 1)) :]  # the last 1 + 4k frames
         capacity = cfg.window_frames or (prefix + num_chunks * k)
 
         # 2. encode the first prompt, prepare cache, noise and decoder
@@ -260,8 +258,9 @@ class Pipeline:
         v2v_start = float(NUM_TRAIN_TIMESTEPS * strength) if video is not None else None
 
         # 3. image-to-video / continuation: the given frames become clean context, in pieces of at most K
-        if first_latents is not None:
+        if continue_from is not None:
             start = time.perf_counter()
+            first_latents = self._encode_frames(continue_from)
             current_prompt = timeline[0].prompt
             ctx = self._encode_prompt(current_prompt)
             for a in range(0, prefix, k):
