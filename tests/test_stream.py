@@ -179,3 +179,11 @@ def test_video_to_video_follows_the_input_chunk_by_chunk(tiny_pipeline):
     changed = list(tiny_pipeline.stream(PROMPT, video=other, strength=0.6, schedule="diagonal", seed=0))
     assert np.array_equal(chunks[0].frames, changed[0].frames)
     assert not np.array_equal(chunks[1].frames, changed[1].frames)
+
+
+def test_static_shape_cache_streams_the_same_video():
+    a, _ = make_tiny_pipeline(window_frames=4, sink_frames=1).generate(PROMPT, num_chunks=4, seed=0)
+    b, _ = make_tiny_pipeline(window_frames=4, sink_frames=1, static_shapes=True).generate(
+        PROMPT, num_chunks=4, seed=0
+    )
+    assert np.array_equal(a, b)

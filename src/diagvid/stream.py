@@ -134,6 +134,8 @@ class StreamConfig:
     """frames at the start kept forever once the window rolls"""
     rope: str = "absolute"
     """"absolute" (reference) or "cache" (positions inside the window: unbounded length)"""
+    static_shapes: bool = False
+    """attend over the whole cache buffer with a mask: same shapes every forward (for CUDA graphs)"""
     extra: dict = field(default_factory=dict)
 
 
@@ -248,6 +250,7 @@ class Pipeline:
             capacity_frames=capacity,
             sink_frames=cfg.sink_frames,
             rope=cfg.rope,
+            static_shapes=cfg.static_shapes,
         )
         decoder = self.vae.stream_decoder()
         ctx = None

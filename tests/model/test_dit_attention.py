@@ -211,3 +211,30 @@ def test_bad_inputs_raise(tiny_dit):
         tiny_dit(x[..., :3, :], t, ctx)
     with pytest.raises(ValueError, match="timesteps of shape"):
         tiny_dit(x, t[:, :2], ctx)
+
+
+@torch.no_grad()
+def test_static_shape_cache_matches_the_dynamic_one_with_fixed_shapes(tiny_dit, monkeypatch):
+    """Reading the whole buffer with a mask (graph-capturable) gives the same stream as growing slices."""
+    frames = 10
+    x, t, ctx = tiny_inputs(tiny_dit, frames=frames)
+    dynamic = tiny_dit.new_cache(batch_size=2, latent_hw=(4, 6), capacity_frames=6, sink_frames=2)
+    static = tiny_dit.new_cache(
+        batch_size=2, latent_hw=(4, 6), capacity_frames=6, sink_frames=2, static_shapes=True
+    )
+    key_lengths = set()
+    original = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None:
+            key_lengths.add(k.shape[-2])
+        return original(q, k, v, attn_mask=attn_mask, **kw)
+
+    for i in range(0, frames, K):
+        a = tiny_dit(x[:, :, i : i + K], t[:, i : i + K], ctx, cache=dynamic, start_frame=i)
+        tiny_dit(torch.randn_like(x[:, :, i : i + K]), t[:, i : i + K], ctx, cache=static, start_frame=i)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+        b = tiny_dit(x[:, :, i : i + K], t[:, i : i + K], ctx, cache=static, start_frame=i)  # overwrite
+        monkeypatch.setattr(F, "scaled_dot_product_attention", original)
+        assert torch.allclose(a, b, atol=1e-5), f"chunk at frame {i} differs"
+    assert key_lengths == {6 * 6}  # always the whole buffer: 6 frames x 6 tokens

@@ -56,6 +56,7 @@ class KVCache:
         sink_frames: int = 0,
         rope: str = "absolute",
         rope_theta: float = 10000.0,
+        static_shapes: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -76,6 +77,10 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [Y, B, C, N, Dh]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.text_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        # static_shapes: attention reads the whole buffer with a mask of valid slots instead of a growing
+        # slice, so every forward has the same shapes (what torch.compile / CUDA-graph capture need)
+        self.static_shapes = static_shapes
+        self.valid = torch.zeros(1, 1, 1, shape[2], dtype=torch.bool, device=device)  # SDPA mask, [1,1,1,C]
         self.reset()
 
     # ----- bookkeeping -----------------------------------------------------------------------------------
@@ -86,6 +91,7 @@ class KVCache:
         self.chunk: ChunkSlots | None = None  # the chunk written last
         self.chunk_start_frame = -1  # absolute start frame of that chunk
         self.evicted_frames = 0
+        self.valid.zero_()
         self.reset_text()
 
     def reset_text(self) -> None:
@@ -132,6 +138,8 @@ class KVCache:
         rope_frame = start_frame if self.rope == "absolute" else start_slot
         self.chunk = ChunkSlots(start_slot, num_frames, rope_frame)
         self.chunk_start_frame = start_frame
+        self.valid.zero_()
+        self.valid[..., : self.chunk.end_slot * self.tokens_per_frame] = True  # in place: fixed address
         return self.chunk
 
     def _evict(self, frames: int) -> None:
@@ -157,8 +165,9 @@ class KVCache:
 
     def write_and_read(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the current chunk's rotated k and v [B, K*S, N, Dh]; return all visible K/V [B, M, N, Dh]."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store the current chunk's rotated k and v [B, K*S, N, Dh]; return the K/V to attend [B, M, N, Dh]
+        and an SDPA mask (None unless `static_shapes`, where M is the whole buffer)."""
         assert self.chunk is not None, "prepare() must run before write_and_read()"
         tpf = self.tokens_per_frame
         a, b = self.chunk.start_slot * tpf, self.chunk.end_slot * tpf
@@ -169,8 +178,10 @@ class KVCache:
             # functional read: earlier chunks are constants, the current chunk keeps its graph
             k_all = torch.cat([self.k[layer, :, :a], k], dim=1)
             v_all = torch.cat([self.v[layer, :, :a], v], dim=1)
-            return k_all, v_all
-        return self.k[layer, :, :b], self.v[layer, :, :b]
+            return k_all, v_all, None
+        if self.static_shapes:
+            return self.k[layer], self.v[layer], self.valid
+        return self.k[layer, :, :b], self.v[layer, :, :b], None
 
     def memory_bytes(self) -> int:
         """Bytes held by the self-attention buffers."""

@@ -335,6 +335,7 @@ class WanDiT(nn.Module):
         capacity_frames: int,
         sink_frames: int = 0,
         rope: str = "absolute",
+        static_shapes: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> KVCache:
@@ -351,6 +352,7 @@ class WanDiT(nn.Module):
             sink_frames=sink_frames,
             rope=rope,
             rope_theta=self.cfg.rope_theta,
+            static_shapes=static_shapes,
             dtype=dtype or p.dtype,
             device=device or p.device,
         )
@@ -510,8 +512,8 @@ class WanDiT(nn.Module):
     @staticmethod
     def _cached_attention(cache: KVCache, cos: torch.Tensor, sin: torch.Tensor) -> AttnFn:
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k_all, v_all = cache.write_and_read(layer, apply_rope(k, cos, sin), v)
-            return sdpa(apply_rope(q, cos, sin), k_all, v_all)
+            k_all, v_all, mask = cache.write_and_read(layer, apply_rope(k, cos, sin), v)
+            return sdpa(apply_rope(q, cos, sin), k_all, v_all, mask)
 
         return attend
 
