@@ -97,6 +97,52 @@ def read_timeline(path: str | Path) -> list[PromptEvent]:
     return parse_timeline(events)
 
 
+def denoise_chunk(
+    generator: WanDiT,
+    fm: FlowMatch,
+    x: torch.Tensor,
+    steps: Sequence[float],
+    ctx: torch.Tensor,
+    cache: KVCache,
+    start_frame: int,
+    gen: torch.Generator,
+    *,
+    context_t: float | None = None,
+    exit_step: int | None = None,
+) -> torch.Tensor:
+    """Denoise one chunk x [B, C, K, h, w] (noise at steps[0]) against the cache; the engine and the
+    training rollouts share this function.
+
+    Each step predicts x0 and re-noises it with fresh noise to the next timestep (the few-step sampler of
+    CausVid / Self-Forcing / DD). Every forward overwrites the chunk's cache slots, so with
+    `context_t=None` later chunks see the K/V of the last denoising forward (DD's noisy context). With
+    `context_t`, one more forward, without gradient, on the output re-noised to `context_t` (0: clean)
+    writes the chunk's K/V instead. `exit_step` (training): the steps before it run without gradient, the
+    forward at `exit_step` keeps its graph (if gradients are enabled) and the chunk stops there.
+    """
+    last = len(steps) - 1 if exit_step is None else exit_step
+    if not 0 <= last < len(steps):
+        raise ValueError(f"exit_step={exit_step} outside the {len(steps)} steps {list(steps)}")
+    want_grad = torch.is_grad_enabled()
+    x0 = x
+    for i in range(last + 1):
+        tt = torch.full((x.shape[0], x.shape[2]), float(steps[i]), device=x.device)
+        with torch.set_grad_enabled(want_grad and i == last):
+            x0 = fm.x0_from_v(x, generator(x, tt, ctx, cache=cache, start_frame=start_frame), tt)
+        if i < last:
+            fresh = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
+            x = fm.add_noise(x0, fresh, float(steps[i + 1]))
+    if context_t is not None:
+        with torch.no_grad():
+            tc = torch.full((x0.shape[0], x0.shape[2]), float(context_t), device=x0.device)
+            x_ctx = x0.detach()
+            if context_t > 0:
+                fresh = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+                x_ctx = fm.add_noise(x_ctx, fresh, tc)
+            generator(x_ctx, tc, ctx, cache=cache, start_frame=start_frame)
+    return x0
+
+
 @dataclass
 class ChunkResult:
     """One generated chunk: its decoded frames and the figures of its generation."""
@@ -297,15 +343,17 @@ class Pipeline:
                 noise = self.fm.add_noise(clean, noise, v2v_start)
                 steps = (v2v_start, *(t for t in steps if t < v2v_start))
             forwards_before = self.generator.stats.forwards
-            latents = self.denoise_chunk(
+            clean = sched.chunk_context(index) == "clean"
+            latents = denoise_chunk(
+                self.generator,
+                self.fm,
                 noise,
                 steps,
-                sched.chunk_context(index) == "clean",
-                sched.context_t,
                 ctx,
                 cache,
                 prefix + index * k,
                 gen,
+                context_t=sched.context_t if clean else None,
             )
             if not torch.isfinite(latents).all():
                 # never write garbage into a video: stop and say where it happened
@@ -326,41 +374,6 @@ class Pipeline:
                 first_frame=frames_out,
             )
             frames_out += len(pixels)
-
-    def denoise_chunk(
-        self,
-        x: torch.Tensor,
-        steps: Sequence[float],
-        clean_context: bool,
-        context_t: float,
-        ctx: torch.Tensor,
-        cache: KVCache,
-        start_frame: int,
-        gen: torch.Generator,
-    ) -> torch.Tensor:
-        """Denoise one chunk from x (noise at steps[0]), then write its context.
-
-        Each step predicts x0 and re-noises it with fresh noise to the next timestep (the few-step sampler
-        of CausVid / Self-Forcing / DD). Every forward overwrites the chunk's cache slots, so without a
-        clean context pass later chunks see the K/V of the last denoising forward (DD's noisy context).
-        With `clean_context`, one more forward on the result at `context_t` writes its K/V instead.
-        """
-        x0 = x
-        for i, t in enumerate(steps):
-            tt = torch.full((1, x.shape[2]), float(t), device=self.device)
-            v = self.generator(x, tt, ctx, cache=cache, start_frame=start_frame)
-            x0 = self.fm.x0_from_v(x, v, tt)
-            if i + 1 < len(steps):
-                fresh = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
-                x = self.fm.add_noise(x0, fresh, float(steps[i + 1]))
-        if clean_context:
-            tc = torch.full((1, x0.shape[2]), float(context_t), device=self.device)
-            x_ctx = x0
-            if context_t > 0:
-                fresh = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
-                x_ctx = self.fm.add_noise(x0, fresh, tc)
-            self.generator(x_ctx, tc, ctx, cache=cache, start_frame=start_frame)
-        return x0
 
     def generate(self, prompt, **kwargs) -> tuple[np.ndarray, list[ChunkResult]]:
         """The whole clip as uint8 [T, H, W, 3] plus the per-chunk results."""
