@@ -164,14 +164,21 @@ def train_teacher(
 
     n = latents.shape[0]
 
+    perms: dict[int, torch.Tensor] = {}
+
+    def permutation(epoch: int) -> torch.Tensor:
+        # seeded by (seed, epoch) alone, so any step's batch can be recomputed after a restart
+        if epoch not in perms:
+            perms.clear()
+            perms[epoch] = torch.randperm(
+                n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+            )
+        return perms[epoch]
+
     def train_step(step: int) -> dict[str, float]:
-        # data position is a function of the step: epoch permutation seeded by (seed, epoch)
+        # data position is a function of the step
         first = step * cfg.batch_size
-        idx = []
-        for j in range(first, first + cfg.batch_size):
-            epoch, pos = divmod(j, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-            idx.append(int(perm[pos]))
+        idx = [int(permutation(j // n)[j % n]) for j in range(first, first + cfg.batch_size)]
         x0 = latents[idx]
         drop = torch.rand(cfg.batch_size) < cfg.caption_dropout
         ctx = torch.cat(
