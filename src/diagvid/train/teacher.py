@@ -59,9 +59,9 @@ class TeacherConfig:
     """DiT preset"""
     model_overrides: dict = field(default_factory=dict)
     """DiTConfig fields changed from the preset"""
-    vae: str = "toy-vae"
+    vae: str = "toy/vae"
     """bundled name or folder of the VAE"""
-    text: str = "toy-text"
+    text: str = "toy/text"
     """bundled name or folder of the text encoder"""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

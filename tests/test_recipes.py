@@ -1,0 +1,21 @@
+"""Every shipped recipe loads into its config class (typos in configs/ fail here, not after an hour)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diagvid.config import load_config
+from diagvid.train.teacher import TeacherConfig
+from diagvid.train.vae import VAETrainConfig
+
+ROOT = Path(__file__).resolve().parents[1] / "configs"
+KINDS = {"vae": VAETrainConfig, "teacher": TeacherConfig}
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("*/*.toml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_recipe_loads(path):
+    kind = path.stem
+    assert kind in KINDS, f"no config class registered for recipe {path.name}"
+    load_config(KINDS[kind], path)
