@@ -39,6 +39,24 @@ class EMA:
         self.model.load_state_dict(state)
 
 
+def start_run(out_dir: str | Path, config: dict[str, Any], seed: int) -> Path:
+    """Seed torch, create the run folder and write the resolved config beside the checkpoint."""
+    torch.manual_seed(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def adamw_with_warmup(
+    params, lr: float, betas: tuple[float, float], weight_decay: float, warmup: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and a linear warm-up over `warmup` steps (both checkpointable)."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
+    return opt, sched
+
+
 class JsonlLog:
     """Append-only JSON-lines log; on resume, lines past the checkpoint's step are dropped first."""
 

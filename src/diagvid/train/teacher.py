@@ -17,7 +17,7 @@ import torch
 from diagvid.config import to_dict
 from diagvid.model.dit import WanDiT, preset
 from diagvid.sampling import FlowMatch, shift_sigma
-from diagvid.train.loop import EMA, run_loop
+from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, start_run
 
 log = logging.getLogger("diagvid.train")
 
@@ -136,10 +136,7 @@ def train_teacher(
     """Train (or continue) a teacher run; returns the run folder. Weights: `<out_dir>/checkpoint.pt`."""
     from diagvid.pretrained import load_text_encoder, load_vae
 
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    out = start_run(cfg.out_dir, to_dict(cfg), cfg.seed)
     vae = load_vae(cfg.vae)
     text = load_text_encoder(cfg.text)
     latents, captions = build_latent_cache(cfg.data, vae)
@@ -150,10 +147,8 @@ def train_teacher(
         )
     model = WanDiT(dit_cfg)
     ema = EMA(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.optim.warmup)))
+    o = cfg.optim
+    opt, sched = adamw_with_warmup(model.parameters(), o.lr, o.betas, o.weight_decay, o.warmup)
     null_ctx = text.encode([""])[0]
     text_cache: dict[str, torch.Tensor] = {}
 

@@ -8,18 +8,16 @@ into the config so that the DiT sees roughly unit-variance latents.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from diagvid.config import to_dict
 from diagvid.model.vae import WanVAE, preset
-from diagvid.train.loop import EMA, run_loop
+from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, start_run
 
 log = logging.getLogger("diagvid.train")
 
@@ -102,14 +100,10 @@ def train_vae(
     cfg: VAETrainConfig, *, resume: bool = True, max_steps: int | None = None, progress: bool = True
 ) -> WanVAE:
     """Train (or continue) the VAE; returns the EMA model with latent statistics filled in."""
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    out = start_run(cfg.out_dir, to_dict(cfg), cfg.seed)
     vae = WanVAE(preset(cfg.preset, **cfg.overrides))
     ema = EMA(vae, cfg.ema_decay)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    opt, sched = adamw_with_warmup(vae.parameters(), cfg.lr, (0.9, 0.99), 0.0, cfg.warmup)
     held = heldout_clips(cfg.eval_clips, cfg.size)
 
     def train_step(step: int) -> dict[str, float]:
