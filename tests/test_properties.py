@@ -43,28 +43,12 @@ def test_any_string_either_parses_to_a_valid_schedule_or_raises_value_error(text
     rewrites=st.lists(st.booleans(), min_size=30, max_size=30),
 )
 def test_cache_slots_hold_the_sink_and_the_most_recent_frames(capacity, sink, chunk_sizes, rope, rewrites):
+    shape = {"num_layers": 1, "batch_size": 1, "num_heads": 1, "head_dim": 6, "tokens_per_frame": 1}
     if sink >= capacity:
         with pytest.raises(ValueError):
-            KVCache(
-                num_layers=1,
-                batch_size=1,
-                num_heads=1,
-                head_dim=6,
-                tokens_per_frame=1,
-                capacity_frames=capacity,
-                sink_frames=sink,
-            )
+            KVCache(**shape, capacity_frames=capacity, sink_frames=sink)
         return
-    cache = KVCache(
-        num_layers=1,
-        batch_size=1,
-        num_heads=1,
-        head_dim=6,
-        tokens_per_frame=1,
-        capacity_frames=capacity,
-        sink_frames=sink,
-        rope=rope,
-    )
+    cache = KVCache(**shape, capacity_frames=capacity, sink_frames=sink, rope=rope)
     written = 0
     for size, rewrite in zip(chunk_sizes, rewrites, strict=False):
         if size > capacity - sink:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -269,13 +269,6 @@ class ForwardStats:
     """Counts of transformer forwards, by the model itself (the engine reads NFE from here)."""
 
     forwards: int = 0
-    frames: int = 0
-    by_mode: dict[str, int] = field(default_factory=dict)
-
-    def add(self, mode: str, frames: int) -> None:
-        self.forwards += 1
-        self.frames += frames
-        self.by_mode[mode] = self.by_mode.get(mode, 0) + 1
 
 
 class WanDiT(nn.Module):
@@ -389,8 +382,7 @@ class WanDiT(nn.Module):
         f, h, w = self.token_grid(f_lat, h_lat, w_lat)
         s = h * w
         t = self._frame_timesteps(t, b, f)  # [B, F]
-        mode = "cached" if cache is not None else attention
-        self.stats.add(mode, f)
+        self.stats.forwards += 1
 
         # 1. choose how self-attention sees other tokens, and the RoPE positions of this forward
         if cache is not None:
