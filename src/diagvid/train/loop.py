@@ -57,6 +57,14 @@ def adamw_with_warmup(
     return opt, sched
 
 
+def _step_of(line: str, default: int) -> int:
+    """The step a log line belongs to; a line cut short by a crash counts as past the checkpoint."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return default
+
+
 class JsonlLog:
     """Append-only JSON-lines log; on resume, lines past the checkpoint's step are dropped first."""
 
@@ -67,7 +75,7 @@ class JsonlLog:
             kept = [
                 ln
                 for ln in path.read_text().splitlines()
-                if ln and json.loads(ln).get("step", 0) <= resume_step
+                if _step_of(ln, default=resume_step + 1) <= resume_step
             ]
             path.write_text("".join(ln + "\n" for ln in kept))
 
@@ -101,6 +109,9 @@ def run_loop(
     (the stages index their data by step), which is what makes a resumed run bit-identical.
     """
     ckpt_path = out_dir / "checkpoint.pt"
+    for stale in out_dir.glob(f".{ckpt_path.name}.*.tmp"):  # a write cut short by a crash or SIGKILL
+        log.warning("removing %s, left by an interrupted checkpoint write", stale)
+        stale.unlink()
     step = 0
     if resume and ckpt_path.exists():
         blob = load_checkpoint(ckpt_path)
