@@ -60,6 +60,29 @@ def test_prompt_switch_keeps_earlier_frames_and_changes_later_ones(tiny_pipeline
     assert not np.array_equal(base[13:], switched[13:])
 
 
+def test_live_prompt_source_switches_like_the_timeline(tiny_pipeline):
+    new = "a blue square moves up"
+    asked = []
+
+    def source(index: int) -> str | None:
+        asked.append(index)
+        return new if index == 2 else None  # None afterwards: the switched prompt stays
+
+    base, _ = tiny_pipeline.generate(PROMPT, num_chunks=4, seed=5)
+    live, chunks = tiny_pipeline.generate(PROMPT, num_chunks=4, seed=5, prompt_source=source)
+    timed, _ = tiny_pipeline.generate([PROMPT, f"@0.8s {new}"], num_chunks=4, seed=5)
+    assert asked == [0, 1, 2, 3]
+    assert [c.prompt for c in chunks] == [PROMPT, PROMPT, new, new]
+    assert np.array_equal(base[:13], live[:13])  # chunk 2 starts at pixel frame 13
+    assert not np.array_equal(base[13:], live[13:])
+    assert np.array_equal(live, timed)
+    # a source repeating the current prompt or returning blanks changes nothing
+    same, _ = tiny_pipeline.generate(PROMPT, num_chunks=4, seed=5, prompt_source=lambda i: [PROMPT, " "][i % 2])
+    assert np.array_equal(same, base)
+    with pytest.raises(ValueError, match="unknown word 'purple'"):
+        tiny_pipeline.generate(PROMPT, num_chunks=2, prompt_source=lambda i: "a purple circle" if i else None)
+
+
 def test_rolling_window_runs_past_the_capacity_with_a_fixed_cache(monkeypatch):
     pipe = make_tiny_pipeline(window_frames=4, sink_frames=1)
     caches = []
@@ -106,6 +129,8 @@ def test_image_to_video_starts_from_the_given_frame(tiny_pipeline):
         ({"num_chunks": 0}, "num_chunks=0"),
         ({"num_chunks": 2, "schedule": "1000,500;1000,400;1000,300"}, "lists 3 chunks but the video has 2"),
         ({"context": "dirty"}, "context='dirty'"),
+        ({"seed": -1}, r"seed=-1 must be an int in \[0, 2\*\*63\)"),
+        ({"seed": "3"}, "seed='3' must be an int"),
         ({"image": np.zeros((8, 8, 3), np.uint8)}, r"image must be uint8 frames of size \(16, 16\)"),
         ({"image": np.zeros((16, 16, 3), np.float32)}, "image must be uint8"),
         ({"continue_from": np.zeros((5, 16, 16, 4), np.uint8)}, "continue_from must be uint8 frames"),
@@ -134,6 +159,9 @@ def test_bad_arguments_fail_before_any_compute(tiny_pipeline, kwargs, message):
         (["a", "@x b"], "bad time"),
         (["a", "@3s b", "@2s c"], "strictly increasing"),
         (["@1s a"], "first prompt must start at 0"),
+        ("red " * 1000, "has 3999 characters .* the limit is 2000"),
+        ("a red\x00 circle", r"control character '\\x00'"),
+        (["a", "@2s b\x1b[31m"], "prompt 1 .* control character"),
     ],
 )
 def test_bad_timelines(prompts, message):

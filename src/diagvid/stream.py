@@ -14,7 +14,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,9 @@ from diagvid.model.cache import KVCache
 from diagvid.model.dit import WanDiT
 from diagvid.model.vae import TEMPORAL_STRIDE, frames_to_tensor, tensor_to_frames
 from diagvid.sampling import NUM_TRAIN_TIMESTEPS, FlowMatch, Schedule, get_schedule
+
+MAX_PROMPT_CHARS = 2000
+"""longer prompts are refused (umT5 reads 512 tokens; the toy encoder far fewer)"""
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,14 @@ def parse_timeline(prompts: str | Sequence[str | PromptEvent | tuple[float, str]
             event = PromptEvent(at, text)
         if not event.prompt.strip():
             raise ValueError(f"prompt {i} is empty; describe the video, e.g. 'a red circle moves left'")
+        if len(event.prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(
+                f"prompt {i} has {len(event.prompt)} characters ({event.prompt[:40]!r}...); "
+                f"the limit is {MAX_PROMPT_CHARS}"
+            )
+        bad = [c for c in event.prompt if not c.isprintable()]
+        if bad:
+            raise ValueError(f"prompt {i} {event.prompt[:80]!r} contains the control character {bad[0]!r}")
         if not math.isfinite(event.at_seconds) or event.at_seconds < 0:
             raise ValueError(f"prompt {i} starts at {event.at_seconds} s; times must be >= 0")
         events.append(event)
@@ -233,6 +244,7 @@ class Pipeline:
         continue_from: np.ndarray | None = None,
         video: np.ndarray | None = None,
         strength: float = 0.6,
+        prompt_source: Callable[[int], str | None] | None = None,
     ) -> Iterator[ChunkResult]:
         """Yield decoded chunks as soon as each is ready.
 
@@ -249,6 +261,11 @@ class Pipeline:
                 re-noised to t = 1000 * `strength` and denoised with the remaining steps of the schedule.
                 The length comes from the video.
             strength: how much of the input video to replace, in (0, 1].
+            prompt_source: live prompt switching (the web demo): called with the chunk index before each
+                chunk; a new non-empty prompt it returns is followed from that chunk on, switched exactly
+                like a timeline event (re-encoded, cross-attention cache reset). None keeps the prompt; a
+                timeline event reached later still switches. Its prompts are checked when they arrive, so
+                an unknown word raises ValueError at that chunk.
         """
         # 1. validate everything before any compute
         cfg = self.config
@@ -256,6 +273,8 @@ class Pipeline:
         sched = get_schedule(schedule or cfg.schedule, context)
         k = cfg.frames_per_chunk
         h, w = cfg.latent_hw
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed={seed!r} must be an int in [0, 2**63)")
         if sum(x is not None for x in (image, continue_from, video)) > 1:
             raise ValueError("give at most one of image, continue_from and video")
         if video is not None:
@@ -323,10 +342,18 @@ class Pipeline:
             frames_out += len(pixels)
 
         # 4. the chunk loop
+        scheduled = current_prompt  # the timeline's prompt at the previous chunk
         for index in range(num_chunks):
             start = time.perf_counter()
             at_seconds = frames_out / cfg.fps
-            wanted = [e.prompt for e in timeline if e.at_seconds <= at_seconds + 1e-9][-1]
+            now_scheduled = [e.prompt for e in timeline if e.at_seconds <= at_seconds + 1e-9][-1]
+            # a timeline event switches when it is reached; in between, a live prompt may have replaced it
+            wanted = now_scheduled if now_scheduled != scheduled else current_prompt
+            scheduled = now_scheduled
+            live = prompt_source(index) if prompt_source is not None else None
+            if live is not None and live.strip():
+                self.text_encoder.token_ids(live)  # unknown words fail before the cache is touched
+                wanted = live
             if wanted != current_prompt:
                 cache.reset_text()  # the next forward encodes the new prompt's cross-attention K/V
                 ctx = self._encode_prompt(wanted)
