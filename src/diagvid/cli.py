@@ -275,6 +275,82 @@ def bench(
         console.print(f"wrote {out}")
 
 
+@app.command()
+def serve(
+    model: str = typer.Option("toy", "--model", help="Bundled name or pipeline folder."),
+    generator: str | None = typer.Option(
+        None, "--generator", help="Distilled causal checkpoint (Wan folders)."
+    ),
+    device: str | None = typer.Option(
+        None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    max_queue: int = typer.Option(8, "--max-queue", help="Streams that may wait behind the running one."),
+    max_seconds: float = typer.Option(
+        60.0, "--max-seconds", help="Longest stream per client in seconds (endless ones too)."
+    ),
+    max_prompt_chars: int = typer.Option(200, "--max-prompt-chars", help="Longest prompt in characters."),
+    schedules: str | None = typer.Option(
+        None, "--schedules", help="Comma list of schedule presets clients may pick (default: all)."
+    ),
+    frame_format: str = typer.Option("jpeg", "--frame-format", help="Frames on the wire: jpeg | png."),
+    lead_seconds: float = typer.Option(
+        2.0, "--lead-seconds", help="Generate at most this far ahead of real time (0: no pacing)."
+    ),
+    max_connections: int = typer.Option(64, "--max-connections", help="Open websockets at most."),
+    allow_origin: list[str] = typer.Option(
+        [], "--allow-origin", help="Browser origin allowed besides the page's own (repeatable)."
+    ),
+    window: int | None = typer.Option(None, "--window", help="KV window in latent frames (long streams)."),
+) -> None:
+    """Serve a live web demo: prompt, watch the stream, switch prompts while it plays."""
+    import ipaddress
+
+    from diagvid.pretrained import load_pipeline
+
+    try:
+        import uvicorn
+        import websockets  # noqa: F401  (uvicorn needs a websocket implementation)
+
+        from diagvid.serve import ServeSettings, create_app
+    except ImportError as err:
+        console.print(f"[red]error:[/red] {err}; install the server extras: pip install 'diagvid[serve]'")
+        raise typer.Exit(2) from err
+    try:
+        chosen = tuple(s.strip() for s in schedules.split(",")) if schedules else None
+        settings = ServeSettings(
+            max_queue=max_queue,
+            max_seconds=max_seconds,
+            max_prompt_chars=max_prompt_chars,
+            frame_format=frame_format,
+            lead_seconds=lead_seconds or None,
+            max_connections=max_connections,
+            allowed_origins=tuple(allow_origin),
+            **({"schedules": chosen} if chosen else {}),
+        )
+        pipe = load_pipeline(model, generator=generator, device=device)
+        if window is not None:
+            pipe.config.window_frames = window
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        console.print(
+            f"[yellow]warning:[/yellow] listening on {host}: anyone who can reach this machine can use the "
+            "model. There is no TLS and no login here; before exposing it, put it behind a reverse proxy that "
+            "adds TLS, authentication and per-address rate limits (see docs/serve.md)."
+        )
+    console.print(f"serving {model} on http://{host}:{port}/ (Ctrl-C stops)")
+    # a message a little over the limit still gets the server's error reply; far larger ones are cut off
+    ws_max_size = max(65536, 4 * settings.max_message_bytes)
+    uvicorn.run(create_app(pipe, settings), host=host, port=port, ws_max_size=ws_max_size, log_level="info")
+
+
 train_app = typer.Typer(help="Train the toy world models and distilled students.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
@@ -344,7 +420,7 @@ def train_vae_cmd(
         cfg = load_config(VAETrainConfig, config, overrides)
         _setup_logging(cfg.out_dir)
         vae = train_vae(cfg, resume=not fresh, max_steps=max_steps)
-    metrics = evaluate_vae(vae, heldout_clips(cfg.eval_clips, cfg.size))
+    metrics = evaluate_vae(vae, *heldout_clips(cfg.eval_clips, cfg.size))
     console.print(f"held-out PSNR {metrics['psnr']} dB")
     if export:
         vae.save(export)
@@ -370,6 +446,70 @@ def train_teacher_cmd(
     if export:
         export_teacher(out, export)
         console.print(f"wrote {export}")
+
+
+@train_app.command("ode")
+def train_ode_cmd(config: str | None = _CONFIG, overrides: list[str] = _SET) -> None:
+    """Write the teacher's ODE pairs (50-step Euler + CFG) in shards; rerun to resume, complete shards are kept."""
+    from diagvid.config import load_config
+    from diagvid.train.distributed import is_main_process
+    from diagvid.train.ode import OdeConfig, write_ode_pairs
+
+    with _training_errors():
+        cfg = load_config(OdeConfig, config, overrides)
+        if is_main_process():
+            _setup_logging(cfg.out_dir)
+        out = write_ode_pairs(cfg)
+    if is_main_process():
+        console.print(f"wrote {cfg.num_samples} ODE pairs to {out}")
+
+
+@train_app.command("init")
+def train_init_cmd(
+    config: str | None = _CONFIG,
+    overrides: list[str] = _SET,
+    max_steps: int | None = _MAX_STEPS,
+    fresh: bool = _FRESH,
+    export: str | None = _EXPORT,
+) -> None:
+    """Initialise the causal student from the teacher by ODE regression; resumes; torchrun for several ranks."""
+    from diagvid.config import load_config
+    from diagvid.train.distributed import is_main_process
+    from diagvid.train.loop import export_model
+    from diagvid.train.ode_init import InitConfig, train_init
+
+    with _training_errors():
+        cfg = load_config(InitConfig, config, overrides)
+        if is_main_process():
+            _setup_logging(cfg.out_dir)
+        out = train_init(cfg, resume=not fresh, max_steps=max_steps, progress=is_main_process())
+    if export and is_main_process():
+        export_model(out, export)
+        console.print(f"wrote {export}")
+
+
+@train_app.command("distill")
+def train_distill_cmd(
+    config: str | None = _CONFIG,
+    overrides: list[str] = _SET,
+    max_steps: int | None = _MAX_STEPS,
+    fresh: bool = _FRESH,
+    export: str | None = _EXPORT,
+) -> None:
+    """Distill the causal generator with DMD (causvid, self-forcing or diagonal rollouts); resumes; torchrun ok."""
+    from diagvid.config import load_config
+    from diagvid.train.distill import DistillConfig, train_distill
+    from diagvid.train.distributed import is_main_process
+    from diagvid.train.loop import export_model
+
+    with _training_errors():
+        cfg = load_config(DistillConfig, config, overrides)
+        if is_main_process():
+            _setup_logging(cfg.out_dir)
+        out = train_distill(cfg, resume=not fresh, max_steps=max_steps, progress=is_main_process())
+    if export and is_main_process():
+        export_model(out, export)
+        console.print(f"wrote {export} (generator EMA)")
 
 
 def main() -> None:

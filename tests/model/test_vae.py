@@ -132,6 +132,42 @@ def test_toy_preset_geometry():
         assert toy.encode(video(5, hw=64)).shape == (1, 8, 2, 8, 8)
 
 
+@torch.no_grad()
+def test_decoder_without_body_norms(tmp_path):
+    """decoder_norms=False drops exactly the decoder's inner RMS norms, survives save/load, streams the same."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    torch.manual_seed(0)
+    with_norms = WanVAE(preset("tiny"))
+    torch.manual_seed(0)
+    plain = WanVAE(preset("tiny", decoder_norms=False)).eval()
+
+    def norms(m):
+        return [n for n, x in m.named_modules() if isinstance(x, WanRMS_norm)]
+
+    kept = norms(plain.model)
+    assert "decoder.norm_out" in kept and not any(
+        n.startswith("decoder.") and n != "decoder.norm_out" for n in kept
+    )
+    assert [n for n in norms(with_norms.model) if not n.startswith("decoder.")] == [
+        n for n in kept if not n.startswith("decoder.")
+    ]
+    dropped = set(with_norms.state_dict()) - set(plain.state_dict())
+    assert dropped and all(k.startswith("model.decoder.") and k.endswith("gamma") for k in dropped)
+
+    plain.save(tmp_path / "v")
+    loaded = WanVAE.load(tmp_path / "v")
+    assert loaded.cfg.decoder_norms is False
+    z = torch.randn(1, 4, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    whole = loaded.decode(z)
+    torch.testing.assert_close(whole, plain.decode(z), atol=0, rtol=0)
+    dec = loaded.stream_decoder()
+    parts = torch.cat([dec.decode(z[:, :, :1]), dec.decode(z[:, :, 1:])], dim=2)
+    torch.testing.assert_close(parts, whole, atol=1e-5, rtol=1e-4)
+    # the decoder output changes when its norms are removed, so the flag really is wired
+    assert not torch.allclose(with_norms.eval().decode(z), whole)
+
+
 def test_wan21_preset_is_the_released_geometry():
     cfg = preset("wan2.1")
     assert (cfg.base_dim, cfg.z_dim, cfg.dim_mult, cfg.spatial_stride) == (96, 16, [1, 2, 4, 4], 8)

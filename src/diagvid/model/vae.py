@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -61,6 +61,10 @@ class VAEConfig:
     """per-channel mean of the raw posterior means; z = (mu - mean) / std"""
     latents_std: list[float] = field(default_factory=lambda: list(_WAN21_STD))
     """per-channel standard deviation of the raw posterior means"""
+    decoder_norms: bool = True
+    """keep the RMS norms inside the decoder's residual, attention and mid blocks (Wan does). The toy codec
+    turns them off: at 16-64 channels they stall the learning of object colour (docs/status.md); the output
+    head's norm, the encoder and everything else stay as in Wan, and weight files lose only those gammas."""
 
     def __post_init__(self) -> None:
         if self.base_dim < 1 or self.z_dim < 1 or self.num_res_blocks < 1:
@@ -110,7 +114,7 @@ class VAEConfig:
         return (
             f"VAEConfig(base_dim={self.base_dim}, z_dim={self.z_dim}, dim_mult={self.dim_mult}, "
             f"num_res_blocks={self.num_res_blocks}, attn_scales={self.attn_scales}, "
-            f"temperal_downsample={self.temperal_downsample})"
+            f"temperal_downsample={self.temperal_downsample}, decoder_norms={self.decoder_norms})"
         )
 
 
@@ -126,6 +130,7 @@ PRESETS: dict[str, VAEConfig] = {
         num_res_blocks=1,
         latents_mean=[0.0] * 8,
         latents_std=[1.0] * 8,
+        decoder_norms=False,
     ),
     # unit tests: 4x spatial, 4x temporal, about 160 k parameters
     "tiny": VAEConfig(
@@ -182,6 +187,8 @@ class WanVAE(nn.Module):
             scale_factor_temporal=TEMPORAL_STRIDE,
             scale_factor_spatial=cfg.spatial_stride,
         )
+        if not cfg.decoder_norms:
+            _drop_decoder_body_norms(self.model.decoder)
         # not persistent: the statistics live in the JSON config, the weight file holds only diffusers' keys
         shape = (1, cfg.z_dim, 1, 1, 1)
         self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean).view(shape), persistent=False)
@@ -335,6 +342,14 @@ def config_from_diffusers(raw: dict) -> VAEConfig:
             f"downsamples by {cfg.spatial_stride}"
         )
     return cfg
+
+
+def _drop_decoder_body_norms(decoder: nn.Module) -> None:
+    """Replace every RMS norm of the decoder but its output head's by the identity (in place)."""
+    for parent in decoder.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, WanRMS_norm) and child is not getattr(decoder, "norm_out", None):
+                setattr(parent, name, nn.Identity())
 
 
 def _count_causal_convs(module: nn.Module) -> int:
