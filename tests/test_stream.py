@@ -77,7 +77,9 @@ def test_live_prompt_source_switches_like_the_timeline(tiny_pipeline):
     assert not np.array_equal(base[13:], live[13:])
     assert np.array_equal(live, timed)
     # a source repeating the current prompt or returning blanks changes nothing
-    same, _ = tiny_pipeline.generate(PROMPT, num_chunks=4, seed=5, prompt_source=lambda i: [PROMPT, " "][i % 2])
+    same, _ = tiny_pipeline.generate(
+        PROMPT, num_chunks=4, seed=5, prompt_source=lambda i: [PROMPT, " "][i % 2]
+    )
     assert np.array_equal(same, base)
     with pytest.raises(ValueError, match="unknown word 'purple'"):
         tiny_pipeline.generate(PROMPT, num_chunks=2, prompt_source=lambda i: "a purple circle" if i else None)
