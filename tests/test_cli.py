@@ -166,3 +166,49 @@ def test_generate_prompt_file(tiny_folder, tmp_path):
     assert result.exit_code == 2
     result = runner.invoke(app, [*base, "--out", str(tmp_path / "d.gif")])
     assert result.exit_code == 2 and "exactly one" in result.output
+
+
+def test_disk_full_while_writing_leaves_nothing(tiny_folder, tmp_path, monkeypatch):
+    from diagvid.video_io import VideoWriter
+
+    def full(self, frames):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(VideoWriter, "append", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["generate", "--model", str(tiny_folder), "-p", "a red circle", "--out", str(out / "c.mp4")]
+    result = runner.invoke(app, [*argv, "--device", "cpu", "--seconds", "2"])
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in result.output and "nothing written" in result.output
+    assert not list(out.iterdir())
+
+
+def test_sigterm_mid_stream_leaves_no_half_file(tiny_folder, tmp_path):
+    """A real `diagvid generate` process terminated while it writes: exit 130, no output, no temp file.
+
+    (Ctrl-C takes the same path: SIGTERM is turned into KeyboardInterrupt while generating.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "diagvid.cli", "generate", "--model", str(tiny_folder), "--device", "cpu"]
+    cmd += ["-p", "a red circle moves left", "--seconds", "600", "--window", "4", "--out", str(out / "c.mp4")]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.iterdir()):  # the writer's temp file appears with the first chunk
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, "no chunk was written in time"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 130, output
+    assert "interrupted" in output
+    assert not list(out.iterdir())

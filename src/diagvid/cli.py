@@ -140,7 +140,7 @@ def generate(
         bar = Progress(
             TextColumn("[bold]generate"), BarColumn(), TextColumn("{task.fields[info]}"), console=console
         )
-        with bar, VideoWriter(out, pipe.config.fps) as writer:
+        with _sigterm_as_interrupt(), bar, VideoWriter(out, pipe.config.fps) as writer:
             task = bar.add_task("gen", total=num_chunks, info="")
             for chunk in stream:
                 writer.append(chunk.frames)
@@ -156,6 +156,9 @@ def generate(
     except (ValueError, FileNotFoundError, FloatingPointError, UnicodeDecodeError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
+    except OSError as err:  # disk full, permissions, a vanished folder: the writer has removed its temp file
+        console.print(f"[red]error:[/red] could not write {out}: {err}; nothing written")
+        raise typer.Exit(1) from err
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted:[/yellow] nothing written to {out}")
         raise typer.Exit(130) from None
@@ -359,6 +362,25 @@ _SET = typer.Option([], "--set", help="Override a recipe field: --set optim.lr=3
 _MAX_STEPS = typer.Option(None, "--max-steps", help="Stop at this step (the run can be continued later).")
 _FRESH = typer.Option(False, "--fresh", help="Ignore an existing checkpoint in the run folder.")
 _EXPORT = typer.Option(None, "--export", help="Write the final weights to this folder.")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Within the block, SIGTERM raises KeyboardInterrupt, so cleanup (the writer's abort) runs as for Ctrl-C."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _setup_logging(out_dir: str) -> None:
