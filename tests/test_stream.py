@@ -217,3 +217,16 @@ def test_static_shape_cache_streams_the_same_video():
         PROMPT, num_chunks=4, seed=0
     )
     assert np.array_equal(a, b)
+
+
+def test_nan_in_a_chunk_is_reported_with_its_index_and_never_decoded():
+    pipe = make_tiny_pipeline(seed=4)
+    good, _ = pipe.generate(PROMPT, num_chunks=1, seed=0)
+    chunks = []
+    with pytest.raises(FloatingPointError, match=r"chunk 1 produced NaN or Inf latents"):
+        for i, chunk in enumerate(pipe.stream(PROMPT, num_chunks=3, seed=0)):
+            chunks.append(chunk)
+            if i == 0:  # from chunk 1 on, the head emits NaN
+                with torch.no_grad():
+                    pipe.generator.head.head.bias.fill_(float("nan"))
+    assert len(chunks) == 1 and np.array_equal(chunks[0].frames, good)
