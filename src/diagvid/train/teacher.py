@@ -7,6 +7,7 @@ replaced by the empty prompt so that classifier-free guidance works at sampling 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -76,6 +77,11 @@ class TeacherConfig:
     log_every: int = 10
     ckpt_every: int = 100
     eval_every: int = 500
+    """steps between validation losses (held-out latents at fixed noise levels and noise; 0: off)"""
+    val_clips: int = 32
+    """latents held out of training for the validation loss (the last ones of the cache)"""
+    init_from: str = ""
+    """a DiT folder (e.g. the shipped teacher) to start from when the run has no checkpoint yet"""
 
     def __post_init__(self) -> None:
         if self.data.num_frames < 1 or (self.data.num_frames - 1) % 4:
@@ -86,11 +92,25 @@ class TeacherConfig:
             raise ValueError(f"batch_size={self.batch_size} and steps={self.steps} must be >= 1")
 
 
-def build_latent_cache(cfg: DataConfig, vae) -> tuple[torch.Tensor, list[str]]:
-    """Encode `num_clips` world clips once (resumable by shard); returns latents [N, C, F, h, w] and captions."""
+def vae_fingerprint(vae) -> str:
+    """A short hash of the VAE's weights and latent statistics: cached latents are only valid for one VAE."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    h.update(vae.latents_mean.cpu().numpy().tobytes() + vae.latents_std.cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def build_latent_cache(cfg: DataConfig, vae, encode_batch: int = 8) -> tuple[torch.Tensor, list[str]]:
+    """Encode `num_clips` world clips once (resumable by shard); returns latents [N, C, F, h, w] and captions.
+
+    The cache folder is keyed by the clip geometry and the VAE's fingerprint, so a retrained VAE never
+    reuses latents of the old one.
+    """
     from diagvid.world import WorldDataset
 
-    root = Path(cfg.cache_dir) / f"f{cfg.num_frames}-s{cfg.size}-p{cfg.p_two}"
+    root = Path(cfg.cache_dir) / f"f{cfg.num_frames}-s{cfg.size}-p{cfg.p_two}-vae{vae_fingerprint(vae)}"
     root.mkdir(parents=True, exist_ok=True)
     data = WorldDataset(num_frames=cfg.num_frames, size=cfg.size, p_two=cfg.p_two)
     shards = (cfg.num_clips + cfg.shard_size - 1) // cfg.shard_size
@@ -102,10 +122,10 @@ def build_latent_cache(cfg: DataConfig, vae) -> tuple[torch.Tensor, list[str]]:
             log.info("encoding clips %d..%d into %s", lo, hi, path)
             zs, caps = [], []
             with torch.no_grad():
-                for i in range(lo, hi):
-                    video, cap = data[i]
-                    zs.append(vae.encode(video[None]).half())
-                    caps.append(cap)
+                for a in range(lo, hi, encode_batch):
+                    items = [data[i] for i in range(a, min(a + encode_batch, hi))]
+                    zs.append(vae.encode(torch.stack([v for v, _ in items])).half())
+                    caps.extend(c for _, c in items)
             from diagvid.train.checkpoint import save_atomic
 
             save_atomic({"latents": torch.cat(zs), "captions": json.dumps(caps)}, path)
@@ -130,6 +150,26 @@ def flow_matching_loss(
     return torch.nn.functional.mse_loss(v.float(), fm.velocity_target(x0, noise).float())
 
 
+@torch.no_grad()
+def validation_loss(
+    model: WanDiT, x0: torch.Tensor, ctx: torch.Tensor, shift: float, batch: int = 8
+) -> float:
+    """Flow-matching loss on fixed latents at fixed noise levels and noise: comparable across steps and runs.
+
+    The RNG is local (seed 0), so evaluating does not move the training run's random stream.
+    """
+    gen = torch.Generator().manual_seed(0)
+    was_training = model.training
+    model.eval()
+    losses = [
+        flow_matching_loss(model, x0[a : a + batch], ctx[a : a + batch], shift, gen).item()
+        * len(x0[a : a + batch])
+        for a in range(0, len(x0), batch)
+    ]
+    model.train(was_training)
+    return sum(losses) / len(x0)
+
+
 def train_teacher(
     cfg: TeacherConfig, *, resume: bool = True, max_steps: int | None = None, progress: bool = True
 ) -> Path:
@@ -146,6 +186,14 @@ def train_teacher(
             f"model in_dim={dit_cfg.in_dim} but the VAE makes {latents.shape[1]} latent channels"
         )
     model = WanDiT(dit_cfg)
+    if cfg.init_from and not (out / "checkpoint.pt").exists():
+        from diagvid.model.weights import load_dit
+
+        start = load_dit(cfg.init_from)
+        if start.cfg != dit_cfg:
+            raise ValueError(f"init_from={cfg.init_from!r} is a {start.cfg} model; this run trains {dit_cfg}")
+        model.load_state_dict(start.state_dict())
+        log.info("starting from the weights in %s", cfg.init_from)
     ema = EMA(model, cfg.ema_decay)
     o = cfg.optim
     opt, sched = adamw_with_warmup(model.parameters(), o.lr, o.betas, o.weight_decay, o.warmup)
@@ -157,7 +205,10 @@ def train_teacher(
             text_cache[caption] = text.encode([caption])[0]
         return text_cache[caption]
 
-    n = latents.shape[0]
+    if not 0 <= cfg.val_clips < latents.shape[0]:
+        raise ValueError(f"val_clips={cfg.val_clips} must be in [0, {latents.shape[0]}) (the cached clips)")
+    n = latents.shape[0] - cfg.val_clips
+    val_latents, val_captions = latents[n:], captions[n:]
 
     perms: dict[int, torch.Tensor] = {}
 
@@ -189,6 +240,12 @@ def train_teacher(
         ema.update(model)
         return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": float(sched.get_last_lr()[0])}
 
+    def evaluate(step: int) -> dict[str, float]:
+        if not cfg.val_clips:
+            return {}
+        ctx = torch.cat([embed(c) for c in val_captions])
+        return {"val_loss": round(validation_loss(ema.model, val_latents, ctx, cfg.train_shift), 5)}
+
     run_loop(
         out_dir=out,
         max_steps=min(cfg.steps, max_steps) if max_steps else cfg.steps,
@@ -196,6 +253,8 @@ def train_teacher(
         train_step=train_step,
         ckpt_every=cfg.ckpt_every,
         log_every=cfg.log_every,
+        evaluate=evaluate,
+        eval_every=cfg.eval_every,
         config=to_dict(cfg),
         resume=resume,
         progress=progress,
