@@ -278,6 +278,121 @@ def bench(
         console.print(f"wrote {out}")
 
 
+@app.command("eval")
+def eval_cmd(
+    suite: str = typer.Option("toy", "--suite", help="toy (the world whose metrics read videos back)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="8 prompts, 1x and 4x, 200 bootstrap draws (CI, smoke)."
+    ),
+    methods: str = typer.Option("real,vae", "--methods", help="Comma list of built-in methods: real, vae."),
+    vae: str = typer.Option(
+        "toy/vae", "--vae", help="Codec for the vae method and the teacher (name or folder)."
+    ),
+    teacher: str | None = typer.Option(
+        None, "--teacher", help="Teacher DiT folder: adds the 50-step CFG method."
+    ),
+    text: str = typer.Option("toy/text", "--text", help="Text encoder for the teacher (name or folder)."),
+    students: list[str] = typer.Option(
+        [],
+        "--student",
+        help="NAME=PIPELINE_FOLDER[:SCHEDULE[:CONTEXT]] (repeatable), e.g. dd=runs/dd:diagonal.",
+    ),
+    lengths: str | None = typer.Option(
+        None, "--lengths", help="Comma list of multiples of 81 frames (1,4,10)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first prompt (prompt i uses seed + i)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda ... (default: cuda if present)."),
+    out: str | None = typer.Option(None, "--json", help="Write the report to this JSON file."),
+) -> None:
+    """Score every method with the world's metrics on held-out prompts, with bootstrap confidence intervals."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from diagvid import evaluate as ev
+
+    try:
+        if suite != "toy":
+            raise ValueError(f"unknown eval suite {suite!r}; allowed: 'toy'")
+        cfg = ev.QUICK if quick else ev.EvalConfig()
+        if lengths:
+            cfg = replace(cfg, lengths=tuple(_parse_int(x, "--lengths") for x in lengths.split(",")))
+        cfg = replace(cfg, seed=seed)
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+        runs = _eval_methods(methods, vae, teacher, text, students, device)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from err
+    report = ev.run_eval(
+        runs, cfg, fixed_length=("teacher",), progress=lambda msg: console.print(f"[dim]{msg}[/dim]")
+    )
+    table = Table(title=f"{cfg.prompts}: means [95% CI]")
+    keys = ("colour_accuracy", "shape_accuracy", "direction_accuracy", "speed_accuracy", "saturation_slope")
+    for col in ("method", "length", *keys):
+        table.add_column(col)
+    for name, by_length in report["results"].items():
+        for length, scores in by_length.items():
+            cells = []
+            for k in keys:
+                m = scores["summary"].get(k, {})
+                cells.append(
+                    "-" if m.get("mean") is None else f"{m['mean']:.3g} [{m['low']:.3g}, {m['high']:.3g}]"
+                )
+            table.add_row(name, length, *cells)
+    console.print(table)
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"wrote {out}")
+
+
+def _parse_int(text: str, option: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{option}: {text!r} is not an integer") from None
+
+
+def _eval_methods(methods: str, vae: str, teacher: str | None, text: str, students: list[str], device):
+    """Build the evaluation methods the options ask for (errors name the bad option)."""
+    from diagvid import evaluate as ev
+    from diagvid.pretrained import load_pipeline, load_text_encoder, load_vae
+
+    builtin = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in builtin:
+        if m not in ("real", "vae"):
+            raise ValueError(
+                f"--methods: unknown method {m!r}; allowed: real, vae (add others with --teacher/--student)"
+            )
+    parsed = []
+    for spec in students:  # syntax first, before loading anything
+        name, sep, rest = spec.partition("=")
+        if not sep or not name or not rest:
+            raise ValueError(f"--student {spec!r}: write NAME=PIPELINE_FOLDER[:SCHEDULE[:CONTEXT]]")
+        if name in (*builtin, "teacher", *(p[0] for p in parsed)):
+            raise ValueError(f"--student {spec!r}: the name {name!r} is already used")
+        folder, _, tail = rest.partition(":")
+        schedule, _, context = tail.partition(":")
+        parsed.append((name, folder, schedule or None, context or None))
+    if not builtin and not teacher and not parsed:
+        raise ValueError("nothing to evaluate: give --methods, --teacher or --student")
+
+    runs: dict = {}
+    codec = load_vae(vae, device=device) if ("vae" in builtin or teacher) else None
+    for m in builtin:
+        runs[m] = ev.real_method() if m == "real" else ev.vae_method(codec)
+    if teacher:
+        from diagvid.model.weights import load_dit
+
+        runs["teacher"] = ev.teacher_method(
+            load_dit(teacher, device=codec.device), codec, load_text_encoder(text)
+        )
+    for name, folder, schedule, context in parsed:
+        runs[name] = ev.student_method(load_pipeline(folder, device=device), schedule, context)
+    return runs
+
+
 @app.command()
 def serve(
     model: str = typer.Option("toy", "--model", help="Bundled name or pipeline folder."),

@@ -1,0 +1,214 @@
+"""The one evaluation protocol: every method on the same held-out prompts and seeds, scored by the world.
+
+A *method* turns (prompts, num_frames, seed) into uint8 videos. The world metrics (`diagvid.world.metrics`)
+read each video back with the world's knowledge only (colour, shape, direction, speed, motion, identity,
+drift per chunk) and `score_videos` gives means with bootstrap confidence intervals. Lengths are multiples
+of the training length (81 frames = 21 latent frames = 7 chunks of 3): 1x, 4x and 10x show drift.
+
+Methods available without any trained generator: `real` (the world's own clips for the prompts) and `vae`
+(the same clips through the codec, which bounds what any generator can score). `teacher` samples the
+bidirectional teacher (50 Euler steps, CFG; its length is fixed to what it was trained on). Students are
+pipelines of ours with a schedule (diagonal, self-forcing, causvid, ...).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diagvid.world import eval_prompts, eval_specs, render
+from diagvid.world.metrics import score_videos
+
+Method = Callable[[Sequence[str], int, int], list[np.ndarray]]
+"""(prompts, num_frames, seed) -> one uint8 [T, H, W, 3] video per prompt"""
+
+TRAIN_FRAMES = 81
+"""pixel frames of the training clips (21 latent frames, 7 chunks of 3)"""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What is evaluated: the prompt set, the lengths and the seed."""
+
+    prompts: str = "heldout-48"
+    lengths: tuple[int, ...] = (1, 4, 10)
+    """multiples of the training length"""
+    base_frames: int = TRAIN_FRAMES
+    seed: int = 0
+    n_boot: int = 1000
+
+    def __post_init__(self) -> None:
+        eval_prompts(self.prompts)  # unknown set: a clear error
+        if not self.lengths or any(not isinstance(n, int) or n < 1 for n in self.lengths):
+            raise ValueError(
+                f"lengths={self.lengths!r} must be positive integers (multiples of the training length)"
+            )
+        if self.base_frames < 1 or (self.base_frames - 1) % 4:
+            raise ValueError(f"base_frames={self.base_frames} must be 1 + 4k")
+
+    def frames(self, length: int) -> int:
+        """Pixel frames of a clip `length` times the training length (1 + 4k, like everything Wan)."""
+        return 1 + length * (self.base_frames - 1)
+
+
+QUICK = EvalConfig(prompts="heldout-8", lengths=(1, 4), n_boot=200)
+
+
+# ----- methods --------------------------------------------------------------------------------------------
+
+
+def real_method(size: int = 64) -> Method:
+    """The world's own clips for the held-out prompts (the ceiling every method is compared with)."""
+
+    def run(prompts: Sequence[str], num_frames: int, seed: int) -> list[np.ndarray]:
+        specs = _specs_for(prompts, num_frames, size)
+        return [render(s).frames for s in specs]
+
+    return run
+
+
+def vae_method(vae, size: int = 64) -> Method:
+    """Real clips encoded and decoded by the codec: what a perfect generator of latents would score."""
+    from diagvid.model.vae import frames_to_tensor, tensor_to_frames
+
+    real = real_method(size)
+
+    @torch.no_grad()
+    def run(prompts: Sequence[str], num_frames: int, seed: int) -> list[np.ndarray]:
+        out = []
+        for video in real(prompts, num_frames, seed):
+            x = frames_to_tensor(video)[None].to(vae.device, vae.dtype)
+            out.append(tensor_to_frames(vae.decode(vae.encode(x))[0]))
+        return out
+
+    return run
+
+
+def student_method(pipe, schedule: str | None = None, context: str | None = None) -> Method:
+    """A streaming pipeline with a schedule; every prompt gets its own seed (seed + index)."""
+
+    from diagvid.model.vae import latent_frames
+
+    def run(prompts: Sequence[str], num_frames: int, seed: int) -> list[np.ndarray]:
+        k = pipe.config.frames_per_chunk
+        num_chunks = -(-latent_frames(num_frames) // k)  # enough chunks to cover, then trimmed
+        return [
+            pipe.generate(p, num_chunks=num_chunks, schedule=schedule, context=context, seed=seed + i)[0][
+                :num_frames
+            ]
+            for i, p in enumerate(prompts)
+        ]
+
+    return run
+
+
+def teacher_method(
+    teacher, vae, text_encoder, *, num_steps: int = 50, shift: float = 5.0, guidance: float = 5.0
+) -> Method:
+    """The undistilled teacher: full attention over the whole clip, Euler + CFG, then one decode."""
+    from diagvid.model.vae import latent_frames, tensor_to_frames
+    from diagvid.sampling import sample_euler
+
+    @torch.no_grad()
+    def run(prompts: Sequence[str], num_frames: int, seed: int) -> list[np.ndarray]:
+        dev = next(teacher.parameters()).device
+        null = text_encoder.encode([""])[0].to(dev)
+        size = vae.spatial_stride
+        out = []
+        for i, p in enumerate(prompts):
+            ctx = text_encoder.encode([p])[0].to(dev)
+            gen = torch.Generator().manual_seed(seed + i)
+            hw = (64 // size, 64 // size)
+            noise = torch.randn(1, teacher.cfg.in_dim, latent_frames(num_frames), *hw, generator=gen).to(dev)
+            x0, _ = sample_euler(
+                teacher, noise, ctx, null, num_steps=num_steps, shift=shift, guidance=guidance
+            )
+            out.append(tensor_to_frames(vae.decode(x0)[0]))
+        return out
+
+    return run
+
+
+def _specs_for(prompts: Sequence[str], num_frames: int, size: int):
+    """The held-out clip of each prompt (prompts must come from one held-out set, in order)."""
+    for name in ("heldout-48", "heldout-8"):
+        if list(prompts) == eval_prompts(name)[: len(prompts)]:
+            return eval_specs(name, num_frames=num_frames, size=size)[: len(prompts)]
+    raise ValueError("real clips exist only for the held-out prompt sets ('heldout-48', 'heldout-8')")
+
+
+# ----- the protocol ---------------------------------------------------------------------------------------
+
+
+def run_eval(
+    methods: dict[str, Method],
+    cfg: EvalConfig = EvalConfig(),
+    *,
+    fixed_length: Sequence[str] = (),
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Score every method at every length on the same prompts and seeds; one JSON-ready dict.
+
+    `fixed_length` names methods that only run at 1x (the teacher: full attention over a fixed clip).
+    Results: results[method][f"{n}x"] = score_videos(...) without the per-video detail, plus seconds.
+    """
+    if not methods:
+        raise ValueError("no method to evaluate")
+    prompts = eval_prompts(cfg.prompts)
+    results: dict[str, dict] = {}
+    for name, method in methods.items():
+        results[name] = {}
+        for n in cfg.lengths:
+            if n != 1 and name in fixed_length:
+                continue
+            if progress:
+                progress(f"{name} at {n}x ({cfg.frames(n)} frames, {len(prompts)} prompts)")
+            t0 = time.perf_counter()
+            videos = method(prompts, cfg.frames(n), cfg.seed)
+            scores = score_videos(videos, prompts, n_boot=cfg.n_boot, seed=cfg.seed)
+            scores.pop("per_video")
+            scores["seconds"] = round(time.perf_counter() - t0, 2)
+            results[name][f"{n}x"] = scores
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "config": {
+            "prompts": cfg.prompts,
+            "num_prompts": len(prompts),
+            "lengths": list(cfg.lengths),
+            "frames": {f"{n}x": cfg.frames(n) for n in cfg.lengths},
+            "seed": cfg.seed,
+            "n_boot": cfg.n_boot,
+        },
+        "results": results,
+        "relative_to_real": relative_to(results, "real"),
+    }
+
+
+HEADLINE = ("colour_accuracy", "shape_accuracy", "direction_accuracy", "speed_accuracy", "all_accuracy")
+
+
+def relative_to(results: dict, reference: str) -> dict:
+    """Each method's headline metrics divided by the reference's, per length (1.0 = as good as real clips)."""
+    if reference not in results:
+        return {}
+    out: dict = {}
+    for name, by_length in results.items():
+        if name == reference:
+            continue
+        for length, scores in by_length.items():
+            ref = results[reference].get(length, {}).get("summary", {})
+            for key in HEADLINE:
+                a = scores["summary"].get(key, {}).get("mean")
+                b = ref.get(key, {}).get("mean")
+                if a is not None and b:
+                    out.setdefault(name, {}).setdefault(length, {})[key] = round(a / b, 4)
+    return out

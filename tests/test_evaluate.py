@@ -1,0 +1,119 @@
+"""The evaluation protocol: real clips score perfectly, a degraded method scores lower, errors are clear."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from diagvid import evaluate as ev
+from diagvid.cli import app
+
+SMALL = ev.EvalConfig(prompts="heldout-8", lengths=(1, 2), base_frames=33, n_boot=50)
+
+
+def greyed(method: ev.Method) -> ev.Method:
+    """Real clips with every pixel turned grey: objects keep their shape and motion, lose their colour."""
+
+    def run(prompts, num_frames, seed):
+        return [
+            np.repeat(v.mean(axis=-1, keepdims=True), 3, axis=-1).astype(np.uint8)
+            for v in method(prompts, num_frames, seed)
+        ]
+
+    return run
+
+
+def test_real_clips_are_read_back_perfectly_and_a_degraded_method_is_not():
+    report = ev.run_eval({"real": ev.real_method(), "grey": greyed(ev.real_method())}, SMALL)
+    real, grey = report["results"]["real"], report["results"]["grey"]
+    assert set(real) == set(grey) == {"1x", "2x"}
+    assert report["config"]["frames"] == {"1x": 33, "2x": 65}
+    for length in ("1x", "2x"):
+        s = real[length]["summary"]
+        assert s["colour_accuracy"]["mean"] == s["direction_accuracy"]["mean"] == 1.0
+        assert s["colour_accuracy"]["n"] == 8
+        assert grey[length]["summary"]["colour_accuracy"]["mean"] < 0.5
+        low, high = (
+            grey[length]["summary"]["colour_accuracy"]["low"],
+            grey[length]["summary"]["colour_accuracy"]["high"],
+        )
+        assert low <= grey[length]["summary"]["colour_accuracy"]["mean"] <= high
+    rel = report["relative_to_real"]["grey"]["1x"]
+    assert rel["colour_accuracy"] < 0.5
+    assert "per_video" not in real["1x"] and len(real["2x"]["per_chunk"]["saturation"]["mean"]) > len(
+        real["1x"]["per_chunk"]["saturation"]["mean"]
+    )
+
+
+def test_fixed_length_methods_run_once_and_seeds_reach_the_method():
+    seen = []
+
+    def spy(prompts, num_frames, seed):
+        seen.append((num_frames, seed))
+        return ev.real_method()(prompts, num_frames, seed)
+
+    report = ev.run_eval(
+        {"teacher": spy},
+        ev.EvalConfig(prompts="heldout-8", lengths=(1, 3), base_frames=17, seed=5, n_boot=10),
+        fixed_length=("teacher",),
+    )
+    assert seen == [(17, 5)] and list(report["results"]["teacher"]) == ["1x"]
+
+
+def test_student_method_streams_the_asked_length(tiny_pipeline):
+    videos = ev.student_method(tiny_pipeline, "self-forcing")(
+        ["a red circle moves left", "a blue square moves up"], 9, 0
+    )
+    assert [v.shape for v in videos] == [(9, 16, 16, 3)] * 2
+    assert not np.array_equal(videos[0], videos[1])  # each prompt has its own seed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompts": "heldout-3"}, "unknown evaluation set 'heldout-3'"),
+        ({"lengths": (1, 0)}, r"lengths=\(1, 0\) must be positive integers"),
+        ({"lengths": ()}, "must be positive integers"),
+        ({"base_frames": 80}, "base_frames=80 must be 1 \\+ 4k"),
+    ],
+)
+def test_bad_configs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ev.EvalConfig(**kwargs)
+
+
+def test_real_clips_only_for_held_out_prompts():
+    with pytest.raises(ValueError, match="only for the held-out prompt sets"):
+        ev.real_method()(["a red circle moves left"], 17, 0)
+    with pytest.raises(ValueError, match="no method"):
+        ev.run_eval({}, SMALL)
+
+
+def test_cli_eval_writes_the_report(tmp_path):
+    out = tmp_path / "r" / "eval.json"
+    result = CliRunner().invoke(
+        app, ["eval", "--quick", "--methods", "real", "--lengths", "1", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["config"]["prompts"] == "heldout-8" and report["config"]["lengths"] == [1]
+    assert report["results"]["real"]["1x"]["summary"]["all_accuracy"]["mean"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "fake"], "unknown method 'fake'"),
+        (["--student", "nofolder"], "write NAME=PIPELINE_FOLDER"),
+        (["--suite", "wan"], "unknown eval suite 'wan'"),
+        (["--lengths", "1,x"], "'x' is not an integer"),
+        (["--methods", ""], "nothing to evaluate"),
+    ],
+)
+def test_cli_eval_errors(args, message):
+    result = CliRunner().invoke(app, ["eval", "--quick", *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
