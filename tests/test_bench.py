@@ -48,3 +48,24 @@ def test_bench_cli(tmp_path):
     assert runner.invoke(app, ["bench", "--suite", "tiny"]).exit_code == 2
     bad = runner.invoke(app, ["bench", "--suite", "huge", "--random-weights"])
     assert bad.exit_code == 2 and "unknown suite 'huge'" in bad.output
+
+
+def test_teacher_time_is_extrapolated_and_says_so():
+    report = run_bench("tiny", device="cpu", warmup=False, methods=("teacher",), teacher_timed_steps=2)
+    (teacher,) = report["results"]
+    assert teacher["extrapolated_from_steps"] == 2 and teacher["nfe"] == 8  # 4 CFG steps x 2, as if all ran
+    assert teacher["wall_s"] >= teacher["dit_s"] > 0
+    full = run_bench("tiny", device="cpu", warmup=False, methods=("teacher",), teacher_timed_steps=10)
+    assert "extrapolated_from_steps" not in full["results"][0] and full["results"][0]["nfe"] == 8
+
+
+def test_bench_cli_quick(tmp_path):
+    out = tmp_path / "q.json"
+    args = ["bench", "--suite", "tiny", "--random-weights", "--quick", "--methods", "teacher,diagonal"]
+    result = CliRunner().invoke(app, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [r["method"] for r in json.loads(out.read_text())["results"]] == ["teacher", "diagonal"]
+    bad = CliRunner().invoke(
+        app, ["bench", "--suite", "tiny", "--random-weights", "--teacher-timed-steps", "0"]
+    )
+    assert bad.exit_code == 2 and "--teacher-timed-steps=0 must be >= 1" in bad.output

@@ -88,6 +88,9 @@ def generate(
     ),
     window: int | None = typer.Option(None, "--window", help="KV window in latent frames (endless video)."),
     sink: int | None = typer.Option(None, "--sink", help="Attention-sink frames kept when the window rolls."),
+    recache: bool = typer.Option(
+        False, "--recache", help="On a prompt switch, recompute the cached frames' K/V under the new prompt."
+    ),
     device: str | None = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
     ),
@@ -132,6 +135,7 @@ def generate(
             continue_from=previous,
             video=source,
             strength=strength,
+            recache=recache,
             **length,
         )
         num_chunks = length.get("num_chunks") or pipe.chunks_of_video(len(source))
@@ -169,6 +173,7 @@ def generate(
         "seconds_of_video": writer.frames_written / pipe.config.fps,
         "chunks": len([c for c in chunks if c.index >= 0]),
         "nfe": sum(c.nfe for c in chunks),
+        "recache_nfe": sum(c.recache_nfe for c in chunks),
         "wall_s": round(total, 3),
         "fps": round(writer.frames_written / total, 2),
         "ttff_s": round(ttff or 0.0, 3),
@@ -176,6 +181,7 @@ def generate(
             {
                 "index": c.index,
                 "nfe": c.nfe,
+                "recache_nfe": c.recache_nfe,
                 "timesteps": list(c.timesteps),
                 "seconds": round(c.seconds, 4),
                 "prompt": c.prompt,
@@ -239,6 +245,12 @@ def bench(
         None, "--dtype", help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)."
     ),
     out: str | None = typer.Option(None, "--json", help="Write the report to this JSON file."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Smoke run: no warm-up, the teacher timed over 5 steps and scaled to 50."
+    ),
+    teacher_steps: int | None = typer.Option(
+        None, "--teacher-timed-steps", help="Time this many teacher steps and scale to the full count."
+    ),
 ) -> None:
     """Time every method in one process: NFE, FPS (DiT-only and end to end), time to first frame, memory."""
     from pathlib import Path
@@ -257,7 +269,16 @@ def bench(
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)  # fail on an unwritable path before timing
         chosen = tuple(m.strip() for m in methods.split(",")) if methods else None
-        report = run_bench(suite, device=device, dtype=dtype, methods=chosen)
+        if teacher_steps is not None and teacher_steps < 1:
+            raise ValueError(f"--teacher-timed-steps={teacher_steps} must be >= 1")
+        report = run_bench(
+            suite,
+            device=device,
+            dtype=dtype,
+            methods=chosen,
+            warmup=not quick,
+            teacher_timed_steps=teacher_steps or (5 if quick else None),
+        )
     except (ValueError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err

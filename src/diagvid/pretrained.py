@@ -6,8 +6,12 @@ Our pipeline folder:
     vae/                   vae.safetensors + vae.json (diagvid.model.vae)
     text/                  the toy text encoder (diagvid.model.text)
 
-A real Wan2.1-T2V folder in diffusers layout (`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`) is
-combined with `generator=`, a distilled causal checkpoint (ours, Self-Forcing, CausVid, LongLive, DD).
+A real Wan2.1-T2V folder is combined with `generator=`, a distilled causal checkpoint (ours, Self-Forcing,
+CausVid, LongLive, DD). Two layouts are read:
+    diffusers   transformer/, vae/, text_encoder/, tokenizer/ (Wan-AI/Wan2.1-T2V-1.3B-Diffusers)
+    original    config.json + diffusion_pytorch_model*.safetensors (the DiT), Wan2.1_VAE.pth,
+                models_t5_umt5-xxl-enc-bf16.pth and the tokenizer folder google/umt5-xxl/ (Wan-AI/Wan2.1-T2V-1.3B);
+                the .pth files are opened with weights_only=True, memory-mapped
 """
 
 from __future__ import annotations
@@ -40,11 +44,16 @@ def _resolve(name_or_path: str | Path) -> Path:
 
 
 def load_vae(name_or_path: str | Path, device=None, dtype=None):
-    """The Wan VAE adapter from one of our folders or a diffusers `AutoencoderKLWan` folder."""
-    from diagvid.model.vae import WanVAE
+    """The Wan VAE adapter from one of our folders, a diffusers `AutoencoderKLWan` folder, or the original
+    release's `Wan2.1_VAE.pth` (the file, or the release folder holding it)."""
+    from diagvid.model.vae import ORIGINAL_FILE, WanVAE
 
     path = _resolve(name_or_path)
-    if (path / "config.json").exists() and not (path / "vae.json").exists():
+    if path.is_file():
+        vae = WanVAE.from_original_file(path)
+    elif (path / ORIGINAL_FILE).is_file():
+        vae = WanVAE.from_original_file(path / ORIGINAL_FILE)
+    elif (path / "config.json").exists() and not (path / "vae.json").exists():
         vae = WanVAE.from_diffusers_folder(path)
     else:
         vae = WanVAE.load(path)
@@ -52,13 +61,22 @@ def load_vae(name_or_path: str | Path, device=None, dtype=None):
 
 
 def load_text_encoder(name_or_path: str | Path, device=None):
-    """The toy text encoder from one of our folders, or umT5 from a transformers folder."""
+    """The toy text encoder from one of our folders, or umT5 from a Wan2.1 folder (diffusers or original)."""
     from diagvid.model import text
 
     path = _resolve(name_or_path)
     if (path / "text_encoder").is_dir():
         return text.UMT5TextEncoder(path / "text_encoder", path / "tokenizer", device=device)
+    if (path / text.ORIGINAL_FILE).is_file():
+        return text.UMT5TextEncoder(path / text.ORIGINAL_FILE, path / text.ORIGINAL_TOKENIZER, device=device)
     return text.ToyTextEncoder.load(path).to(device or "cpu")
+
+
+def load_dit_model(name_or_path: str | Path, device=None, dtype=None):
+    """A DiT (teacher, student, critic) from a bundled name or any folder or file `weights.py` reads."""
+    from diagvid.model.weights import load_dit
+
+    return load_dit(_resolve(name_or_path), device=device, dtype=dtype)
 
 
 def load_pipeline(
@@ -73,15 +91,20 @@ def load_pipeline(
     """A ready streaming pipeline.
 
     Args:
-        name_or_path: "toy" (bundled, the default), a folder of ours, or a Wan2.1-T2V diffusers folder.
+        name_or_path: "toy" (bundled, the default), a folder of ours, or a Wan2.1-T2V folder (diffusers or
+            original release layout).
         generator: for a Wan folder, the distilled causal checkpoint to generate with (any supported layout).
         device / dtype: where and in which precision the models run (default: cuda if present, fp32 on CPU,
             bf16 on GPU).
         config: with `generator`, the DiT preset of a checkpoint that carries no config.
         stream_overrides: StreamConfig fields to change (e.g. latent_hw=(60, 104), window_frames=21).
     """
+    from diagvid.model import text as umt5
+    from diagvid.model import vae as wan_vae
     from diagvid.model.weights import load_dit, load_generator
 
+    # the original release layout beside the DiT's config.json + diffusion_pytorch_model*.safetensors
+    original_files = (wan_vae.ORIGINAL_FILE, umt5.ORIGINAL_FILE, umt5.ORIGINAL_TOKENIZER, "config.json")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     path = _resolve(name_or_path or DEFAULT_PIPELINE)
@@ -101,6 +124,21 @@ def load_pipeline(
         vae = load_vae(path / "vae", device, torch.float32)
         text = load_text_encoder(path, device)
         stream_cfg = StreamConfig(frames_per_chunk=3, latent_hw=(60, 104), fps=16, shift=5.0)
+    elif (path / wan_vae.ORIGINAL_FILE).is_file():  # a real Wan2.1 folder as released (original layout)
+        lacking = [name for name in original_files if not (path / name).exists()]
+        if lacking:
+            raise FileNotFoundError(
+                f"{path} holds {wan_vae.ORIGINAL_FILE} but lacks {', '.join(lacking)} (Wan2.1 original layout)"
+            )
+        if generator is None:
+            raise ValueError(
+                f"{path} is a Wan2.1 folder; pass generator= a distilled causal checkpoint (Self-Forcing, "
+                "CausVid, LongLive, Diagonal Distillation or ours): the base model is not causal"
+            )
+        dit = load_generator(generator, config=config or str(path))
+        vae = load_vae(path / wan_vae.ORIGINAL_FILE, device, torch.float32)
+        text = load_text_encoder(path, device)
+        stream_cfg = StreamConfig(frames_per_chunk=3, latent_hw=(60, 104), fps=16, shift=5.0)
     elif path.resolve().parent == ASSETS.resolve():
         raise FileNotFoundError(
             f"the bundled {path.name!r} pipeline has no trained generator yet (the toy world models are not "
@@ -109,8 +147,9 @@ def load_pipeline(
         )
     else:
         raise ValueError(
-            f"{path} is not a pipeline folder: expected pipeline.json (ours) or transformer/ + vae/ + "
-            "text_encoder/ + tokenizer/ (Wan2.1 diffusers layout)"
+            f"{path} is not a pipeline folder: expected pipeline.json (ours), transformer/ + vae/ + "
+            f"text_encoder/ + tokenizer/ (Wan2.1 diffusers layout) or {' + '.join(original_files)} + "
+            "diffusion_pytorch_model*.safetensors (Wan2.1 original layout)"
         )
     if stream_overrides:
         stream_cfg = from_dict(StreamConfig, {**asdict(stream_cfg), **stream_overrides})

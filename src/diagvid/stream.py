@@ -120,6 +120,7 @@ def denoise_chunk(
     *,
     context_t: float | None = None,
     exit_step: int | None = None,
+    on_context: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Denoise one chunk x [B, C, K, h, w] (noise at steps[0]) against the cache; the engine and the
     training rollouts share this function.
@@ -130,6 +131,8 @@ def denoise_chunk(
     `context_t`, one more forward, without gradient, on the output re-noised to `context_t` (0: clean)
     writes the chunk's K/V instead. `exit_step` (training): the steps before it run without gradient, the
     forward at `exit_step` keeps its graph (if gradients are enabled) and the chunk stops there.
+    `on_context(x, t)`, if given, receives the input [B, C, K, h, w] and timesteps [B, K] of the forward whose
+    K/V the chunk leaves in the cache (the engine's prompt re-cache replays it).
     """
     last = len(steps) - 1 if exit_step is None else exit_step
     if not 0 <= last < len(steps):
@@ -143,6 +146,8 @@ def denoise_chunk(
         if i < last:
             fresh = torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
             x = fm.add_noise(x0, fresh, float(steps[i + 1]))
+    if context_t is None and on_context is not None:
+        on_context(x.detach(), tt)
     if context_t is not None:
         with torch.no_grad():
             tc = torch.full((x0.shape[0], x0.shape[2]), float(context_t), device=x0.device)
@@ -151,6 +156,8 @@ def denoise_chunk(
                 fresh = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
                 x_ctx = fm.add_noise(x_ctx, fresh, tc)
             generator(x_ctx, tc, ctx, cache=cache, start_frame=start_frame)
+            if on_context is not None:
+                on_context(x_ctx, tc)
     return x0
 
 
@@ -167,6 +174,7 @@ class ChunkResult:
     dit_seconds: float  # wall time of the transformer part
     prompt: str
     first_frame: int  # index of frames[0] in the whole video
+    recache_nfe: int = 0  # forwards of a prompt re-cache before this chunk (included in nfe)
 
 
 @dataclass
@@ -193,6 +201,9 @@ class StreamConfig:
     """"absolute" (reference) or "cache" (positions inside the window: unbounded length)"""
     static_shapes: bool = False
     """attend over the whole cache buffer with a mask: same shapes every forward (for CUDA graphs)"""
+    recache: bool = False
+    """on a prompt switch, recompute the self-attention K/V of every cached frame under the new prompt
+    (LongLive's KV re-cache); False keeps them and only resets the cross-attention cache"""
     extra: dict = field(default_factory=dict)
 
 
@@ -245,6 +256,7 @@ class Pipeline:
         video: np.ndarray | None = None,
         strength: float = 0.6,
         prompt_source: Callable[[int], str | None] | None = None,
+        recache: bool | None = None,
     ) -> Iterator[ChunkResult]:
         """Yield decoded chunks as soon as each is ready.
 
@@ -266,6 +278,14 @@ class Pipeline:
                 like a timeline event (re-encoded, cross-attention cache reset). None keeps the prompt; a
                 timeline event reached later still switches. Its prompts are checked when they arrive, so
                 an unknown word raises ValueError at that chunk.
+            recache: at a prompt switch, also recompute the self-attention K/V of every frame still in the
+                cache (sink + window) under the new prompt, as LongLive does; default from the config
+                (off). The engine keeps, for the cached chunks only, the input and timesteps of the forward
+                that wrote each one (the clean context pass, or the last denoising forward under the noisy
+                policy) and replays those forwards with the new text, chunk by chunk at their own start
+                frames, into the emptied cache: it ends with the same frames, slots and positions. Each
+                replayed chunk sees the replayed chunks before it; frames a rolling window had evicted are
+                not brought back. The replay's forwards count in the next chunk's `nfe` and `recache_nfe`.
         """
         # 1. validate everything before any compute
         cfg = self.config
@@ -275,6 +295,9 @@ class Pipeline:
         h, w = cfg.latent_hw
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed={seed!r} must be an int in [0, 2**63)")
+        recache = cfg.recache if recache is None else recache
+        if not isinstance(recache, bool):
+            raise ValueError(f"recache={recache!r} must be True or False")
         if sum(x is not None for x in (image, continue_from, video)) > 1:
             raise ValueError("give at most one of image, continue_from and video")
         if video is not None:
@@ -318,6 +341,19 @@ class Pipeline:
             static_shapes=cfg.static_shapes,
         )
         decoder = self.vae.stream_decoder()
+        # for re-cache: (start frame, input, timesteps) of the forward that wrote each chunk still cached
+        cached_inputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+        def remember(start_frame: int, x: torch.Tensor, t: torch.Tensor) -> None:
+            if not recache:
+                return
+            cached_inputs.append((start_frame, x, t))
+            # a chunk stays while any of its frames is cached (of a sink's chunk, only the sink may be left)
+            held = set(cache.slot_frames)
+            cached_inputs[:] = [
+                r for r in cached_inputs if held.intersection(range(r[0], r[0] + r[2].shape[1]))
+            ]
+
         ctx = None
         current_prompt = None
         frames_out = 0
@@ -335,6 +371,7 @@ class Pipeline:
                 piece = first_latents[:, :, a : a + k]
                 t0 = torch.zeros(1, piece.shape[2], device=self.device)
                 self.generator(piece, t0, ctx, cache=cache, start_frame=a)
+                remember(a, piece, t0)
             pixels = tensor_to_frames(decoder.decode(first_latents)[0])
             nfe = math.ceil(prefix / k)
             elapsed = time.perf_counter() - start
@@ -354,10 +391,14 @@ class Pipeline:
             if live is not None and live.strip():
                 self.text_encoder.token_ids(live)  # unknown words fail before the cache is touched
                 wanted = live
+            forwards_before = self.generator.stats.forwards
+            recache_nfe = 0
             if wanted != current_prompt:
                 cache.reset_text()  # the next forward encodes the new prompt's cross-attention K/V
                 ctx = self._encode_prompt(wanted)
                 current_prompt = wanted
+                if recache and cached_inputs:
+                    recache_nfe = self._recache(cache, cached_inputs, ctx)
             noise = torch.randn(1, self.generator.cfg.in_dim, k, h, w, generator=gen).to(
                 self.device, self.dtype
             )
@@ -369,7 +410,6 @@ class Pipeline:
                 clean = encoder.encode(frames_to_tensor(video[lo:hi])[None]).to(self.device, self.dtype)
                 noise = self.fm.add_noise(clean, noise, v2v_start)
                 steps = (v2v_start, *(t for t in steps if t < v2v_start))
-            forwards_before = self.generator.stats.forwards
             clean = sched.chunk_context(index) == "clean"
             latents = denoise_chunk(
                 self.generator,
@@ -381,6 +421,7 @@ class Pipeline:
                 prefix + index * k,
                 gen,
                 context_t=sched.context_t if clean else None,
+                on_context=lambda x, t, start=prefix + index * k: remember(start, x, t),
             )
             if not torch.isfinite(latents).all():
                 # never write garbage into a video: stop and say where it happened
@@ -399,6 +440,7 @@ class Pipeline:
                 dit_seconds=dit_seconds,
                 prompt=current_prompt,
                 first_frame=frames_out,
+                recache_nfe=recache_nfe,
             )
             frames_out += len(pixels)
 
@@ -409,6 +451,18 @@ class Pipeline:
         return frames, chunks
 
     # ----- helpers -----------------------------------------------------------------------------------------
+
+    def _recache(self, cache: KVCache, inputs: list[tuple[int, torch.Tensor, torch.Tensor]], ctx) -> int:
+        """Recompute every cached frame's K/V under the prompt `ctx` by replaying the forwards that wrote
+        them (`inputs`, in order) into the emptied cache; returns the number of forwards."""
+        held = list(cache.slot_frames)
+        cache.reset()
+        for start, x, t in inputs:
+            if start > cache.next_frame:
+                cache.skip_to(start)  # the window's first chunk after the sink's: the frames between are gone
+            self.generator(x, t, ctx, cache=cache, start_frame=start)
+        assert cache.slot_frames == held, f"re-cache left frames {cache.slot_frames}; the cache held {held}"
+        return len(inputs)
 
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
         emb, _mask = self.text_encoder.encode([prompt])

@@ -90,6 +90,7 @@ class KVCache:
         self.slot_frames: list[int] = []  # absolute frame index held by each used slot, in slot order
         self.chunk: ChunkSlots | None = None  # the chunk written last
         self.chunk_start_frame = -1  # absolute start frame of that chunk
+        self._next_frame = 0  # absolute frame an appended chunk must start at
         self.evicted_frames = 0
         self.valid.zero_()
         self.reset_text()
@@ -106,7 +107,7 @@ class KVCache:
     @property
     def next_frame(self) -> int:
         """Absolute index of the frame an appended chunk must start at."""
-        return self.slot_frames[-1] + 1 if self.slot_frames else 0
+        return self._next_frame
 
     def prepare(self, start_frame: int, num_frames: int) -> ChunkSlots:
         """Decide the slots for a chunk at absolute `start_frame` (overwrite, append or evict-then-append).
@@ -135,12 +136,31 @@ class KVCache:
             self._evict(overflow)
         start_slot = self.num_frames
         self.slot_frames.extend(range(start_frame, start_frame + num_frames))
+        self._next_frame = start_frame + num_frames
         rope_frame = start_frame if self.rope == "absolute" else start_slot
         self.chunk = ChunkSlots(start_slot, num_frames, rope_frame)
         self.chunk_start_frame = start_frame
         self.valid.zero_()
         self.valid[..., : self.chunk.end_slot * self.tokens_per_frame] = True  # in place: fixed address
         return self.chunk
+
+    def skip_to(self, start_frame: int) -> None:
+        """Drop every non-sink frame and go on at absolute `start_frame` (>= `next_frame`), as if the frames
+        in between had been written and evicted.
+
+        The prompt re-cache of `diagvid.stream` uses it to replay only the chunks a rolling window still
+        holds: the sink's chunk, then the window's chunks at their own start frames.
+        """
+        if start_frame < self.next_frame:
+            raise ValueError(f"skip_to({start_frame}) goes back; the next frame is {self.next_frame}")
+        kept = min(self.sink_frames, self.num_frames)
+        self.evicted_frames += self.num_frames - kept + start_frame - self.next_frame
+        del self.slot_frames[kept:]
+        self._next_frame = start_frame
+        self.chunk = None  # the last chunk's slots are gone: nothing to overwrite
+        self.chunk_start_frame = -1
+        self.valid.zero_()
+        self.valid[..., : kept * self.tokens_per_frame] = True
 
     def _evict(self, frames: int) -> None:
         """Drop the `frames` oldest non-sink frames and slide the window left, in every layer at once."""

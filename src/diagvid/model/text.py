@@ -6,7 +6,9 @@ unconditional input of classifier-free guidance: its only token is end-of-sequen
 
 - `ToyTextEncoder`: a word-level tokenizer over a fixed vocabulary and a tiny umT5 encoder with seeded random
   weights. It is a frozen feature map: the DiT's text projection learns on top of it.
-- `UMT5TextEncoder`: the real umT5 from local transformers folders (Wan2.1: umT5-XXL, L = 512, D = 4096).
+- `UMT5TextEncoder`: the real umT5 (Wan2.1: umT5-XXL, L = 512, D = 4096) from a local transformers folder, or
+  from the original Wan release's `models_t5_umt5-xxl-enc-bf16.pth` (Wan's parameter names, see
+  `ORIGINAL_NAMES`) with its tokenizer folder `google/umt5-xxl`.
 """
 
 from __future__ import annotations
@@ -21,12 +23,34 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from diagvid.model.vae import load_weights, save_weights
+from diagvid.model.vae import load_weights, misfit, save_weights
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2; vocabulary words follow from id 3
 WEIGHTS_FILE = "text.safetensors"
 CONFIG_FILE = "text.json"
+ORIGINAL_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+ORIGINAL_TOKENIZER = "google/umt5-xxl"
+
+# The original Wan release's umT5 encoder names -> transformers' UMT5EncoderModel names (rows as in
+# diagvid.model.weights: "." ends a prefix, "*" is a block index). Wan's gated feed-forward is
+# fc2(fc1(x) * gelu(gate(x))), transformers' wo(wi_1(x) * gelu(wi_0(x))); each block has its own
+# relative-position table in both.
+ORIGINAL_NAMES: list[tuple[str, str]] = [
+    ("token_embedding.", "shared."),
+    ("norm.", "encoder.final_layer_norm."),
+    ("blocks.*.norm1.", "encoder.block.*.layer.0.layer_norm."),
+    ("blocks.*.attn.q.", "encoder.block.*.layer.0.SelfAttention.q."),
+    ("blocks.*.attn.k.", "encoder.block.*.layer.0.SelfAttention.k."),
+    ("blocks.*.attn.v.", "encoder.block.*.layer.0.SelfAttention.v."),
+    ("blocks.*.attn.o.", "encoder.block.*.layer.0.SelfAttention.o."),
+    ("blocks.*.pos_embedding.embedding.", "encoder.block.*.layer.0.SelfAttention.relative_attention_bias."),
+    ("blocks.*.norm2.", "encoder.block.*.layer.1.layer_norm."),
+    ("blocks.*.ffn.gate.0.", "encoder.block.*.layer.1.DenseReluDense.wi_0."),
+    ("blocks.*.ffn.fc1.", "encoder.block.*.layer.1.DenseReluDense.wi_1."),
+    ("blocks.*.ffn.fc2.", "encoder.block.*.layer.1.DenseReluDense.wo."),
+]
+_TIED = "encoder.embed_tokens.weight"  # transformers' second name of `shared.weight`
 
 # a word: letters/digits, with inner hyphens or apostrophes kept ("up-left", "don't"); the rest is punctuation
 _WORD = re.compile(r"\w+(?:['-]\w+)*")
@@ -220,7 +244,9 @@ class ToyTextEncoder(TextEncoder):
 
 
 class UMT5TextEncoder(TextEncoder):
-    """umT5 (Wan2.1: umT5-XXL) from a local transformers encoder folder and tokenizer folder, no network.
+    """umT5 (Wan2.1: umT5-XXL) from local files, no network: `encoder_path` is a transformers encoder folder,
+    or the original Wan release's `models_t5_umt5-xxl-enc-bf16.pth` (then `tokenizer_path` is required:
+    the release's `google/umt5-xxl` folder).
 
     `dtype` defaults to bf16 on CUDA and fp32 elsewhere; embeddings come back as float32 either way.
     """
@@ -235,10 +261,15 @@ class UMT5TextEncoder(TextEncoder):
     ) -> None:
         super().__init__()
         encoder_path = Path(encoder_path)
+        if encoder_path.is_file() and tokenizer_path is None:
+            raise ValueError(
+                f"{encoder_path} is an encoder weights file; pass tokenizer_path= its tokenizer folder"
+            )
         tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else encoder_path
-        for what, path in (("encoder", encoder_path), ("tokenizer", tokenizer_path)):
-            if not path.is_dir():
-                raise FileNotFoundError(f"umT5 {what} folder {path} not found")
+        if not (encoder_path.is_dir() or encoder_path.is_file()):
+            raise FileNotFoundError(f"umT5 encoder folder or {ORIGINAL_FILE} file {encoder_path} not found")
+        if not tokenizer_path.is_dir():
+            raise FileNotFoundError(f"umT5 tokenizer folder {tokenizer_path} not found")
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
         if self.tokenizer.pad_token_id not in (None, PAD_ID):
             # padding is built here with PAD_ID; another id would silently change what the encoder sees
@@ -248,7 +279,12 @@ class UMT5TextEncoder(TextEncoder):
         if dtype is None:
             # umT5-XXL is 5.7 B parameters: bf16 where it runs on a GPU, fp32 on the CPU
             dtype = torch.bfloat16 if torch.device(device or "cpu").type == "cuda" else torch.float32
-        self.model = UMT5EncoderModel.from_pretrained(str(encoder_path), dtype=dtype, local_files_only=True)
+        if encoder_path.is_file():
+            self.model = load_original_umt5(encoder_path).to(dtype)
+        else:
+            self.model = UMT5EncoderModel.from_pretrained(
+                str(encoder_path), dtype=dtype, local_files_only=True
+            )
         self.model.eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)
@@ -262,3 +298,80 @@ class UMT5TextEncoder(TextEncoder):
                 f"prompt {prompt[:60]!r}... is {len(ids)} tokens; text_len={self.text_len} (shorten the prompt)"
             )
         return ids
+
+
+# ----- the original Wan release's umT5 file ------------------------------------------------------------------
+
+
+def from_original_names(sd: dict) -> dict:
+    """Rename a state dict from Wan's umT5 names to transformers' `UMT5EncoderModel` names."""
+    from diagvid.model.weights import rename_keys
+
+    return rename_keys(sd, ORIGINAL_NAMES)
+
+
+def to_original_names(sd: dict) -> dict:
+    """Rename a `UMT5EncoderModel` state dict to Wan's umT5 names (the tied `encoder.embed_tokens` dropped)."""
+    from diagvid.model.weights import rename_keys
+
+    return rename_keys({k: v for k, v in sd.items() if k != _TIED}, ORIGINAL_NAMES, reverse=True)
+
+
+def config_from_original(sd: dict, source: str | Path = "the state dict") -> UMT5Config:
+    """The `UMT5Config` of an original Wan umT5 state dict, read from its shapes (Wan fixes the rest: gated
+    GELU (tanh), relative positions bucketed up to 128, no dropout, pad 0, end-of-sequence 1)."""
+    needed = [
+        "token_embedding.weight",
+        "blocks.0.attn.q.weight",
+        "blocks.0.pos_embedding.embedding.weight",
+        "blocks.0.ffn.fc1.weight",
+    ]
+    lacking = [k for k in needed if k not in sd]
+    if lacking:
+        keys = sorted(sd)
+        raise ValueError(
+            f"{source} is not an original Wan umT5 encoder checkpoint: it lacks {', '.join(lacking)} "
+            f"(its {len(keys)} keys start {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        )
+    vocab, d_model = sd["token_embedding.weight"].shape
+    buckets, heads = sd["blocks.0.pos_embedding.embedding.weight"].shape
+    layers = 0
+    while f"blocks.{layers}.attn.q.weight" in sd:
+        layers += 1
+    return UMT5Config(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=sd["blocks.0.attn.q.weight"].shape[0] // heads,
+        d_ff=sd["blocks.0.ffn.fc1.weight"].shape[0],
+        num_layers=layers,
+        num_heads=heads,
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=128,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+    )
+
+
+def load_original_umt5(path: str | Path) -> UMT5EncoderModel:
+    """The umT5 encoder of an original Wan release file (`models_t5_umt5-xxl-enc-bf16.pth`) in its stored
+    precision, on the CPU: opened with weights_only=True and memory-mapped, built on the meta device and
+    handed the file's tensors, so the 5.7 B parameters are never held twice."""
+    from diagvid.model.weights import read_tensor_pickle
+
+    path = Path(path)
+    sd = read_tensor_pickle(path)
+    cfg = config_from_original(sd, path)
+    with torch.device("meta"):
+        model = UMT5EncoderModel(cfg)
+    want = {k: tuple(v.shape) for k, v in to_original_names(model.state_dict()).items()}
+    problems = misfit(sd, want)
+    if problems:
+        raise ValueError(f"{path} does not fit a umT5 encoder of {cfg.num_layers} layers: {problems}")
+    model.load_state_dict(from_original_names(sd), strict=False, assign=True)
+    model.encoder.embed_tokens = model.shared  # the tied second name, left on meta by strict=False
+    meta = [name for name, p in model.named_parameters(remove_duplicate=False) if p.is_meta]
+    assert not meta, f"parameters left unloaded: {meta[:3]}"
+    return model.eval()

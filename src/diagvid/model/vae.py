@@ -6,7 +6,8 @@ T pixel frames, H/W pixel size. The time axis is causal with stride 4: the first
 frame and every later one holds four, so T = 1 + 4(F - 1).
 
 Our folder format: `vae.safetensors` (diffusers' parameter names, so a diffusers folder loads through the
-same check) and `vae.json` (the `VAEConfig` fields, latent statistics included).
+same check) and `vae.json` (the `VAEConfig` fields, latent statistics included). The original Wan2.1 release
+file `Wan2.1_VAE.pth` (Wan's own parameter names, no config) loads through `WanVAE.from_original_file`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ TEMPORAL_STRIDE = 4
 WEIGHTS_FILE = "vae.safetensors"
 CONFIG_FILE = "vae.json"
 DIFFUSERS_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+ORIGINAL_FILE = "Wan2.1_VAE.pth"
 
 # The per-channel statistics Wan2.1's latents are normalised with (released with the model).
 _WAN21_MEAN = [
@@ -294,6 +296,26 @@ class WanVAE(nn.Module):
         load_weights(vae.model, folder / DIFFUSERS_WEIGHTS_FILE, cfg.summary())
         return vae.eval()
 
+    @classmethod
+    def from_original_file(cls, path: str | Path, cfg: VAEConfig | None = None) -> WanVAE:
+        """The original Wan release's `Wan2.1_VAE.pth` (Wan's parameter names), on the CPU in fp32.
+
+        The file holds no config: the architecture is read from the tensor shapes and the latent statistics
+        are Wan2.1's (16 channels), unless `cfg` gives both. Opened with weights_only=True, memory-mapped.
+        """
+        from diagvid.model.weights import read_tensor_pickle
+
+        path = Path(path)
+        sd = read_tensor_pickle(path)
+        cfg = cfg or config_from_original(sd, path)
+        vae = cls(cfg)
+        want = {k: tuple(v.shape) for k, v in _unique_state_dict(vae.model).items()}
+        problems = misfit(sd, to_original_names(want, cfg))
+        if problems:
+            raise ValueError(f"{path} does not fit an original Wan VAE of {cfg.summary()}: {problems}")
+        vae.model.load_state_dict(from_original_names(sd, cfg))
+        return vae.eval()
+
     # ----- checks ------------------------------------------------------------------------------------------
 
     def _check_video(self, video: torch.Tensor) -> None:
@@ -342,6 +364,119 @@ def config_from_diffusers(raw: dict) -> VAEConfig:
             f"downsamples by {cfg.spatial_stride}"
         )
     return cfg
+
+
+# ----- the original Wan release's names ----------------------------------------------------------------------
+
+# Inside a residual block: Wan's nn.Sequential indices -> diffusers' names (1, 4, 5 are SiLU / dropout)
+_RESIDUAL_NAMES = {
+    "residual.0.": "norm1.",
+    "residual.2.": "conv1.",
+    "residual.3.": "norm2.",
+    "residual.6.": "conv2.",
+    "shortcut.": "conv_shortcut.",
+}
+
+
+def original_names(cfg: VAEConfig) -> list[tuple[str, str]]:
+    """(Wan name prefix, diffusers `AutoencoderKLWan` prefix) of every module of a VAE of `cfg`.
+
+    Wan keeps each side's blocks in one flat nn.Sequential (`encoder.downsamples.N`, `decoder.upsamples.N`);
+    diffusers keeps the encoder's flat (same indices) and groups the decoder's per level (`up_blocks.i.
+    resnets.j`, `up_blocks.i.upsamplers.0`). `conv1` / `conv2` at the top are the quant convs.
+    """
+    if cfg.attn_scales:
+        raise ValueError(f"attn_scales={cfg.attn_scales}: the original-name mapping covers Wan2.1 (none)")
+    rows = [("conv1.", "quant_conv."), ("conv2.", "post_quant_conv.")]
+
+    def residual(wan: str, ours: str) -> None:
+        rows.extend((wan + a, ours + b) for a, b in _RESIDUAL_NAMES.items())
+
+    for side in ("encoder", "decoder"):
+        rows.append((f"{side}.conv1.", f"{side}.conv_in."))
+        residual(f"{side}.middle.0.", f"{side}.mid_block.resnets.0.")
+        rows.append((f"{side}.middle.1.", f"{side}.mid_block.attentions.0."))
+        residual(f"{side}.middle.2.", f"{side}.mid_block.resnets.1.")
+        rows += [(f"{side}.head.0.", f"{side}.norm_out."), (f"{side}.head.2.", f"{side}.conv_out.")]
+    levels = len(cfg.dim_mult)
+    n = 0
+    for level in range(levels):
+        for _ in range(cfg.num_res_blocks):
+            residual(f"encoder.downsamples.{n}.", f"encoder.down_blocks.{n}.")
+            n += 1
+        if level < levels - 1:
+            rows.append((f"encoder.downsamples.{n}.", f"encoder.down_blocks.{n}."))
+            n += 1
+    n = 0
+    for level in range(levels):
+        for j in range(cfg.num_res_blocks + 1):  # the decoder has one more residual block per level
+            residual(f"decoder.upsamples.{n}.", f"decoder.up_blocks.{level}.resnets.{j}.")
+            n += 1
+        if level < levels - 1:
+            rows.append((f"decoder.upsamples.{n}.", f"decoder.up_blocks.{level}.upsamplers.0."))
+            n += 1
+    return rows
+
+
+def from_original_names(sd: dict, cfg: VAEConfig) -> dict:
+    """Rename a state dict from Wan's VAE names to diffusers `AutoencoderKLWan` names (unknown keys stay)."""
+    from diagvid.model.weights import rename_keys
+
+    return rename_keys(sd, original_names(cfg))
+
+
+def to_original_names(sd: dict, cfg: VAEConfig) -> dict:
+    """Rename a state dict from diffusers `AutoencoderKLWan` names to Wan's VAE names (unknown keys stay)."""
+    from diagvid.model.weights import rename_keys
+
+    return rename_keys(sd, original_names(cfg), reverse=True)
+
+
+def config_from_original(sd: dict, source: str | Path = "the state dict") -> VAEConfig:
+    """The architecture of an original Wan VAE state dict, read from its shapes, with Wan2.1's statistics.
+
+    base_dim from `encoder.conv1`, z_dim from `conv2`, and the levels from the flat encoder: residual blocks
+    (their output width gives dim_mult) until a resample (a `time_conv` makes it temporal).
+    """
+    needed = ["encoder.conv1.weight", "conv2.weight", "encoder.downsamples.0.residual.2.weight"]
+    lacking = [k for k in needed if k not in sd]
+    if lacking:
+        raise ValueError(
+            f"{source} is not an original Wan VAE checkpoint: it lacks {', '.join(lacking)} "
+            f"(its {len(sd)} keys start {_few(sorted(sd))})"
+        )
+    base_dim, z_dim = sd["encoder.conv1.weight"].shape[0], sd["conv2.weight"].shape[0]
+    widths: list[list[int]] = [[]]  # output width of each residual block, per level
+    temporal: list[bool] = []
+    n = 0
+    while any(k.startswith(f"encoder.downsamples.{n}.") for k in sd):
+        prefix = f"encoder.downsamples.{n}."
+        if prefix + "residual.2.weight" in sd:
+            widths[-1].append(sd[prefix + "residual.2.weight"].shape[0])
+        elif prefix + "resample.1.weight" in sd:
+            temporal.append(prefix + "time_conv.weight" in sd)
+            widths.append([])
+        else:
+            raise ValueError(
+                f"{source}: {prefix}* is neither a residual block nor a resample (attention blocks inside the "
+                "levels are not part of Wan2.1's VAE)"
+            )
+        n += 1
+    blocks = {len(w) for w in widths}
+    if len(blocks) != 1 or any(len(set(w)) != 1 or w[0] % base_dim for w in widths):
+        raise ValueError(f"{source}: encoder levels with residual block widths {widths} are not a Wan VAE")
+    if z_dim != len(_WAN21_MEAN):
+        raise ValueError(
+            f"{source} has z_dim={z_dim}; Wan2.1's latent statistics are for {len(_WAN21_MEAN)} channels: pass "
+            "a VAEConfig with latents_mean / latents_std"
+        )
+    return VAEConfig(
+        base_dim=base_dim,
+        z_dim=z_dim,
+        dim_mult=[w[0] // base_dim for w in widths],
+        num_res_blocks=blocks.pop(),
+        temperal_downsample=temporal,
+    )
 
 
 def _drop_decoder_body_norms(decoder: nn.Module) -> None:
@@ -508,6 +643,25 @@ def _few(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
+def misfit(state: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]]) -> str:
+    """A few missing, unexpected and mis-shaped keys of `state` against the names and shapes `want`, as one
+    line; empty when it fits."""
+    missing = sorted(want.keys() - state.keys())
+    unexpected = sorted(state.keys() - want.keys())
+    misshaped = sorted(k for k in want.keys() & state.keys() if tuple(state[k].shape) != tuple(want[k]))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+    if misshaped:
+        shapes = [f"{k}: file {list(state[k].shape)} vs model {list(want[k])}" for k in misshaped[:3]]
+        problems.append(
+            f"{len(misshaped)} with the wrong shape ({'; '.join(shapes)}{', ...' * (len(misshaped) > 3)})"
+        )
+    return ", ".join(problems)
+
+
 def load_weights(module: nn.Module, path: str | Path, expected: str) -> None:
     """Load a safetensors file into `module` after checking every name and shape against it.
 
@@ -521,21 +675,8 @@ def load_weights(module: nn.Module, path: str | Path, expected: str) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
-    want = {k: tuple(v.shape) for k, v in _unique_state_dict(module).items()}
-    missing = sorted(want.keys() - state.keys())
-    unexpected = sorted(state.keys() - want.keys())
-    misshaped = sorted(k for k in want.keys() & state.keys() if tuple(state[k].shape) != want[k])
-    if missing or unexpected or misshaped:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} missing ({_few(missing)})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
-        if misshaped:
-            shapes = [f"{k}: file {list(state[k].shape)} vs model {list(want[k])}" for k in misshaped[:3]]
-            problems.append(
-                f"{len(misshaped)} with the wrong shape ({'; '.join(shapes)}{', ...' * (len(misshaped) > 3)})"
-            )
-        raise ValueError(f"{path} does not fit {expected}: {', '.join(problems)}")
+    problems = misfit(state, {k: tuple(v.shape) for k, v in _unique_state_dict(module).items()})
+    if problems:
+        raise ValueError(f"{path} does not fit {expected}: {problems}")
     # strict=False only forgives the second names of tied tensors, which load through their first name
     module.load_state_dict(state, strict=False)

@@ -115,6 +115,12 @@ def _rename(sd: StateDict, rules: list[tuple[re.Pattern[str], str]]) -> StateDic
     return out
 
 
+def rename_keys(sd: StateDict, table: list[tuple[str, str]], reverse: bool = False) -> StateDict:
+    """Rename keys by a table of (left name, right name) rows written like `DIFFUSERS_NAMES` ("." ends a
+    prefix, "*" is a block index); left to right, or right to left with `reverse`. Unmatched keys stay."""
+    return _rename(sd, _compile(table, reverse))
+
+
 def to_diffusers_names(sd: StateDict) -> StateDict:
     """Rename a state dict from original Wan names (ours) to diffusers `WanTransformer3DModel` names."""
     return _rename(sd, _TO_DIFFUSERS)
@@ -364,15 +370,22 @@ def read_safetensors(path: str | Path) -> StateDict:
         raise ValueError(f"{path} is not a valid safetensors file: {why}") from err
 
 
-def read_pickle(path: str | Path) -> object:
-    """A torch.save file opened with weights_only=True: tensors and plain containers only, no code runs."""
+def read_pickle(path: str | Path, *, mmap: bool = False) -> object:
+    """A torch.save file opened with weights_only=True: tensors and plain containers only, no code runs.
+
+    `mmap`: map the tensors from the file instead of reading them into memory (zip-format files; older
+    pickles are read whole).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    if _sniff(path) == "safetensors":
+    kind = _sniff(path)
+    if kind == "safetensors":
         raise ValueError(f"{path} is a safetensors file; name it .safetensors")
+    if kind == "unknown":
+        raise ValueError(f"{path} is not a readable torch checkpoint: neither a torch.save zip nor a pickle")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
     except Exception as err:  # weights_only refusals and damaged archives raise several types
         text = str(err)
         refused = [line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line]
@@ -384,6 +397,21 @@ def read_pickle(path: str | Path) -> object:
         raise ValueError(
             f"{path} is not a readable torch checkpoint (truncated or corrupt?): {text[:300]}"
         ) from err
+
+
+def read_tensor_pickle(path: str | Path) -> StateDict:
+    """A .pth file holding one flat name -> tensor dict (Wan's released VAE and umT5 files), memory-mapped
+    and opened with weights_only=True; anything else is a ValueError naming the file."""
+    obj = read_pickle(path, mmap=True)
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a dict of tensors")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(
+            f"{path} is not a flat state dict: {len(bad)} entries are not name -> tensor "
+            f"(e.g. {', '.join(map(repr, bad[:3]))})"
+        )
+    return obj
 
 
 def _read_file(path: Path) -> tuple[object, dict[str, str]]:
