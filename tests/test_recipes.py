@@ -7,11 +7,22 @@ from pathlib import Path
 import pytest
 
 from diagvid.config import load_config
+from diagvid.train.distill import DistillConfig
+from diagvid.train.ode import OdeConfig
+from diagvid.train.ode_init import InitConfig
 from diagvid.train.teacher import TeacherConfig
 from diagvid.train.vae import VAETrainConfig
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
-KINDS = {"vae": VAETrainConfig, "teacher": TeacherConfig}
+KINDS = {
+    "vae": VAETrainConfig,
+    "teacher": TeacherConfig,
+    "ode": OdeConfig,
+    "init": InitConfig,
+    "distill-diagonal": DistillConfig,
+    "distill-self-forcing": DistillConfig,
+    "distill-causvid": DistillConfig,
+}
 
 
 @pytest.mark.parametrize("path", sorted(ROOT.glob("*/*.toml")), ids=lambda p: f"{p.parent.name}/{p.name}")

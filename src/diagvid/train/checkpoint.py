@@ -48,14 +48,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_atomic(obj: Any, path: str | Path) -> Path:
-    """torch.save `obj` to `path` atomically (temp file + fsync + rename)."""
-    path = Path(path)
+def _write_atomic(path: Path, write) -> Path:
+    """Call write(file) on a temp file beside `path`, flush and fsync it, rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -69,6 +68,26 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """torch.save `obj` to `path` atomically (temp file + fsync + rename)."""
+    return _write_atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def save_tensors_atomic(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write tensors as one safetensors file atomically (a killed writer leaves no partial file)."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    return _write_atomic(Path(path), lambda f: f.write(data))
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write a small text file (a manifest) atomically."""
+    return _write_atomic(Path(path), lambda f: f.write(text.encode()))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import signal
@@ -28,15 +29,28 @@ class EMA:
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, decay: float | None = None) -> None:
+        """Move towards `model`'s parameters; `decay=0` copies them (before an EMA start step)."""
+        decay = self.decay if decay is None else decay
         for ema_p, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            ema_p.lerp_(p.detach().float(), 1.0 - self.decay)
+            p = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shards are gathered
+            ema_p.lerp_(p.detach().float().to(ema_p.device), 1.0 - decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state)
+
+
+def seeded(*parts: int | str) -> torch.Generator:
+    """A CPU generator whose seed is a fixed function of `parts` (run seed, step, sample index, ...).
+
+    Training stages draw every random number from such generators, keyed by what the number is for, so a
+    draw depends neither on how the batch is split over ranks and micro-batches nor on earlier draws.
+    """
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest) >> 1)
 
 
 def start_run(out_dir: str | Path, config: dict[str, Any], seed: int) -> Path:
@@ -101,12 +115,18 @@ def run_loop(
     config: dict[str, Any] | None = None,
     resume: bool = True,
     progress: bool = True,
+    writer: bool = True,
+    agree: Callable[[bool], bool] | None = None,
 ) -> int:
     """Run `train_step(step)` from the last checkpoint (if any) until `max_steps`, checkpointing atomically.
 
     `state` maps names to objects with state_dict/load_state_dict (models, optimisers, EMA); RNG states and
     the step are added here. Returns the step reached. The data position must be a function of the step
     (the stages index their data by step), which is what makes a resumed run bit-identical.
+
+    Distributed runs call this on every rank: `writer` is true on rank 0 alone (log, bar, checkpoint file;
+    state dicts are still gathered on every rank, FSDP needs all of them), and `agree(flag)` returns
+    whether any rank was asked to stop, so that all ranks leave after the same step.
     """
     ckpt_path = out_dir / "checkpoint.pt"
     for stale in out_dir.glob(f".{ckpt_path.name}.*.tmp"):  # a write cut short by a crash or SIGKILL
@@ -122,7 +142,7 @@ def run_loop(
         set_rng_state(blob["rng"])
         step = int(blob["step"])
         log.info("resumed from %s at step %d", ckpt_path, step)
-    jsonl = JsonlLog(out_dir / "log.jsonl", resume_step=step)
+    jsonl = JsonlLog(out_dir / "log.jsonl", resume_step=step) if writer else None
 
     def save() -> None:
         blob = {
@@ -131,7 +151,8 @@ def run_loop(
             "rng": rng_state(),
             "config": json.dumps(config or {}),
         }
-        save_atomic(blob, ckpt_path)
+        if writer:
+            save_atomic(blob, ckpt_path)
 
     stop = {"flag": False}
 
@@ -140,7 +161,7 @@ def run_loop(
 
     old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = None
-    if progress:
+    if progress and writer:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         bar = Progress(
@@ -157,7 +178,7 @@ def run_loop(
         while step < max_steps:
             metrics = train_step(step)
             step += 1
-            if step % log_every == 0 or step == max_steps:
+            if jsonl is not None and (step % log_every == 0 or step == max_steps):
                 record = {"step": step, "time": round(time.perf_counter() - t0, 3), **metrics}
                 jsonl.write(record)
                 log.info(
@@ -165,7 +186,8 @@ def run_loop(
                         f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                     )
                 )
-            if evaluate is not None and eval_every and (step % eval_every == 0 or step == max_steps):
+            due = eval_every and (step % eval_every == 0 or step == max_steps)
+            if jsonl is not None and evaluate is not None and due:
                 jsonl.write({"step": step, "eval": evaluate(step)})
             if step % ckpt_every == 0 or step == max_steps:
                 save()
@@ -175,7 +197,7 @@ def run_loop(
                     completed=step,
                     info=" ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
                 )
-            if stop["flag"]:
+            if agree(stop["flag"]) if agree is not None else stop["flag"]:
                 save()
                 raise StopRequested(f"stopped at step {step}; checkpoint written to {ckpt_path}")
     finally:
@@ -184,3 +206,24 @@ def run_loop(
         for s, handler in old.items():
             signal.signal(s, handler)
     return step
+
+
+def write_model_config(out_dir: Path, model: torch.nn.Module) -> None:
+    """Record the trained DiT's architecture beside the checkpoint (`export_model` rebuilds it from there)."""
+    (out_dir / "model.json").write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
+
+
+def export_model(run_dir: str | Path, folder: str | Path, part: str = "ema", kind: str = "generator") -> Path:
+    """Write one model of a run's checkpoint (default: the EMA weights) as a model folder of ours."""
+    from diagvid.model.dit import DiTConfig, WanDiT
+    from diagvid.model.weights import save_dit
+
+    run_dir = Path(run_dir)
+    blob = load_checkpoint(run_dir / "checkpoint.pt")
+    if part not in blob["state"]:
+        raise ValueError(f"{run_dir}/checkpoint.pt has no {part!r}; it holds {sorted(blob['state'])}")
+    cfg = DiTConfig.from_dict(json.loads((run_dir / "model.json").read_text()))
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    model.load_state_dict(blob["state"][part], assign=True)
+    return save_dit(model, folder, kind=kind)

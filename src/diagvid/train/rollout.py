@@ -12,6 +12,10 @@ gradients never cross chunks through the cache.
 
 The exit draw `exit_u` in [0, 1) maps to step floor(exit_u * len(steps)) of each chunk. Draw it from a
 generator seeded the same on every rank (or broadcast it) so that all ranks run the same graph.
+
+`teacher_forced` is CausVid's generator pass instead: no self-rollout; each chunk is a ground-truth chunk
+noised to one step of its list and denoised in one forward, against a cache that holds the clean ground
+truth of the earlier chunks.
 """
 
 from __future__ import annotations
@@ -23,6 +27,11 @@ from diagvid.sampling import FlowMatch, Schedule
 from diagvid.stream import denoise_chunk
 
 ROLLOUTS = ("self-forcing", "diagonal")
+
+
+def _model(generator: torch.nn.Module) -> WanDiT:
+    # a DDP wrapper forwards calls but not methods; the cache is sized from the model itself
+    return getattr(generator, "module", generator)
 
 
 def exit_steps(schedule: Schedule, num_chunks: int, mode: str, exit_u: float) -> list[int]:
@@ -65,7 +74,7 @@ def rollout(
     schedule.check_fits(num_chunks)
     exits = exit_steps(schedule, num_chunks, mode, exit_u)
     contexts = context_timesteps(schedule, num_chunks, mode)
-    cache = generator.new_cache(batch_size=b, latent_hw=(h, w), capacity_frames=f)
+    cache = _model(generator).new_cache(batch_size=b, latent_hw=(h, w), capacity_frames=f)
     outs = []
     for k in range(num_chunks):
         a = k * frames_per_chunk
@@ -82,4 +91,40 @@ def rollout(
             exit_step=exits[k],
         )
         outs.append(x0)
+    return torch.cat(outs, dim=2)
+
+
+def teacher_forced(
+    generator: torch.nn.Module,
+    fm: FlowMatch,
+    clean: torch.Tensor,
+    ctx: torch.Tensor,
+    schedule: Schedule,
+    frames_per_chunk: int,
+    *,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """x0 [B, C, F, h, w] of ground truth `clean` noised chunk by chunk, each chunk seeing clean context.
+
+    Chunk k is noised to a step of its list drawn from `gen` (one draw per chunk, as CausVid draws per
+    block), denoised in one forward that keeps its graph, then the clean chunk is written over its cache
+    slots at `schedule.context_t` without gradient, so later chunks condition on the ground truth.
+    """
+    b, _, f, h, w = clean.shape
+    if f % frames_per_chunk:
+        raise ValueError(f"{f} latent frames do not split into chunks of {frames_per_chunk}")
+    num_chunks = f // frames_per_chunk
+    schedule.check_fits(num_chunks)
+    cache = _model(generator).new_cache(batch_size=b, latent_hw=(h, w), capacity_frames=f)
+    outs = []
+    for k in range(num_chunks):
+        a = k * frames_per_chunk
+        steps = schedule.chunk_steps(k)
+        t = float(steps[int(torch.randint(len(steps), (), generator=gen))])
+        x_k = clean[:, :, a : a + frames_per_chunk]
+        noise = torch.randn(x_k.shape, generator=gen).to(x_k.device, x_k.dtype)
+        outs.append(denoise_chunk(generator, fm, fm.add_noise(x_k, noise, t), [t], ctx, cache, a, gen))
+        with torch.no_grad():
+            t_ctx = torch.full((b, frames_per_chunk), float(schedule.context_t), device=clean.device)
+            generator(x_k, t_ctx, ctx, cache=cache, start_frame=a)
     return torch.cat(outs, dim=2)
