@@ -36,3 +36,26 @@ def test_resume_is_bit_identical_and_statistics_are_filled(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight.cfg.latents_std == resumed.cfg.latents_std
     assert straight.cfg.latents_std != [1.0] * 4  # measured, not the placeholder
+
+
+def test_warm_up_streams_the_cache_then_trains_on_the_rest(tmp_path):
+    """The warmed reconstruction is exactly the tail of a whole-clip reconstruction (same causal caches),
+    and a run with warm-up trains and resumes."""
+    from diagvid.model.vae import WanVAE, preset
+    from diagvid.train.vae import _reconstruct_after_warmup
+
+    torch.manual_seed(0)
+    vae = WanVAE(preset("tiny")).eval()
+    x = torch.rand(1, 3, 17, 16, 16) * 2 - 1
+    mask = torch.ones(1, 1, 17, 16, 16)
+    with torch.no_grad():
+        whole = vae.decode(vae.encode(x))
+        for warm, cut in ((0, 0), (1, 1), (3, 9)):
+            rec, target, m = _reconstruct_after_warmup(vae, x, mask, warm)
+            assert target.shape[2] == 17 - cut == rec.shape[2] and m.shape[2] == 17 - cut
+            torch.testing.assert_close(rec, whole[:, :, cut:], atol=1e-5, rtol=1e-4)
+
+    cfg = recipe(tmp_path / "w")
+    cfg.warm_chunks_max, cfg.eval_frames = 3, 9
+    train_vae(cfg, progress=False)
+    assert load_checkpoint(tmp_path / "w/checkpoint.pt")["step"] == 3

@@ -43,6 +43,13 @@ class VAETrainConfig:
     """extra loss weight on object pixels at step 0 (objects cover a few % of a frame, and without it the
     codec spends hundreds of steps on the background first); decays linearly to 0 by `fg_decay_steps`"""
     fg_decay_steps: int = 1500
+    warm_chunks_max: int = 0
+    """before each step's trained frames, stream up to this many latent frames (drawn uniformly per step)
+    through encoder and decoder without gradient. The causal caches then reach the states they have deep
+    into a long video: the decoder sees ~20 latent frames back, far more than a short training clip, and
+    a codec trained on short clips alone decodes later chunks with wrong colours. 0: whole short clips."""
+    eval_frames: int = 33
+    """pixel frames of the held-out clips used for PSNR (longer than training clips on purpose)"""
     ema_decay: float = 0.995
     seed: int = 0
     out_dir: str = "runs/toy-vae"
@@ -55,6 +62,10 @@ class VAETrainConfig:
     def __post_init__(self) -> None:
         if (self.clip_frames - 1) % 4 or self.clip_frames < 1:
             raise ValueError(f"clip_frames={self.clip_frames} must be 1 + 4k")
+        if self.warm_chunks_max < 0 or (self.eval_frames - 1) % 4:
+            raise ValueError(
+                f"warm_chunks_max={self.warm_chunks_max} must be >= 0 and eval_frames={self.eval_frames} 1 + 4k"
+            )
         if not 8 <= self.crop <= self.size:
             raise ValueError(f"crop={self.crop} must be in [8, size={self.size}]")
 
@@ -65,7 +76,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
-def _batch(cfg: VAETrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(cfg: VAETrainConfig, step: int, extra_frames: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Clips [B, 3, T, h, w] and their object masks [B, 1, T, h, w] for `step`.
 
     Seeds and crops are functions of the step, so a resumed run sees the same data.
@@ -75,7 +86,9 @@ def _batch(cfg: VAETrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     clips, masks = [], []
     for i in range(cfg.batch_size):
-        spec = sample_spec(step * cfg.batch_size + i, num_frames=cfg.clip_frames, size=cfg.size)
+        spec = sample_spec(
+            step * cfg.batch_size + i, num_frames=cfg.clip_frames + extra_frames, size=cfg.size
+        )
         frames = render(spec).frames
         bg = np.clip(np.rint(background(spec.background_seed, cfg.size)), 0, 255).astype(np.uint8)
         mask = torch.from_numpy((frames != bg).any(axis=-1))[None].float()  # [1, T, H, W]
@@ -128,6 +141,22 @@ def latent_statistics(vae: WanVAE, clips: torch.Tensor) -> tuple[list[float], li
     return mus.mean(dim=(0, 2, 3, 4)).tolist(), mus.std(dim=(0, 2, 3, 4)).clamp_min(1e-4).tolist()
 
 
+def _reconstruct_after_warmup(
+    vae: WanVAE, x: torch.Tensor, mask: torch.Tensor, warm: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stream the first `warm` latent frames of x through encoder and decoder without gradient, then the rest
+    with gradient; returns (reconstruction, target frames, their masks) of the trained part only."""
+    from diagvid.model.vae import StreamingDecoder, StreamingEncoder
+
+    enc, dec = StreamingEncoder(vae), StreamingDecoder(vae)
+    cut = 0 if warm == 0 else 1 + 4 * (warm - 1)  # pixel frames that make the first `warm` latent frames
+    if cut:
+        with torch.no_grad():
+            dec.decode(enc.encode(x[:, :, :cut]))
+    rec = dec.decode(enc.encode(x[:, :, cut:]))
+    return rec, x[:, :, cut:], mask[:, :, cut:]
+
+
 def train_vae(
     cfg: VAETrainConfig, *, resume: bool = True, max_steps: int | None = None, progress: bool = True
 ) -> WanVAE:
@@ -136,19 +165,27 @@ def train_vae(
     vae = WanVAE(preset(cfg.preset, **cfg.overrides))
     ema = EMA(vae, cfg.ema_decay)
     opt, sched = adamw_with_warmup(vae.parameters(), cfg.lr, (0.9, 0.99), 0.0, cfg.warmup)
-    held, held_masks = heldout_clips(cfg.eval_clips, cfg.size)
+    held, held_masks = heldout_clips(cfg.eval_clips, cfg.size, cfg.eval_frames)
 
     def train_step(step: int) -> dict[str, float]:
-        x, mask = _batch(cfg, step)
-        vae.train()
-        posterior = vae.model.encode(x).latent_dist
-        # the posterior mean, not a sample: at init the posterior std is ~1 and buries the ~0.15-scale signal,
-        # which stalls training at a constant grey; the DiT only ever sees the mean anyway
-        rec = vae.model.decode(posterior.mode()).sample
         fg = cfg.fg_weight * max(0.0, 1.0 - step / max(1, cfg.fg_decay_steps))
+        vae.train()
+        if cfg.warm_chunks_max:
+            warm = int(
+                torch.randint(0, cfg.warm_chunks_max + 1, (1,), generator=torch.Generator().manual_seed(step))
+            )
+            x, mask = _batch(cfg, step, extra_frames=4 * warm)
+            rec, x, mask = _reconstruct_after_warmup(vae, x, mask, warm)
+            kl = torch.zeros(())
+        else:
+            x, mask = _batch(cfg, step)
+            posterior = vae.model.encode(x).latent_dist
+            # the posterior mean, not a sample: at init the posterior std is ~1 and buries the ~0.15-scale
+            # signal, which stalls training at a constant grey; the DiT only ever sees the mean anyway
+            rec = vae.model.decode(posterior.mode()).sample
+            kl = posterior.kl().mean() / x[0].numel()
         rec_loss = reconstruction_loss(rec, x, 1.0 + fg * mask)
         l1 = (rec - x).abs().mean()
-        kl = posterior.kl().mean() / x[0].numel()
         loss = rec_loss + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
