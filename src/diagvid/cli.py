@@ -631,19 +631,9 @@ def train_init_cmd(
     export: str | None = _EXPORT,
 ) -> None:
     """Initialise the causal student from the teacher by ODE regression; resumes; torchrun for several ranks."""
-    from diagvid.config import load_config
-    from diagvid.train.distributed import is_main_process
-    from diagvid.train.loop import export_model
     from diagvid.train.ode_init import InitConfig, train_init
 
-    with _training_errors():
-        cfg = load_config(InitConfig, config, overrides)
-        if is_main_process():
-            _setup_logging(cfg.out_dir)
-        out = train_init(cfg, resume=not fresh, max_steps=max_steps, progress=is_main_process())
-    if export and is_main_process():
-        export_model(out, export)
-        console.print(f"wrote {export}")
+    _run_student_stage(InitConfig, train_init, config, overrides, max_steps, fresh, export, "")
 
 
 @train_app.command("distill")
@@ -655,19 +645,27 @@ def train_distill_cmd(
     export: str | None = _EXPORT,
 ) -> None:
     """Distill the causal generator with DMD (causvid, self-forcing or diagonal rollouts); resumes; torchrun ok."""
-    from diagvid.config import load_config
     from diagvid.train.distill import DistillConfig, train_distill
+
+    _run_student_stage(
+        DistillConfig, train_distill, config, overrides, max_steps, fresh, export, " (generator EMA)"
+    )
+
+
+def _run_student_stage(config_cls, train, config, overrides, max_steps, fresh, export, what: str) -> None:
+    """Load a stage's recipe, train (rank 0 logs and exports), export the result if asked."""
+    from diagvid.config import load_config
     from diagvid.train.distributed import is_main_process
     from diagvid.train.loop import export_model
 
     with _training_errors():
-        cfg = load_config(DistillConfig, config, overrides)
+        cfg = load_config(config_cls, config, overrides)
         if is_main_process():
             _setup_logging(cfg.out_dir)
-        out = train_distill(cfg, resume=not fresh, max_steps=max_steps, progress=is_main_process())
+        out = train(cfg, resume=not fresh, max_steps=max_steps, progress=is_main_process())
     if export and is_main_process():
         export_model(out, export)
-        console.print(f"wrote {export} (generator EMA)")
+        console.print(f"wrote {export}{what}")
 
 
 def main() -> None:
