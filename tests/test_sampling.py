@@ -103,6 +103,8 @@ def test_bad_steps_raise(text, message):
 
 
 def test_schedule_errors():
+    with pytest.raises(ValueError, match="unknown schedule 'diagonal-3'; allowed"):
+        get_schedule("diagonal-3")  # a misspelt preset is named as such, not parsed as steps
     with pytest.raises(ValueError, match="unknown schedule 'fast'"):
         get_schedule("fast")
     with pytest.raises(ValueError, match="no per-chunk"):

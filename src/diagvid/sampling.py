@@ -218,7 +218,7 @@ def get_schedule(name_or_steps: str | Schedule, context: str | None = None) -> S
         sched = name_or_steps
     elif name_or_steps in PRESET_SCHEDULES:
         sched = PRESET_SCHEDULES[name_or_steps]
-    elif any(c.isdigit() for c in name_or_steps):
+    elif name_or_steps.strip()[:1].isdigit():  # a step list starts with a number, a preset with a letter
         # a user list: chunk 0 gets a clean pass like the diagonal preset unless told otherwise
         sched = Schedule("custom", parse_steps(name_or_steps), ("clean", "noisy"), strict=True)
     else:
