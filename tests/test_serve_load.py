@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -53,25 +55,45 @@ def test_twenty_clients_on_loopback(_tiny_pipeline_models):
     expected = {seed: pipe.generate(PROMPT, num_chunks=2, seed=seed)[0] for seed in range(CLIENTS)}
     app = create_app(pipe, ServeSettings(max_queue=CLIENTS, frame_format="png", lead_seconds=None))
     with running_server(app) as address:
+        # round 1 warms every pool up; the resident set after round 2 must be back near that baseline
+        asyncio.run(crowd(address))
+        drained(address, app)
+        baseline = resident_mb()
         t0 = time.monotonic()
         results = asyncio.run(crowd(address))
         elapsed = time.monotonic() - t0
-        # the server outlives the clients that left; every per-client registry empties
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            health = httpx.get(f"http://{address}/health", timeout=5).json()
-            if health["queue_length"] == 0 and health["active_stream"] is None and health["clients"] == 0:
-                break
-            time.sleep(0.05)
-        assert health["ok"] is True and health["clients"] == 0, health
-        assert health["queue_length"] == 0 and health["active_stream"] is None, health
-        assert not app.state.sessions
+        health = drained(address, app)
+        grown = resident_mb() - baseline
+        print(f"resident memory after round 2: {grown:+.1f} MB against round 1")
+        assert health["ok"] is True and grown < 40, f"resident memory grew {grown:.1f} MB over a second round"
         counts = app.state.runner.snapshot()["counts"]
     completed = [r for r in results if not r["left"]]
     assert len(completed) == CLIENTS - sum(r["left"] for r in results) >= 12
     for r in completed:
         assert r["reason"] == "finished"
         assert np.array_equal(np.stack(r["frames"]), expected[r["seed"]]), f"client {r['seed']}"
-    assert counts["submitted"] == CLIENTS and counts["finished"] + counts["stopped"] == CLIENTS
+    assert counts["submitted"] == 2 * CLIENTS and counts["finished"] + counts["stopped"] == 2 * CLIENTS
     assert counts["finished"] >= len(completed) and counts["failed"] == 0
     assert elapsed < 60
+
+
+def drained(address: str, app) -> dict:
+    """Wait until the server has no client, queue or stream left (the ones that left included)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        health = httpx.get(f"http://{address}/health", timeout=5).json()
+        if health["queue_length"] == 0 and health["active_stream"] is None and health["clients"] == 0:
+            break
+        time.sleep(0.05)
+    assert health["clients"] == 0 and health["queue_length"] == 0 and health["active_stream"] is None, health
+    assert not app.state.sessions
+    return health
+
+
+def resident_mb() -> float:
+    """This process's resident set (the server runs in a thread of it), after a garbage collection."""
+    gc.collect()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
