@@ -59,3 +59,20 @@ def test_errors(tmp_path):
     Image.new("CMYK", (4, 4)).save(tmp_path / "c.jpg")
     with pytest.raises(ValueError, match="mode 'CMYK'"):
         read_image(tmp_path / "c.jpg")
+
+
+@pytest.mark.parametrize("name", ["clip.mp4", "frames"])
+def test_written_files_get_the_usual_permissions(tmp_path, name):
+    """Temporary files start at 0600; what lands must have the mode a plain open() gives (umask applied)."""
+    import os
+
+    from diagvid.train.checkpoint import save_atomic
+
+    old = os.umask(0o022)
+    try:
+        out = write_video(np.zeros((3, 16, 16, 3), np.uint8), tmp_path / name, fps=8)
+        ckpt = save_atomic({"w": np.zeros(1)}, tmp_path / "c.pt")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == (0o755 if out.is_dir() else 0o644)
+    assert ckpt.stat().st_mode & 0o777 == 0o644

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diagvid.fileperm import as_created
+
 FORMATS = (".mp4", ".gif", "png folder (a path without suffix or ending in /)")
 
 
@@ -41,9 +43,11 @@ class VideoWriter:
         parent.mkdir(parents=True, exist_ok=True)
         if self.kind == "png":
             self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=parent))
+            as_created(self._tmp, folder=True)
             self._writer = None
         else:
             fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=self.path.suffix, dir=parent)
+            as_created(tmp)
             os.close(fd)
             self._tmp = Path(tmp)
             self._writer = None  # opened on the first frames, when the size is known

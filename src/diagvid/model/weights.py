@@ -32,6 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from diagvid.fileperm import as_created
 from diagvid.model.dit import PRESETS, DiTConfig, WanDiT, preset
 
 log = logging.getLogger(__name__)
@@ -724,6 +725,7 @@ def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
     """Run write(tmp) on a temp file beside `path`, fsync it, and rename it over `path`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    as_created(tmp)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from diagvid.fileperm import as_created
+
 
 def rng_state() -> dict[str, Any]:
     """Every global random generator a training loop may draw from."""
@@ -52,6 +54,7 @@ def _write_atomic(path: Path, write) -> Path:
     """Call write(file) on a temp file beside `path`, flush and fsync it, rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    as_created(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
