@@ -59,3 +59,14 @@ def test_warm_up_streams_the_cache_then_trains_on_the_rest(tmp_path):
     cfg.warm_chunks_max, cfg.eval_frames = 3, 9
     train_vae(cfg, progress=False)
     assert load_checkpoint(tmp_path / "w/checkpoint.pt")["step"] == 3
+
+
+def test_init_from_starts_from_the_given_weights(tmp_path):
+    first = train_vae(recipe(tmp_path / "a"), progress=False)
+    first.save(tmp_path / "shipped")
+    cfg = recipe(tmp_path / "b")
+    cfg.init_from, cfg.lr, cfg.steps = str(tmp_path / "shipped"), 0.0, 1
+    train_vae(cfg, progress=False)
+    started = load_checkpoint(tmp_path / "b/checkpoint.pt")["state"]["vae"]
+    for name, tensor in first.model.state_dict().items():
+        assert torch.equal(started[f"model.{name}"], tensor), name

@@ -48,6 +48,8 @@ class VAETrainConfig:
     through encoder and decoder without gradient. The causal caches then reach the states they have deep
     into a long video: the decoder sees ~20 latent frames back, far more than a short training clip, and
     a codec trained on short clips alone decodes later chunks with wrong colours. 0: whole short clips."""
+    init_from: str = ""
+    """a VAE folder (e.g. the shipped toy VAE) whose weights start the run when it has no checkpoint yet"""
     eval_frames: int = 33
     """pixel frames of the held-out clips used for PSNR (longer than training clips on purpose)"""
     ema_decay: float = 0.995
@@ -163,6 +165,14 @@ def train_vae(
     """Train (or continue) the VAE; returns the EMA model with latent statistics filled in."""
     out = start_run(cfg.out_dir, to_dict(cfg), cfg.seed)
     vae = WanVAE(preset(cfg.preset, **cfg.overrides))
+    if cfg.init_from and not (out / "checkpoint.pt").exists():
+        start = WanVAE.load(cfg.init_from)
+        if start.cfg.summary() != vae.cfg.summary():
+            raise ValueError(
+                f"init_from={cfg.init_from!r} is a {start.cfg.summary()}; this run trains {vae.cfg.summary()}"
+            )
+        vae.model.load_state_dict(start.model.state_dict())  # weights only: training works on raw latents
+        log.info("starting from the weights in %s", cfg.init_from)
     ema = EMA(vae, cfg.ema_decay)
     opt, sched = adamw_with_warmup(vae.parameters(), cfg.lr, (0.9, 0.99), 0.0, cfg.warmup)
     held, held_masks = heldout_clips(cfg.eval_clips, cfg.size, cfg.eval_frames)
