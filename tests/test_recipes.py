@@ -16,6 +16,7 @@ from diagvid.train.vae import VAETrainConfig
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 KINDS = {
     "vae": VAETrainConfig,
+    "vae-stream": VAETrainConfig,
     "teacher": TeacherConfig,
     "ode": OdeConfig,
     "init": InitConfig,
