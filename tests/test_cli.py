@@ -212,3 +212,24 @@ def test_sigterm_mid_stream_leaves_no_half_file(tiny_folder, tmp_path):
     assert proc.returncode == 130, output
     assert "interrupted" in output
     assert not list(out.iterdir())
+
+
+def test_prompt_file_that_is_not_utf8_is_refused(tiny_folder, tmp_path):
+    bad = tmp_path / "timeline.jsonl"
+    bad.write_bytes(b'{"at": 0, "prompt": "a red \xff\xfe circle"}\n')
+    out = tmp_path / "c.mp4"
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_folder),
+        "--device",
+        "cpu",
+        "--prompt-file",
+        str(bad),
+        "--out",
+        str(out),
+    ]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert "timeline.jsonl is not UTF-8 text: byte 27 (invalid start byte)" in said and not out.exists()

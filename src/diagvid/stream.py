@@ -94,8 +94,12 @@ def read_timeline(path: str | Path) -> list[PromptEvent]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no timeline file at {path}")
+    try:
+        text = path.read_text(encoding="utf-8", errors="strict")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text: byte {err.start} ({err.reason})") from None
     events = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="strict").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
