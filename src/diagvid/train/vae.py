@@ -12,7 +12,6 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -78,12 +77,22 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
+def _render_with_mask(spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """A world clip [3, T, H, W] in [-1, 1] and its object mask [1, T, H, W] (pixels that differ from the
+    clip's background, which the renderer knows)."""
+    from diagvid.world import background_frame, frames_to_tensor, render
+
+    frames = render(spec).frames
+    mask = (frames != background_frame(spec.background_seed, spec.size)).any(axis=-1)
+    return frames_to_tensor(frames), torch.from_numpy(mask)[None]
+
+
 def _batch(cfg: VAETrainConfig, step: int, extra_frames: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Clips [B, 3, T, h, w] and their object masks [B, 1, T, h, w] for `step`.
 
     Seeds and crops are functions of the step, so a resumed run sees the same data.
     """
-    from diagvid.world import background, frames_to_tensor, render, sample_spec
+    from diagvid.world import sample_spec
 
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     clips, masks = [], []
@@ -91,13 +100,10 @@ def _batch(cfg: VAETrainConfig, step: int, extra_frames: int = 0) -> tuple[torch
         spec = sample_spec(
             step * cfg.batch_size + i, num_frames=cfg.clip_frames + extra_frames, size=cfg.size
         )
-        frames = render(spec).frames
-        bg = np.clip(np.rint(background(spec.background_seed, cfg.size)), 0, 255).astype(np.uint8)
-        mask = torch.from_numpy((frames != bg).any(axis=-1))[None].float()  # [1, T, H, W]
-        video = frames_to_tensor(frames)  # [3, T, H, W]
+        video, mask = _render_with_mask(spec)
         y, x = (int(v) for v in torch.randint(0, cfg.size - cfg.crop + 1, (2,), generator=gen))
         clips.append(video[:, :, y : y + cfg.crop, x : x + cfg.crop])
-        masks.append(mask[:, :, y : y + cfg.crop, x : x + cfg.crop])
+        masks.append(mask[:, :, y : y + cfg.crop, x : x + cfg.crop].float())
     return torch.stack(clips), torch.stack(masks)
 
 
@@ -110,15 +116,10 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 
 def heldout_clips(n: int, size: int, num_frames: int = 17) -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out full-size clips [n, 3, T, H, W] from the evaluation seeds and their object masks [n, 1, T, H, W]."""
-    from diagvid.world import background, eval_specs, frames_to_tensor, render
+    from diagvid.world import eval_specs
 
     specs = (eval_specs("heldout-48", num_frames=num_frames, size=size) * 2)[:n]
-    clips, masks = [], []
-    for spec in specs:
-        frames = render(spec).frames
-        bg = np.clip(np.rint(background(spec.background_seed, size)), 0, 255).astype(np.uint8)
-        clips.append(frames_to_tensor(frames))
-        masks.append(torch.from_numpy((frames != bg).any(axis=-1))[None])
+    clips, masks = zip(*(_render_with_mask(spec) for spec in specs), strict=True)
     return torch.stack(clips), torch.stack(masks)
 
 

@@ -197,6 +197,11 @@ def background(seed: int, size: int = DEFAULT_SIZE) -> np.ndarray:
     return (grey + tint + pattern[..., None]).astype(np.float32)
 
 
+def background_frame(seed: int, size: int = DEFAULT_SIZE) -> np.ndarray:
+    """The background exactly as rendered clips show it: uint8 [H, W, 3]."""
+    return np.clip(np.rint(background(seed, size)), 0, 255).astype(np.uint8)
+
+
 def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.ndarray:
     """Boolean mask of pixels whose centres lie in the shape, given offsets from the object's centre."""
     if shape == "circle":
@@ -213,8 +218,7 @@ def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.
 def render(spec: ClipSpec) -> Clip:
     """Render a clip and its ground truth; any length works because motion is simulated with bounces."""
     size, num_frames = spec.size, spec.num_frames
-    bg = np.clip(np.rint(background(spec.background_seed, size)), 0, 255).astype(np.uint8)
-    frames = np.broadcast_to(bg, (num_frames, size, size, 3)).copy()
+    frames = np.broadcast_to(background_frame(spec.background_seed, size), (num_frames, size, size, 3)).copy()
     centres = np.arange(size) + 0.5
     truth = []
     # later objects are drawn over earlier ones
