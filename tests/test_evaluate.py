@@ -117,3 +117,12 @@ def test_cli_eval_errors(args, message):
     result = CliRunner().invoke(app, ["eval", "--quick", *args])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+
+
+def test_teacher_method_samples_the_asked_length(tiny_pipeline):
+    run = ev.teacher_method(
+        tiny_pipeline.generator, tiny_pipeline.vae, tiny_pipeline.text_encoder, size=16, num_steps=2
+    )
+    videos = run(["a red circle moves left", "a blue square moves up"], 9, 0)
+    assert [v.shape for v in videos] == [(9, 16, 16, 3)] * 2 and not np.array_equal(videos[0], videos[1])
+    assert tiny_pipeline.generator.stats.forwards == 2 * 2  # 2 Euler steps per prompt, CFG in one batch

@@ -108,9 +108,17 @@ def student_method(pipe, schedule: str | None = None, context: str | None = None
 
 
 def teacher_method(
-    teacher, vae, text_encoder, *, num_steps: int = 50, shift: float = 5.0, guidance: float = 5.0
+    teacher,
+    vae,
+    text_encoder,
+    *,
+    size: int = 64,
+    num_steps: int = 50,
+    shift: float = 5.0,
+    guidance: float = 5.0,
 ) -> Method:
-    """The undistilled teacher: full attention over the whole clip, Euler + CFG, then one decode."""
+    """The undistilled teacher: full attention over the whole clip, Euler + CFG, then one decode to
+    `size` x `size` pixels."""
     from diagvid.model.vae import latent_frames, tensor_to_frames
     from diagvid.sampling import sample_euler
 
@@ -118,12 +126,11 @@ def teacher_method(
     def run(prompts: Sequence[str], num_frames: int, seed: int) -> list[np.ndarray]:
         dev = next(teacher.parameters()).device
         null = text_encoder.encode([""])[0].to(dev)
-        size = vae.spatial_stride
+        hw = (size // vae.spatial_stride,) * 2
         out = []
         for i, p in enumerate(prompts):
             ctx = text_encoder.encode([p])[0].to(dev)
             gen = torch.Generator().manual_seed(seed + i)
-            hw = (64 // size, 64 // size)
             noise = torch.randn(1, teacher.cfg.in_dim, latent_frames(num_frames), *hw, generator=gen).to(dev)
             x0, _ = sample_euler(
                 teacher, noise, ctx, null, num_steps=num_steps, shift=shift, guidance=guidance
