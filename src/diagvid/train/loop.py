@@ -129,7 +129,8 @@ def run_loop(
     whether any rank was asked to stop, so that all ranks leave after the same step.
     """
     ckpt_path = out_dir / "checkpoint.pt"
-    for stale in out_dir.glob(f".{ckpt_path.name}.*.tmp"):  # a write cut short by a crash or SIGKILL
+    # a write cut short by a crash or SIGKILL; only the rank that writes checkpoints cleans up after them
+    for stale in out_dir.glob(f".{ckpt_path.name}.*.tmp") if writer else ():
         log.warning("removing %s, left by an interrupted checkpoint write", stale)
         stale.unlink()
     step = 0
