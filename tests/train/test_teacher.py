@@ -97,6 +97,9 @@ def test_bad_recipes_fail_before_compute(codec_folders, tmp_path):
     cfg.model_overrides = {"text_len": 16, "in_dim": 8}
     with pytest.raises(ValueError, match="in_dim=8 but the VAE makes 4 latent channels"):
         train_teacher(cfg, progress=False)
+    assert not (tmp_path / "cache").exists()  # refused before any clip was encoded
+    with pytest.raises(ValueError, match=r"val_clips=6 must be in \[0, 6\)"):
+        from_dict(TeacherConfig, {"val_clips": 6, "data": {"num_clips": 6}})
 
 
 def test_validation_loss_is_logged_and_init_from_starts_from_given_weights(codec_folders, tmp_path):

@@ -90,6 +90,10 @@ class TeacherConfig:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError(f"batch_size={self.batch_size} and steps={self.steps} must be >= 1")
+        if not 0 <= self.val_clips < self.data.num_clips:
+            raise ValueError(
+                f"val_clips={self.val_clips} must be in [0, {self.data.num_clips}) (data.num_clips, the cached clips)"
+            )
 
 
 def vae_fingerprint(vae) -> str:
@@ -161,13 +165,12 @@ def validation_loss(
     gen = torch.Generator().manual_seed(0)
     was_training = model.training
     model.eval()
-    losses = [
-        flow_matching_loss(model, x0[a : a + batch], ctx[a : a + batch], shift, gen).item()
-        * len(x0[a : a + batch])
-        for a in range(0, len(x0), batch)
-    ]
+    total = 0.0
+    for a in range(0, len(x0), batch):
+        part = x0[a : a + batch]
+        total += flow_matching_loss(model, part, ctx[a : a + batch], shift, gen).item() * len(part)
     model.train(was_training)
-    return sum(losses) / len(x0)
+    return total / len(x0)
 
 
 def train_teacher(
@@ -179,12 +182,9 @@ def train_teacher(
     out = start_run(cfg.out_dir, to_dict(cfg), cfg.seed)
     vae = load_vae(cfg.vae)
     text = load_text_encoder(cfg.text)
-    latents, captions = build_latent_cache(cfg.data, vae)
     dit_cfg = preset(cfg.model, **cfg.model_overrides)
-    if dit_cfg.in_dim != latents.shape[1]:
-        raise ValueError(
-            f"model in_dim={dit_cfg.in_dim} but the VAE makes {latents.shape[1]} latent channels"
-        )
+    if dit_cfg.in_dim != vae.z_dim:
+        raise ValueError(f"model in_dim={dit_cfg.in_dim} but the VAE makes {vae.z_dim} latent channels")
     model = WanDiT(dit_cfg)
     if cfg.init_from and not (out / "checkpoint.pt").exists():
         from diagvid.model.weights import load_dit
@@ -194,6 +194,8 @@ def train_teacher(
             raise ValueError(f"init_from={cfg.init_from!r} is a {start.cfg} model; this run trains {dit_cfg}")
         model.load_state_dict(start.state_dict())
         log.info("starting from the weights in %s", cfg.init_from)
+    # encoding is the slow part of starting a run: every check above comes before it
+    latents, captions = build_latent_cache(cfg.data, vae)
     ema = EMA(model, cfg.ema_decay)
     o = cfg.optim
     opt, sched = adamw_with_warmup(model.parameters(), o.lr, o.betas, o.weight_decay, o.warmup)
@@ -205,8 +207,6 @@ def train_teacher(
             text_cache[caption] = text.encode([caption])[0]
         return text_cache[caption]
 
-    if not 0 <= cfg.val_clips < latents.shape[0]:
-        raise ValueError(f"val_clips={cfg.val_clips} must be in [0, {latents.shape[0]}) (the cached clips)")
     n = latents.shape[0] - cfg.val_clips
     val_latents, val_captions = latents[n:], captions[n:]
 
