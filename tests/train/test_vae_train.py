@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from diagvid.config import from_dict
@@ -70,3 +71,32 @@ def test_init_from_starts_from_the_given_weights(tmp_path):
     started = load_checkpoint(tmp_path / "b/checkpoint.pt")["state"]["vae"]
     for name, tensor in first.model.state_dict().items():
         assert torch.equal(started[f"model.{name}"], tensor), name
+
+
+def test_freeze_encoder_trains_the_decoder_alone_and_keeps_the_latents(tmp_path):
+    """A decoder fine-tune leaves every latent unchanged: encoder weights, statistics and the latent-cache key
+    (so a teacher trained on the old codec stays valid), while the decoder moves."""
+    from diagvid.model.vae import WanVAE
+    from diagvid.train.teacher import vae_fingerprint
+
+    first = train_vae(recipe(tmp_path / "a"), progress=False)
+    first.save(tmp_path / "shipped")
+    shipped = WanVAE.load(tmp_path / "shipped")
+    cfg = recipe(tmp_path / "b")
+    cfg.init_from, cfg.freeze_encoder, cfg.lr, cfg.warmup = str(tmp_path / "shipped"), True, 1e-2, 1
+    tuned = train_vae(cfg, progress=False)
+    new, old = tuned.model.state_dict(), shipped.model.state_dict()
+    frozen = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(new[k], old[k]) for k in frozen)
+    assert any(not torch.equal(new[k], old[k]) for k in old if k.startswith("decoder."))
+    assert (
+        tuned.cfg.latents_mean == shipped.cfg.latents_mean
+        and tuned.cfg.latents_std == shipped.cfg.latents_std
+    )
+    assert vae_fingerprint(tuned) == vae_fingerprint(shipped)
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(tuned.encode(x), shipped.encode(x))
+
+    with pytest.raises(ValueError, match="freeze_encoder=true needs init_from"):
+        recipe(tmp_path / "c").__class__(freeze_encoder=True)

@@ -97,9 +97,15 @@ class TeacherConfig:
 
 
 def vae_fingerprint(vae) -> str:
-    """A short hash of the VAE's weights and latent statistics: cached latents are only valid for one VAE."""
+    """A short hash of what the latents depend on: the encoder's weights and the latent statistics.
+
+    Cached latents are valid for exactly one encoder; the decoder is left out on purpose, so a decoder
+    fine-tuned with a frozen encoder (`freeze_encoder`) keeps the cache and every model trained on it.
+    """
     h = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
+        if not name.startswith(("model.encoder.", "model.quant_conv.")):
+            continue
         h.update(name.encode())
         h.update(tensor.detach().float().cpu().numpy().tobytes())
     h.update(vae.latents_mean.cpu().numpy().tobytes() + vae.latents_std.cpu().numpy().tobytes())

@@ -47,6 +47,9 @@ class VAETrainConfig:
     through encoder and decoder without gradient. The causal caches then reach the states they have deep
     into a long video: the decoder sees ~20 latent frames back, far more than a short training clip, and
     a codec trained on short clips alone decodes later chunks with wrong colours. 0: whole short clips."""
+    freeze_encoder: bool = False
+    """train the decoder alone: the encoder (and so every latent a teacher was trained on) stays exactly as
+    loaded from `init_from`, so a better decoder can replace the shipped one without retraining the DiT"""
     init_from: str = ""
     """a VAE folder (e.g. the shipped toy VAE) whose weights start the run when it has no checkpoint yet"""
     eval_frames: int = 33
@@ -67,6 +70,8 @@ class VAETrainConfig:
             raise ValueError(
                 f"warm_chunks_max={self.warm_chunks_max} must be >= 0 and eval_frames={self.eval_frames} 1 + 4k"
             )
+        if self.freeze_encoder and not self.init_from:
+            raise ValueError("freeze_encoder=true needs init_from: a trained encoder to keep")
         if not 8 <= self.crop <= self.size:
             raise ValueError(f"crop={self.crop} must be in [8, size={self.size}]")
 
@@ -174,8 +179,12 @@ def train_vae(
             )
         vae.model.load_state_dict(start.model.state_dict())  # weights only: training works on raw latents
         log.info("starting from the weights in %s", cfg.init_from)
+    if cfg.freeze_encoder:
+        for module in (vae.model.encoder, vae.model.quant_conv):
+            module.requires_grad_(False)
+    trainable = [p for p in vae.parameters() if p.requires_grad]
     ema = EMA(vae, cfg.ema_decay)
-    opt, sched = adamw_with_warmup(vae.parameters(), cfg.lr, (0.9, 0.99), 0.0, cfg.warmup)
+    opt, sched = adamw_with_warmup(trainable, cfg.lr, (0.9, 0.99), 0.0, cfg.warmup)
     held, held_masks = heldout_clips(cfg.eval_clips, cfg.size, cfg.eval_frames)
 
     def train_step(step: int) -> dict[str, float]:
@@ -200,7 +209,7 @@ def train_vae(
         loss = rec_loss + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
         ema.update(vae)
@@ -220,7 +229,11 @@ def train_vae(
         progress=progress,
     )
     final = ema.model
-    mean, std = latent_statistics(final, held)
+    if cfg.freeze_encoder:  # the latents are the init encoder's: keep its statistics bit for bit
+        start = WanVAE.load(cfg.init_from)
+        mean, std = start.cfg.latents_mean, start.cfg.latents_std
+    else:
+        mean, std = latent_statistics(final, held)
     final.cfg.latents_mean, final.cfg.latents_std = mean, std
     shape = final.latents_mean.shape
     final.latents_mean.copy_(torch.tensor(mean).view(shape))
