@@ -69,3 +69,16 @@ def test_bench_cli_quick(tmp_path):
         app, ["bench", "--suite", "tiny", "--random-weights", "--teacher-timed-steps", "0"]
     )
     assert bad.exit_code == 2 and "--teacher-timed-steps=0 must be >= 1" in bad.output
+
+
+def test_endless_stream_holds_no_more_tensors_after_many_window_wraps():
+    """Memory over a long stream: the live tensors (count and bytes) after chunk 20 are those after chunk 1,
+    though the 2-chunk rolling window has wrapped many times; what peak RSS adds is allocator slack."""
+    from diagvid.bench import stream_memory
+
+    report = stream_memory("tiny", 10, window_frames=6)
+    assert report["chunks"] >= 20 and report["probed_chunks_first_last"][1] >= 20
+    first, last = report["live_tensors_first_last"]
+    assert first == last, report
+    mb_first, mb_last = report["live_tensor_mb_first_last"]
+    assert abs(mb_last - mb_first) < 0.05, report

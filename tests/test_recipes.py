@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "configs"
 KINDS = {
     "vae": VAETrainConfig,
     "vae-stream": VAETrainConfig,
+    "vae-decoder": VAETrainConfig,
     "teacher": TeacherConfig,
     "ode": OdeConfig,
     "init": InitConfig,

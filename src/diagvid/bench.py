@@ -10,6 +10,7 @@ DiT-only time excludes decoding; peak memory is the process's peak RSS on CPU (r
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -235,23 +236,72 @@ def run_bench(
     }
 
 
+def _live_tensors() -> tuple[int, float]:
+    """Number and total storage (MB) of the tensors Python can reach: a leak in the chunk loop grows these."""
+    import gc
+    import warnings
+
+    gc.collect()
+    count, nbytes = 0, 0
+    with warnings.catch_warnings():  # isinstance() on torch's deprecated module aliases warns
+        warnings.simplefilter("ignore", FutureWarning)
+        for obj in gc.get_objects():
+            if isinstance(obj, torch.Tensor):
+                count += 1
+                nbytes += obj.untyped_storage().nbytes()
+    return count, nbytes / 2**20
+
+
+def _retained_rss_mb() -> float | None:
+    """Resident memory after glibc hands its free pages back (`malloc_trim`): what the process really holds,
+    without the allocator's cached slack that peak RSS also counts. None where glibc or /proc is missing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, AttributeError, ValueError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def stream_memory(suite_name: str, seconds: float, window_frames: int, sink_frames: int = 3) -> dict:
-    """Peak memory of one endless-style stream with a rolling window (run once per process to compare)."""
+    """Memory of one endless-style stream with a rolling window (run once per process to compare lengths).
+
+    Peak RSS includes whatever the allocator keeps cached, so it rises a little with the number of chunks
+    even when nothing leaks; the live tensors and the trimmed RSS after the first and the last chunk tell a
+    leak (they grow) from allocator slack (they do not).
+    """
     suite = SUITES[suite_name]
     dev = torch.device("cpu")
     pipe = build(suite, dev, torch.float32)
     pipe.config.window_frames, pipe.config.sink_frames, pipe.config.rope = window_frames, sink_frames, "cache"
     _reset_peak(dev)
     frames = chunks = 0
+    probes: list[dict] = []  # measured inside the stream (after chunk 1, then every 10th): caches are live
+    measuring = 0.0
     t0 = time.perf_counter()
     for chunk in pipe.stream("benchmark", seconds=seconds, schedule="diagonal", seed=0):
         frames += len(chunk.frames)  # frames are dropped as they come, as a live stream would
         chunks += 1
+        if chunks == 1 or chunks % 10 == 0:
+            t = time.perf_counter()
+            probes.append({"chunk": chunks, "tensors": _live_tensors(), "rss": _retained_rss_mb()})
+            measuring += time.perf_counter() - t
+    wall = time.perf_counter() - t0 - measuring
+    peak = _peak_mb(dev)
+    first, last = probes[0], probes[-1]
     return {
         "seconds": seconds,
         "frames": frames,
         "chunks": chunks,
         "window_frames": window_frames,
-        "wall_s": round(time.perf_counter() - t0, 2),
-        "peak_rss_mb": round(_peak_mb(dev), 1),
+        "wall_s": round(wall, 2),
+        "peak_rss_mb": round(peak, 1),
+        "probed_chunks_first_last": [first["chunk"], last["chunk"]],
+        "live_tensors_first_last": [first["tensors"][0], last["tensors"][0]],
+        "live_tensor_mb_first_last": [round(first["tensors"][1], 2), round(last["tensors"][1], 2)],
+        "trimmed_rss_mb_first_last": [
+            None if v is None else round(v, 1) for v in (first["rss"], last["rss"])
+        ],
     }

@@ -76,6 +76,10 @@ class VAETrainConfig:
             raise ValueError(f"crop={self.crop} must be in [8, size={self.size}]")
 
 
+EVAL_CLIPS = 6
+"""held-out clips scored at each periodic evaluation: one per colour"""
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of videos in [-1, 1]."""
     mse = F.mse_loss(a.float(), b.float()).item()
@@ -120,10 +124,16 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 
 
 def heldout_clips(n: int, size: int, num_frames: int = 17) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out full-size clips [n, 3, T, H, W] from the evaluation seeds and their object masks [n, 1, T, H, W]."""
+    """Held-out full-size clips [n, 3, T, H, W] from the evaluation seeds and their object masks [n, 1, T, H, W].
+
+    The set is ordered colour by colour; the clips are taken strided (every 8th first) so that the first 6
+    cover all six colours: a short evaluation then cannot miss a colour the codec confuses.
+    """
     from diagvid.world import eval_specs
 
-    specs = (eval_specs("heldout-48", num_frames=num_frames, size=size) * 2)[:n]
+    specs = eval_specs("heldout-48", num_frames=num_frames, size=size)
+    specs = [specs[i] for i in sorted(range(len(specs)), key=lambda i: (i % 8, i // 8))]
+    specs = (specs * 2)[:n]
     clips, masks = zip(*(_render_with_mask(spec) for spec in specs), strict=True)
     return torch.stack(clips), torch.stack(masks)
 
@@ -222,7 +232,7 @@ def train_vae(
         train_step=train_step,
         ckpt_every=cfg.ckpt_every,
         log_every=cfg.log_every,
-        evaluate=lambda step: evaluate_vae(ema.model, held[:4], held_masks[:4]),
+        evaluate=lambda step: evaluate_vae(ema.model, held[:EVAL_CLIPS], held_masks[:EVAL_CLIPS]),
         eval_every=cfg.eval_every,
         config=to_dict(cfg),
         resume=resume,
