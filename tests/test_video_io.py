@@ -66,13 +66,17 @@ def test_written_files_get_the_usual_permissions(tmp_path, name):
     """Temporary files start at 0600; what lands must have the mode a plain open() gives (umask applied)."""
     import os
 
+    from diagvid.model.dit import WanDiT, preset
+    from diagvid.model.weights import save_dit
     from diagvid.train.checkpoint import save_atomic
 
     old = os.umask(0o022)
     try:
         out = write_video(np.zeros((3, 16, 16, 3), np.uint8), tmp_path / name, fps=8)
         ckpt = save_atomic({"w": np.zeros(1)}, tmp_path / "c.pt")
+        weights = save_dit(WanDiT(preset("tiny")), tmp_path / "model") / "model.safetensors"
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == (0o755 if out.is_dir() else 0o644)
     assert ckpt.stat().st_mode & 0o777 == 0o644
+    assert weights.stat().st_mode & 0o777 == 0o644

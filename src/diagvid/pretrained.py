@@ -158,6 +158,7 @@ def load_pipeline(
 
 def save_pipeline(pipe: Pipeline, folder: str | Path) -> Path:
     """Write a pipeline as one of our folders (generator, VAE, toy text encoder, pipeline.json)."""
+    from diagvid.model.vae import save_json
     from diagvid.model.weights import save_dit
 
     folder = Path(folder)
@@ -167,5 +168,5 @@ def save_pipeline(pipe: Pipeline, folder: str | Path) -> Path:
     pipe.text_encoder.save(folder / "text")
     cfg = asdict(pipe.config)
     cfg["latent_hw"] = list(cfg["latent_hw"])
-    (folder / "pipeline.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_json(cfg, folder / "pipeline.json")  # last: a folder with pipeline.json is complete
     return folder

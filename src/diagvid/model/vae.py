@@ -267,7 +267,7 @@ class WanVAE(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_weights(self.model, folder / WEIGHTS_FILE)
-        (folder / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        save_json(self.cfg.to_dict(), folder / CONFIG_FILE)
         return folder
 
     @classmethod
@@ -634,9 +634,18 @@ def _unique_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(module: nn.Module, path: str | Path) -> None:
-    """Write a module's tensors to a safetensors file."""
+    """Write a module's tensors to a safetensors file (atomically: a crash leaves the old file or the new)."""
+    from diagvid.fileperm import replace_atomically
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in _unique_state_dict(module).items()}
-    save_file(tensors, str(path))
+    replace_atomically(Path(path), lambda tmp: save_file(tensors, tmp))
+
+
+def save_json(obj: dict, path: str | Path) -> None:
+    """Write a JSON file atomically (after the weights it describes, so a config never outruns them)."""
+    from diagvid.fileperm import replace_atomically
+
+    replace_atomically(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def _few(names: list[str], n: int = 3) -> str:

@@ -23,7 +23,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from diagvid.fileperm import as_created
+from diagvid.fileperm import replace_atomically
 from diagvid.model.dit import PRESETS, DiTConfig, WanDiT, preset
 
 log = logging.getLogger(__name__)
@@ -721,33 +720,13 @@ def load_generator(
 # ----- writing -----------------------------------------------------------------------------------------------
 
 
-def _replace_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Run write(tmp) on a temp file beside `path`, fsync it, and rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    as_created(tmp)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
-
-
 def _write_tensors(sd: StateDict, path: Path, metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    _replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    _replace_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+    replace_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def _write_sharded(sd: StateDict, folder: Path, shards: int) -> None:
