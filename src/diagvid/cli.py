@@ -415,6 +415,44 @@ def _eval_methods(methods: str, vae: str, teacher: str | None, text: str, studen
 
 
 @app.command()
+def report(
+    bench: str | None = typer.Option(None, "--bench", help="JSON written by `diagvid bench --json`."),
+    eval_json: str | None = typer.Option(None, "--eval", help="JSON written by `diagvid eval --json`."),
+    out: str = typer.Option(".", "--out", "-o", help="Folder for the PNGs (made if missing)."),
+    metric: str = typer.Option(
+        "all_accuracy", "--metric", help="Eval metric of the quality-vs-NFE plot, e.g. colour_accuracy."
+    ),
+    length: str = typer.Option("1x", "--length", help="Eval length of the quality-vs-NFE plot: 1x, 4x ..."),
+    signal: str = typer.Option(
+        "saturation", "--signal", help="Drift signal over time: saturation | brightness | noise."
+    ),
+) -> None:
+    """Plots from bench/eval JSON: speed bars, quality against NFE, drift over time (PNG files)."""
+    from diagvid.report import PlotsUnavailable, ReportError, write_report
+
+    try:
+        written = write_report(
+            bench,
+            eval_json,
+            out,
+            metric=metric,
+            length=length,
+            signal=signal,
+            note=lambda msg: console.print(
+                f"[yellow]warning:[/yellow] {msg}", highlight=False, soft_wrap=True
+            ),
+        )
+    except (ReportError, PlotsUnavailable) as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from err
+    except OSError as err:
+        console.print(f"[red]error:[/red] could not write to {out}: {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from err
+    for path in written:
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def serve(
     model: str = typer.Option("toy", "--model", help="Bundled name or pipeline folder."),
     generator: str | None = typer.Option(
