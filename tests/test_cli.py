@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from diagvid.cli import app
@@ -234,3 +235,41 @@ def test_prompt_file_that_is_not_utf8_is_refused(tiny_folder, tmp_path):
     said = " ".join(result.output.split())
     # rich may wrap the long temporary path anywhere, so match the message after it
     assert "is not UTF-8 text: byte 27 (invalid start byte)" in said and not out.exists()
+
+
+def test_assemble_builds_a_pipeline_that_generates_the_same_video(tiny_folder, tmp_path):
+    """`diagvid assemble` from a generator + VAE + text folder gives the pipeline they came from; --dtype
+    fp16 halves the stored weights, and mismatched parts or settings fail before anything is written."""
+    from safetensors import safe_open
+
+    def argv(out, vae=str(tiny_folder / "vae"), text=str(tiny_folder / "text"), schedule="self-forcing"):
+        gen = str(tiny_folder / "generator")
+        return ["assemble", gen, str(out), "--vae", vae, "--text", text, "--schedule", schedule]
+
+    result = runner.invoke(app, argv(tmp_path / "p"))
+    assert result.exit_code == 0, result.output
+    built = load_pipeline(tmp_path / "p", device="cpu", latent_hw=(4, 4), frames_per_chunk=2)
+    assert built.config.schedule == "self-forcing"
+    a, _ = load_pipeline(tiny_folder, device="cpu").generate("a red circle moves left", num_chunks=2, seed=3)
+    b, _ = built.generate("a red circle moves left", num_chunks=2, seed=3, schedule="diagonal")
+    assert np.array_equal(a, b)
+
+    result = runner.invoke(app, [*argv(tmp_path / "h"), "--dtype", "fp16"])
+    assert result.exit_code == 0, result.output
+    for part, name in (("generator", "model.safetensors"), ("vae", "vae.safetensors")):
+        with safe_open(tmp_path / "h" / part / name, "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, part  # noqa: SIM118
+    half = load_pipeline(tmp_path / "h", device="cpu", latent_hw=(4, 4), frames_per_chunk=2)
+    assert next(half.generator.parameters()).dtype == torch.float32  # loading casts back
+
+    out = tmp_path / "never"
+    bad = [
+        (argv(out, vae="toy/vae"), "latent channels"),  # the toy VAE has 8 channels, the tiny DiT 4
+        (argv(out, text="toy/text"), "text_dim"),
+        (argv(out, schedule="sideways"), "unknown schedule"),
+        ([*argv(out), "--dtype", "fp8"], "dtype='fp8'"),
+    ]
+    for args, message in bad:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert not (out / "pipeline.json").exists()

@@ -232,6 +232,28 @@ def convert(
 
 
 @app.command()
+def assemble(
+    generator: str = typer.Argument(..., help="Trained causal generator folder (e.g. a distill --export)."),
+    out: str = typer.Argument(..., help="Pipeline folder to write (pipeline.json, generator/, vae/, text/)."),
+    vae: str = typer.Option("toy/vae", "--vae", help="VAE: bundled name or folder."),
+    text: str = typer.Option("toy/text", "--text", help="Text encoder: bundled name or folder."),
+    schedule: str = typer.Option("diagonal", "--schedule", help="The pipeline's default schedule."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Store generator and VAE weights as fp16 | bf16 | fp32 (default: as they are)."
+    ),
+) -> None:
+    """Build a pipeline folder that `diagvid generate --model` (and `serve`, `eval`) can run."""
+    from diagvid.pretrained import assemble_pipeline
+
+    try:
+        folder = assemble_pipeline(generator, out, vae=vae, text=text, dtype=dtype, schedule=schedule)
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        raise typer.Exit(2) from err
+    console.print(f"wrote {folder}", highlight=False)
+
+
+@app.command()
 def bench(
     suite: str = typer.Option("toy", "--suite", help="toy | wan-1.3b | tiny"),
     random_weights: bool = typer.Option(

@@ -17,7 +17,7 @@ CausVid, LongLive, DD). Two layouts are read:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -156,17 +156,71 @@ def load_pipeline(
     return Pipeline(dit.to(device=device, dtype=dtype), vae, text, stream_cfg)
 
 
-def save_pipeline(pipe: Pipeline, folder: str | Path) -> Path:
-    """Write a pipeline as one of our folders (generator, VAE, toy text encoder, pipeline.json)."""
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_pipeline(pipe: Pipeline, folder: str | Path, *, dtype: str | None = None) -> Path:
+    """Write a pipeline as one of our folders (generator, VAE, toy text encoder, pipeline.json).
+
+    `dtype` ("fp16", "bf16", "fp32") stores the generator's and the VAE's weights in that precision (the
+    shipped toy models are fp16: half the size; loading casts back to the device's precision). The text
+    encoder keeps its own.
+    """
+    import copy
+
     from diagvid.model.vae import save_json
     from diagvid.model.weights import save_dit
 
+    if dtype is not None and dtype not in SAVE_DTYPES:
+        raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(SAVE_DTYPES)}")
+
+    def stored(module):
+        return module if dtype is None else copy.deepcopy(module).to(SAVE_DTYPES[dtype])
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_dit(pipe.generator, folder / "generator")
-    pipe.vae.save(folder / "vae")
+    save_dit(stored(pipe.generator), folder / "generator", kind="generator")
+    stored(pipe.vae).save(folder / "vae")
     pipe.text_encoder.save(folder / "text")
     cfg = asdict(pipe.config)
     cfg["latent_hw"] = list(cfg["latent_hw"])
     save_json(cfg, folder / "pipeline.json")  # last: a folder with pipeline.json is complete
     return folder
+
+
+def assemble_pipeline(
+    generator: str | Path,
+    folder: str | Path,
+    *,
+    vae: str | Path = "toy/vae",
+    text: str | Path = "toy/text",
+    dtype: str | None = None,
+    **stream_config,
+) -> Path:
+    """Build a pipeline folder from a trained causal generator (e.g. `diagvid train distill --export`), a VAE
+    and a text encoder, after checking that they fit together; `stream_config` sets StreamConfig fields
+    (default schedule, chunk size, latent size, ...)."""
+    from diagvid.model.weights import load_dit
+
+    unknown = sorted(set(stream_config) - {f.name for f in fields(StreamConfig)})
+    if unknown:
+        raise ValueError(
+            f"unknown pipeline settings {unknown}; allowed: {[f.name for f in fields(StreamConfig)]}"
+        )
+    dit = load_dit(_resolve(generator))
+    codec = load_vae(vae)
+    encoder = load_text_encoder(text)
+    if dit.cfg.in_dim != codec.z_dim or dit.cfg.out_dim != codec.z_dim:
+        raise ValueError(
+            f"generator {generator} reads {dit.cfg.in_dim} and writes {dit.cfg.out_dim} latent channels; "
+            f"the VAE {vae} has {codec.z_dim}"
+        )
+    if dit.cfg.text_dim != encoder.dim:
+        raise ValueError(
+            f"generator {generator} expects text_dim={dit.cfg.text_dim}; the text encoder {text} gives {encoder.dim}"
+        )
+    cfg = from_dict(StreamConfig, {**asdict(StreamConfig()), **stream_config})
+    from diagvid.sampling import get_schedule
+
+    get_schedule(cfg.schedule)  # an unknown default schedule fails here, not at the first generate
+    return save_pipeline(Pipeline(dit, codec, encoder, cfg), folder, dtype=dtype)
