@@ -23,6 +23,7 @@ import torch
 
 from diagvid.world import eval_prompts, eval_specs, render
 from diagvid.world.metrics import score_videos
+from diagvid.world.render import FPS
 
 Method = Callable[[Sequence[str], int, int], list[np.ndarray]]
 """(prompts, num_frames, seed) -> one uint8 [T, H, W, 3] video per prompt"""
@@ -192,6 +193,7 @@ def run_eval(
             "num_prompts": len(prompts),
             "lengths": list(cfg.lengths),
             "frames": {f"{n}x": cfg.frames(n) for n in cfg.lengths},
+            "fps": FPS,
             "seed": cfg.seed,
             "n_boot": cfg.n_boot,
         },
