@@ -216,13 +216,24 @@ def convert(
         1.0, "--lora-scale", help="LoRA alpha / rank (1.0 for their rank 256, alpha 256)."
     ),
     shards: int = typer.Option(1, "--shards", help="Split wan/diffusers weights over this many files."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Cast floating tensors: fp32 | fp16 | bf16 (default: keep their precision)."
+    ),
 ) -> None:
     """Convert a DiT checkpoint between layouts; pickles are read with weights_only=True, never executed."""
     from diagvid.model.weights import convert as convert_weights
 
     try:
         lines = convert_weights(
-            src, dst, to=to, config=config, ema=not no_ema, lora=lora, lora_scale=lora_scale, shards=shards
+            src,
+            dst,
+            to=to,
+            config=config,
+            ema=not no_ema,
+            lora=lora,
+            lora_scale=lora_scale,
+            shards=shards,
+            dtype=dtype,
         )
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")

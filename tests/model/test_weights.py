@@ -377,3 +377,22 @@ def test_convert_command(diffusers_folder, tmp_path):
     assert _same_tensors(W.load_dit(tmp_path / "wan").state_dict(), W.load_dit(folder).state_dict())
     res = runner.invoke(app, ["convert", str(tmp_path / "missing"), str(tmp_path / "x")])
     assert res.exit_code == 2 and "no checkpoint at" in res.output
+
+
+def test_convert_dtype_casts_floating_tensors_only(tiny_dit, tmp_path):
+    from diagvid.cli import app
+
+    W.save_dit(tiny_dit, tmp_path / "fp32")
+    res = CliRunner().invoke(
+        app, ["convert", str(tmp_path / "fp32"), str(tmp_path / "half"), "--dtype", "fp16"]
+    )
+    assert res.exit_code == 0 and "as fp16" in res.output, res.output
+    half = load_file(tmp_path / "half" / W.WEIGHTS_FILE)
+    full = tiny_dit.state_dict()
+    assert {k: v.dtype for k, v in half.items()} == {
+        k: torch.float16 if v.is_floating_point() else v.dtype for k, v in full.items()
+    }
+    assert all(torch.equal(half[k], v.half()) for k, v in full.items() if v.is_floating_point())
+    res = CliRunner().invoke(app, ["convert", str(tmp_path / "fp32"), str(tmp_path / "x"), "--dtype", "fp8"])
+    assert res.exit_code == 2 and "dtype='fp8'" in res.output
+    assert not (tmp_path / "x").exists()

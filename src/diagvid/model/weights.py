@@ -810,20 +810,29 @@ def convert(
     lora: str | Path | None = None,
     lora_scale: float = 1.0,
     shards: int = 1,
+    dtype: str | None = None,
 ) -> list[str]:
     """Read any supported checkpoint and write it as `to` ("diagvid", "wan" or "diffusers").
 
-    Tensors keep their stored precision. Returns human-readable lines saying what was read and written.
+    Tensors keep their stored precision unless `dtype` ("fp32", "fp16", "bf16") casts the floating ones.
+    Returns human-readable lines saying what was read and written.
     """
-    if to not in LAYOUTS:
-        raise ValueError(f"to={to!r}; allowed: {', '.join(LAYOUTS)}")
+    casts = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if to not in LAYOUTS or (dtype is not None and dtype not in casts):
+        raise ValueError(
+            f"to={to!r}, dtype={dtype!r}; allowed: to in {', '.join(LAYOUTS)}, dtype in {', '.join(casts)}"
+        )
     ckpt = _read(src, config, ema=ema, lora=lora, lora_scale=lora_scale)
-    out = write_weights(ckpt.state_dict, ckpt.config, dst, layout=to, kind=ckpt.kind, shards=shards)
+    sd = ckpt.state_dict
+    if dtype is not None:
+        sd = {k: v.to(casts[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
+    out = write_weights(sd, ckpt.config, dst, layout=to, kind=ckpt.kind, shards=shards)
     params = sum(v.numel() for v in ckpt.state_dict.values())
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in ckpt.state_dict.values()})
     return [
         f"read {ckpt.source}: {'; '.join(ckpt.notes)}",
         f"  {len(ckpt.state_dict)} tensors, {params / 1e6:.2f} M parameters ({', '.join(dtypes)}), "
         f"{describe(ckpt.config)}",
-        f"wrote {out} ({to} layout{f', {shards} shards' if shards > 1 else ''})",
+        f"wrote {out} ({to} layout{f', {shards} shards' if shards > 1 else ''}"
+        f"{f', as {dtype}' if dtype else ''})",
     ]
