@@ -100,3 +100,19 @@ def test_freeze_encoder_trains_the_decoder_alone_and_keeps_the_latents(tmp_path)
 
     with pytest.raises(ValueError, match="freeze_encoder=true needs init_from"):
         recipe(tmp_path / "c").__class__(freeze_encoder=True)
+
+
+def test_first_chunk_share_sets_how_often_a_step_starts_at_frame_zero():
+    from diagvid.train.vae import warm_chunks
+
+    def share(**kw) -> float:
+        cfg = VAETrainConfig(warm_chunks_max=8, **kw)
+        draws = [warm_chunks(cfg, step) for step in range(2000)]
+        assert set(draws) <= set(range(9))
+        return draws.count(0) / len(draws)
+
+    assert abs(share() - 1 / 9) < 0.03  # the default: uniform over 0..8, unchanged
+    assert abs(share(first_chunk_share=0.4) - 0.4) < 0.04
+    assert share(first_chunk_share=1.0) == 1.0
+    with pytest.raises(ValueError, match=r"first_chunk_share=1\.5"):
+        VAETrainConfig(first_chunk_share=1.5)

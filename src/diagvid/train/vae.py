@@ -47,6 +47,11 @@ class VAETrainConfig:
     through encoder and decoder without gradient. The causal caches then reach the states they have deep
     into a long video: the decoder sees ~20 latent frames back, far more than a short training clip, and
     a codec trained on short clips alone decodes later chunks with wrong colours. 0: whole short clips."""
+    first_chunk_share: float = 0.0
+    """with `warm_chunks_max`: the share of steps that train from the clip's first frame (no warm-up), the
+    rest drawing the warm-up uniformly from 1..N; 0 draws it from 0..N (1 step in N + 1 from the start).
+    The first frame is decoded by its own path (no cached history), and a video's first frame is the one
+    every viewer sees first"""
     freeze_encoder: bool = False
     """train the decoder alone: the encoder (and so every latent a teacher was trained on) stays exactly as
     loaded from `init_from`, so a better decoder can replace the shipped one without retraining the DiT"""
@@ -70,6 +75,8 @@ class VAETrainConfig:
             raise ValueError(
                 f"warm_chunks_max={self.warm_chunks_max} must be >= 0 and eval_frames={self.eval_frames} 1 + 4k"
             )
+        if not 0.0 <= self.first_chunk_share <= 1.0:
+            raise ValueError(f"first_chunk_share={self.first_chunk_share} must be in [0, 1]")
         if self.freeze_encoder and not self.init_from:
             raise ValueError("freeze_encoder=true needs init_from: a trained encoder to keep")
         if not 8 <= self.crop <= self.size:
@@ -159,6 +166,16 @@ def latent_statistics(vae: WanVAE, clips: torch.Tensor) -> tuple[list[float], li
     return mus.mean(dim=(0, 2, 3, 4)).tolist(), mus.std(dim=(0, 2, 3, 4)).clamp_min(1e-4).tolist()
 
 
+def warm_chunks(cfg: VAETrainConfig, step: int) -> int:
+    """Latent frames streamed before the trained ones at `step` (a function of the step: resumes exactly)."""
+    gen = torch.Generator().manual_seed(step)
+    if cfg.first_chunk_share == 0.0:
+        return int(torch.randint(0, cfg.warm_chunks_max + 1, (1,), generator=gen))
+    if float(torch.rand((), generator=gen)) < cfg.first_chunk_share:
+        return 0
+    return int(torch.randint(1, cfg.warm_chunks_max + 1, (1,), generator=gen))
+
+
 def _reconstruct_after_warmup(
     vae: WanVAE, x: torch.Tensor, mask: torch.Tensor, warm: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,9 +218,7 @@ def train_vae(
         fg = cfg.fg_weight * max(0.0, 1.0 - step / max(1, cfg.fg_decay_steps))
         vae.train()
         if cfg.warm_chunks_max:
-            warm = int(
-                torch.randint(0, cfg.warm_chunks_max + 1, (1,), generator=torch.Generator().manual_seed(step))
-            )
+            warm = warm_chunks(cfg, step)
             x, mask = _batch(cfg, step, extra_frames=4 * warm)
             rec, x, mask = _reconstruct_after_warmup(vae, x, mask, warm)
             kl = torch.zeros(())
