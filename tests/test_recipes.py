@@ -8,6 +8,7 @@ import pytest
 
 from diagvid.config import load_config
 from diagvid.train.distill import DistillConfig
+from diagvid.train.features import FeaturesTrainConfig
 from diagvid.train.ode import OdeConfig
 from diagvid.train.ode_init import InitConfig
 from diagvid.train.teacher import TeacherConfig
@@ -24,6 +25,7 @@ KINDS = {
     "distill-diagonal": DistillConfig,
     "distill-self-forcing": DistillConfig,
     "distill-causvid": DistillConfig,
+    "features": FeaturesTrainConfig,
 }
 
 

@@ -656,6 +656,29 @@ def train_vae_cmd(
         console.print(f"wrote {export}")
 
 
+@train_app.command("features")
+def train_features_cmd(
+    config: str | None = _CONFIG,
+    overrides: list[str] = _SET,
+    max_steps: int | None = _MAX_STEPS,
+    fresh: bool = _FRESH,
+    export: str | None = _EXPORT,
+) -> None:
+    """Train the FVD-world feature network on world clips (colour, shape, direction, speed); resumes."""
+    from diagvid.config import load_config
+    from diagvid.train.features import FeaturesTrainConfig, accuracy, heldout_windows, train_features
+
+    with _training_errors():
+        cfg = load_config(FeaturesTrainConfig, config, overrides)
+        _setup_logging(cfg.out_dir)
+        net = train_features(cfg, resume=not fresh, max_steps=max_steps)
+    scores = accuracy(net, *heldout_windows(cfg))
+    console.print("held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    if export:
+        net.save(export)
+        console.print(f"wrote {export}")
+
+
 @train_app.command("teacher")
 def train_teacher_cmd(
     config: str | None = _CONFIG,

@@ -11,6 +11,7 @@ from diagvid.world import (
     SHAPES,
     TRAIN_SEED_LIMIT,
     WorldDataset,
+    caption,
     eval_prompts,
     eval_specs,
     frames_to_tensor,
@@ -89,3 +90,12 @@ def test_dataset_items():
     frames, _ = WorldDataset(num_frames=9, as_uint8=True)[5]
     assert frames.dtype == np.uint8 and frames.shape == (9, 64, 64, 3)
     np.testing.assert_array_equal(tensor_to_frames(frames_to_tensor(frames)), frames)
+
+
+def test_eval_draws_are_independent_clips_of_the_same_prompts():
+    base, other = eval_specs("heldout-8", 1), eval_specs("heldout-8", 1, draw=1)
+    assert base == eval_specs("heldout-8", 1, draw=0)
+    assert [caption(s) for s in other] == [caption(s) for s in base] == eval_prompts("heldout-8")
+    assert all(a.objects[0].start_xy != b.objects[0].start_xy for a, b in zip(base, other, strict=True))
+    with pytest.raises(ValueError, match=r"draw=100 must be in \[0, 100\)"):
+        eval_specs("heldout-8", 1, draw=100)

@@ -35,6 +35,10 @@ MIN_FRAMES_BEFORE_BOUNCE = 3
 
 # each held-out set owns a seed range starting at EVAL_SEED_BASE + its offset
 _EVAL_SEED_OFFSETS: dict[str, int] = {"heldout-48": 0, "heldout-8": 1_000_000}
+# draw k of a set starts k * _DRAW_STRIDE seeds further on, far below the next set's offset
+_DRAW_STRIDE = 10_000
+EVAL_DRAWS = 100
+"""Independent draws of each held-out set (draw 0 is the reference, draw 1 the real-vs-real floor)."""
 EVAL_SETS: tuple[str, ...] = tuple(_EVAL_SEED_OFFSETS)
 
 COLOURS_LIST: tuple[str, ...] = tuple(COLOURS)
@@ -138,10 +142,18 @@ def _check_eval_name(name: str) -> None:
         raise ValueError(f"unknown evaluation set {name!r}; use one of {', '.join(_EVAL_SEED_OFFSETS)}")
 
 
-def eval_specs(name: str, num_frames: int = DEFAULT_NUM_FRAMES, size: int = DEFAULT_SIZE) -> list[ClipSpec]:
-    """Reference clips of a held-out set, one per prompt, from seeds no training clip uses."""
+def eval_specs(
+    name: str, num_frames: int = DEFAULT_NUM_FRAMES, size: int = DEFAULT_SIZE, draw: int = 0
+) -> list[ClipSpec]:
+    """Reference clips of a held-out set, one per prompt, from seeds no training clip uses.
+
+    `draw` k > 0 gives another clip for each prompt (its own start, radius and background): an independent
+    sample of real clips, e.g. the floor of a distribution distance.
+    """
     _check_eval_name(name)
-    offset = _EVAL_SEED_OFFSETS[name]
+    if not 0 <= draw < EVAL_DRAWS:
+        raise ValueError(f"draw={draw} must be in [0, {EVAL_DRAWS})")
+    offset = _EVAL_SEED_OFFSETS[name] + draw * _DRAW_STRIDE
     return [
         spec_from_prompt([a], EVAL_SEED_BASE + offset + i, num_frames, size)
         for i, a in enumerate(_eval_attributes(name))
