@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -46,6 +47,21 @@ def test_real_clips_are_read_back_perfectly_and_a_degraded_method_is_not():
     assert "per_video" not in real["1x"] and len(real["2x"]["per_chunk"]["saturation"]["mean"]) > len(
         real["1x"]["per_chunk"]["saturation"]["mean"]
     )
+
+
+def test_fvd_world_against_real_clips_of_the_same_prompts_with_a_floor():
+    report = ev.run_eval({"real": ev.real_method(), "grey": greyed(ev.real_method())}, SMALL)
+    fvd = report["fvd_world"]
+    assert fvd["window_frames"] == 16 and fvd["samples"] == {"1x": 16, "2x": 32}  # 8 prompts, 2 and 4 windows
+    assert report["config"]["features"] == "toy/features"
+    for length in ("1x", "2x"):
+        # the reference is another draw of real clips for the same prompts: real clips score the floor
+        assert report["results"]["real"][length]["fvd_world"] == fvd["floor"][length] > 0
+        assert report["results"]["grey"][length]["fvd_world"] > 3 * fvd["floor"][length]
+    short = ev.run_eval({"real": ev.real_method()}, replace(SMALL, lengths=(1,), base_frames=9))
+    assert short["results"]["real"]["1x"]["fvd_world"] is None and short["fvd_world"]["floor"] == {}
+    off = ev.run_eval({"real": ev.real_method()}, replace(SMALL, lengths=(1,), features=""))
+    assert off["fvd_world"] is None and off["results"]["real"]["1x"]["fvd_world"] is None
 
 
 def test_fixed_length_methods_run_once_and_seeds_reach_the_method():
@@ -101,6 +117,8 @@ def test_cli_eval_writes_the_report(tmp_path):
     report = json.loads(out.read_text())
     assert report["config"]["prompts"] == "heldout-8" and report["config"]["lengths"] == [1]
     assert report["results"]["real"]["1x"]["summary"]["all_accuracy"]["mean"] == 1.0
+    assert report["results"]["real"]["1x"]["fvd_world"] == report["fvd_world"]["floor"]["1x"] > 0
+    assert "fvd_world" in result.output
 
 
 @pytest.mark.parametrize(
@@ -111,6 +129,7 @@ def test_cli_eval_writes_the_report(tmp_path):
         (["--suite", "wan"], "unknown eval suite 'wan'"),
         (["--lengths", "1,x"], "'x' is not an integer"),
         (["--methods", ""], "nothing to evaluate"),
+        (["--features", "no-such-net"], "'no-such-net' is neither an existing path nor a bundled model"),
     ],
 )
 def test_cli_eval_errors(args, message):

@@ -355,10 +355,14 @@ def eval_cmd(
         None, "--lengths", help="Comma list of multiples of 81 frames (1,4,10)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the first prompt (prompt i uses seed + i)."),
+    features: str = typer.Option(
+        "toy/features", "--features", help="FVD-world network (name or folder); 'none' skips fvd_world."
+    ),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda ... (default: cuda if present)."),
     out: str | None = typer.Option(None, "--json", help="Write the report to this JSON file."),
 ) -> None:
-    """Score every method with the world's metrics on held-out prompts, with bootstrap confidence intervals."""
+    """Score every method with the world's metrics on held-out prompts, with bootstrap confidence intervals,
+    and its fvd_world against real clips of the same prompts."""
     from dataclasses import replace
     from pathlib import Path
 
@@ -372,7 +376,11 @@ def eval_cmd(
         cfg = ev.QUICK if quick else ev.EvalConfig()
         if lengths:
             cfg = replace(cfg, lengths=tuple(_parse_int(x, "--lengths") for x in lengths.split(",")))
-        cfg = replace(cfg, seed=seed)
+        cfg = replace(cfg, seed=seed, features="" if features == "none" else features)
+        if cfg.features:
+            from diagvid.pretrained import load_features
+
+            load_features(cfg.features)  # a missing or broken network fails here, before any method runs
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
         runs = _eval_methods(methods, vae, teacher, text, students, device)
@@ -384,7 +392,7 @@ def eval_cmd(
     )
     table = Table(title=f"{cfg.prompts}: means [95% CI]")
     keys = ("colour_accuracy", "shape_accuracy", "direction_accuracy", "speed_accuracy", "saturation_slope")
-    for col in ("method", "length", *keys):
+    for col in ("method", "length", *keys, "fvd_world"):
         table.add_column(col)
     for name, by_length in report["results"].items():
         for length, scores in by_length.items():
@@ -394,8 +402,12 @@ def eval_cmd(
                 cells.append(
                     "-" if m.get("mean") is None else f"{m['mean']:.3g} [{m['low']:.3g}, {m['high']:.3g}]"
                 )
-            table.add_row(name, length, *cells)
+            fvd = scores.get("fvd_world")
+            table.add_row(name, length, *cells, "-" if fvd is None else f"{fvd:.3g}")
     console.print(table)
+    if report.get("fvd_world"):
+        floor = ", ".join(f"{k} {v:.3g}" for k, v in report["fvd_world"]["floor"].items())
+        console.print(f"fvd_world floor (what real clips score against the reference draw): {floor}")
     if out:
         Path(out).write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {out}")

@@ -9,6 +9,11 @@ Methods available without any trained generator: `real` (the world's own clips f
 (the same clips through the codec, which bounds what any generator can score). `teacher` samples the
 bidirectional teacher (50 Euler steps, CFG; its length is fixed to what it was trained on). Students are
 pipelines of ours with a schedule (diagonal, self-forcing, causvid, ...).
+
+Besides the per-video read-back, every method and length gets `fvd_world`: the Fréchet distance between its
+videos and real clips of the same prompts and length, in the feature space of the world's video network
+(`diagvid.world.features`). The reference clips are a second draw of the held-out prompts (draw 1), which
+no method starts from; the floor is what the real clips the methods do start from (draw 0) score against it.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class EvalConfig:
     base_frames: int = TRAIN_FRAMES
     seed: int = 0
     n_boot: int = 1000
+    features: str = "toy/features"
+    """FVD-world network: bundled name or folder; empty turns fvd_world off"""
 
     def __post_init__(self) -> None:
         eval_prompts(self.prompts)  # unknown set: a clear error
@@ -63,11 +70,12 @@ QUICK = EvalConfig(prompts="heldout-8", lengths=(1, 4), n_boot=200)
 # ----- methods --------------------------------------------------------------------------------------------
 
 
-def real_method(size: int = 64) -> Method:
-    """The world's own clips for the held-out prompts (the ceiling every method is compared with)."""
+def real_method(size: int = 64, draw: int = 0) -> Method:
+    """The world's own clips for the held-out prompts (the ceiling every method is compared with); draw k > 0
+    gives an independent clip per prompt."""
 
     def run(prompts: Sequence[str], num_frames: int, seed: int) -> list[np.ndarray]:
-        specs = _specs_for(prompts, num_frames, size)
+        specs = _specs_for(prompts, num_frames, size, draw)
         return [render(s).frames for s in specs]
 
     return run
@@ -142,12 +150,49 @@ def teacher_method(
     return run
 
 
-def _specs_for(prompts: Sequence[str], num_frames: int, size: int):
+def _specs_for(prompts: Sequence[str], num_frames: int, size: int, draw: int = 0):
     """The held-out clip of each prompt (prompts must come from one held-out set, in order)."""
     for name in ("heldout-48", "heldout-8"):
         if list(prompts) == eval_prompts(name)[: len(prompts)]:
-            return eval_specs(name, num_frames=num_frames, size=size)[: len(prompts)]
+            return eval_specs(name, num_frames=num_frames, size=size, draw=draw)[: len(prompts)]
     raise ValueError("real clips exist only for the held-out prompt sets ('heldout-48', 'heldout-8')")
+
+
+# ----- FVD-world ------------------------------------------------------------------------------------------
+
+
+class FvdWorld:
+    """fvd_world of a method's videos against real clips of the same prompts and length.
+
+    The reference is draw 1 of the held-out clips: the `real` and `vae` methods start from draw 0, and a
+    codec's reconstructions of the very reference clips would score below any independent sample. Its
+    features are computed once per length, with the floor: the distance of draw 0's real clips from it.
+    """
+
+    def __init__(self, net, prompts: Sequence[str], size: int = 64) -> None:
+        self.net, self.prompts, self.size = net, list(prompts), size
+        self.reference: dict[int, np.ndarray] = {}
+        self.floor: dict[int, float] = {}
+
+    def _reference(self, num_frames: int) -> np.ndarray:
+        from diagvid.world.features import frechet_distance, video_features
+
+        if num_frames not in self.reference:
+            real, reference = (
+                video_features(self.net, real_method(self.size, draw)(self.prompts, num_frames, 0))
+                for draw in (0, 1)
+            )
+            self.reference[num_frames] = reference
+            self.floor[num_frames] = round(frechet_distance(real, reference), 4)
+        return self.reference[num_frames]
+
+    def score(self, videos: Sequence[np.ndarray], num_frames: int) -> float | None:
+        """The distance, or None for clips shorter than one window of the network."""
+        from diagvid.world.features import frechet_distance, video_features
+
+        if num_frames < self.net.cfg.frames:
+            return None
+        return round(frechet_distance(video_features(self.net, videos), self._reference(num_frames)), 4)
 
 
 # ----- the protocol ---------------------------------------------------------------------------------------
@@ -163,11 +208,17 @@ def run_eval(
     """Score every method at every length on the same prompts and seeds; one JSON-ready dict.
 
     `fixed_length` names methods that only run at 1x (the teacher: full attention over a fixed clip).
-    Results: results[method][f"{n}x"] = score_videos(...) without the per-video detail, plus seconds.
+    Results: results[method][f"{n}x"] = score_videos(...) without the per-video detail, plus seconds and
+    fvd_world (None when FVD-world is off or the clips are shorter than one window).
     """
     if not methods:
         raise ValueError("no method to evaluate")
     prompts = eval_prompts(cfg.prompts)
+    fvd = None
+    if cfg.features:
+        from diagvid.pretrained import load_features
+
+        fvd = FvdWorld(load_features(cfg.features), prompts)
     results: dict[str, dict] = {}
     for name, method in methods.items():
         results[name] = {}
@@ -180,6 +231,7 @@ def run_eval(
             videos = method(prompts, cfg.frames(n), cfg.seed)
             scores = score_videos(videos, prompts, n_boot=cfg.n_boot, seed=cfg.seed)
             scores.pop("per_video")
+            scores["fvd_world"] = fvd.score(videos, cfg.frames(n)) if fvd else None
             scores["seconds"] = round(time.perf_counter() - t0, 2)
             results[name][f"{n}x"] = scores
     return {
@@ -196,9 +248,23 @@ def run_eval(
             "fps": FPS,
             "seed": cfg.seed,
             "n_boot": cfg.n_boot,
+            "features": cfg.features,
         },
+        "fvd_world": _fvd_summary(fvd, cfg) if fvd else None,
         "results": results,
         "relative_to_real": relative_to(results, "real"),
+    }
+
+
+def _fvd_summary(fvd: FvdWorld, cfg: EvalConfig) -> dict:
+    """What the fvd_world numbers are measured against: windows, samples and the floor (real clips' score)."""
+    by_length = {f"{n}x": cfg.frames(n) for n in cfg.lengths}
+    return {
+        "window_frames": fvd.net.cfg.frames,
+        "reference": "real clips of the same prompts and length, draw 1 of the held-out set",
+        "floor_clips": "real clips of draw 0 (what the real method renders and the vae method encodes)",
+        "samples": {k: len(fvd.reference[f]) for k, f in by_length.items() if f in fvd.reference},
+        "floor": {k: fvd.floor[f] for k, f in by_length.items() if f in fvd.floor},
     }
 
 

@@ -72,6 +72,13 @@ def load_text_encoder(name_or_path: str | Path, device=None):
     return text.ToyTextEncoder.load(path).to(device or "cpu")
 
 
+def load_features(name_or_path: str | Path, device=None):
+    """The FVD-world feature network (diagvid.world.features) from a bundled name or a folder."""
+    from diagvid.world.features import FeatureNet
+
+    return FeatureNet.load(_resolve(name_or_path)).to(device or "cpu")
+
+
 def load_dit_model(name_or_path: str | Path, device=None, dtype=None):
     """A DiT (teacher, student, critic) from a bundled name or any folder or file `weights.py` reads."""
     from diagvid.model.weights import load_dit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,3 +84,30 @@ def test_direction_label_follows_the_bounce():
 def test_bad_recipes(changes, message):
     with pytest.raises(ValueError, match=message):
         from_dict(FeaturesTrainConfig, changes)
+
+
+def test_cli_trains_reports_held_out_accuracy_and_exports(tmp_path):
+    from typer.testing import CliRunner
+
+    from diagvid.cli import app
+
+    tiny = recipe(tmp_path / "run")
+    sets = [
+        "model.frames=4",
+        "model.size=8",
+        "model.widths=[4, 8]",
+        "model.groups=2",
+        "steps=2",
+        "batch_size=2",
+        "clip_frames=6",
+        "size=16",
+        "eval_draws=1",
+        "stats_batches=1",
+        f"out_dir='{tiny.out_dir}'",
+    ]
+    shipped = Path(__file__).resolve().parents[2] / "configs/toy/features.toml"
+    args = ["train", "features", "--config", str(shipped), "--export", str(tmp_path / "net")]
+    result = CliRunner().invoke(app, [*args, *(a for s in sets for a in ("--set", s))])
+    assert result.exit_code == 0, result.output
+    assert "held-out accuracy colour" in result.output and "wrote" in result.output
+    assert FeatureNet.load(tmp_path / "net").cfg.widths == (4, 8)

@@ -6,9 +6,9 @@ The features are the globally pooled activations of its first and its last block
 spread over world clips: the last block carries what the heads read (colour, shape, motion), the first the
 low-level statistics a classifier learns to ignore (noise, saturation, sharpness), and the standardisation
 makes each dimension count by its natural variation, not its scale. The Fréchet distance between Gaussians
-fitted to the features of two sets of videos is this world's FVD. A video of any length is cut into consecutive windows,
-each one a sample, so the network always sees motion at the world's frame rate and every second of a long
-video counts, late drift included.
+fitted to the features of two sets of videos is this world's FVD. A video of any length is cut into
+consecutive windows, each one a sample, so the network always sees motion at the world's frame rate and
+every second of a long video counts, late drift included.
 
 Shape letters: B windows, F frames per window, S input size, D feature width, N samples.
 """
@@ -98,9 +98,11 @@ class FeatureNet(nn.Module):
         channels = 3
         for i, width in enumerate(cfg.widths):
             if i == 0:
-                # every frame kept (motion of 0.5 px/frame must survive) and no normalisation: a per-clip norm
-                # would divide out the energy that noise adds, and ReLU passes it to the pooled mean at first
-                # order where a smooth activation passes only its square
+                # Every frame kept (motion of 0.5 px/frame must survive it). No normalisation and no bias: a
+                # per-clip norm would divide out the energy that noise adds, and without a bias every filter's
+                # ReLU opens at the grey background (about 0 in [-1, 1]), where it turns zero-mean noise
+                # into a shift of the pooled mean (a smooth activation would pass only its square). A
+                # classifier has no use for noise; without this its features were blind to it.
                 block = nn.Sequential(
                     nn.Conv3d(channels, width, 3, stride=(1, 2, 2), padding=1, bias=False), nn.ReLU()
                 )
