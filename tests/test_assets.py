@@ -1,0 +1,26 @@
+"""The models that ship inside the package: small, safe to load, and fitting together."""
+
+from __future__ import annotations
+
+import pytest
+from safetensors import safe_open
+
+from diagvid.assets import ASSETS
+from diagvid.pretrained import load_dit_model, load_text_encoder, load_vae
+
+MAX_MB = 5.0
+
+
+@pytest.mark.parametrize("weights", sorted(ASSETS.rglob("*.safetensors")), ids=lambda p: p.parent.name)
+def test_shipped_weights_are_small_and_readable_by_all(weights):
+    assert weights.stat().st_size < MAX_MB * 2**20, f"{weights} is over {MAX_MB} MB"
+    assert weights.stat().st_mode & 0o044 == 0o044, f"{weights} is not world-readable"
+    with safe_open(weights, "pt") as f:
+        assert len(f.keys()) > 0
+
+
+def test_the_toy_teacher_fits_the_toy_codec_and_text_encoder():
+    teacher = load_dit_model("toy/teacher")
+    vae, text = load_vae("toy/vae"), load_text_encoder("toy/text")
+    assert teacher.cfg.in_dim == teacher.cfg.out_dim == vae.z_dim
+    assert teacher.cfg.text_dim == text.dim
