@@ -24,3 +24,20 @@ def test_the_toy_teacher_fits_the_toy_codec_and_text_encoder():
     vae, text = load_vae("toy/vae"), load_text_encoder("toy/text")
     assert teacher.cfg.in_dim == teacher.cfg.out_dim == vae.z_dim
     assert teacher.cfg.text_dim == text.dim
+
+
+def test_shipped_fp16_models_compute_in_fp32_and_sample():
+    """The teacher is fp16 on disk; every loader the stages use hands back an fp32 model that runs on a CPU."""
+    import torch
+
+    from diagvid.sampling import sample_euler
+
+    teacher = load_dit_model("toy/teacher")
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
+    text = load_text_encoder("toy/text")
+    emb, _ = text.encode(["a red circle moves left", ""])
+    ctx, null = emb[:1], emb[1:]
+    noise = torch.randn(1, teacher.cfg.in_dim, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x0, _ = sample_euler(teacher, noise, ctx, null, num_steps=2, shift=5.0, guidance=5.0)
+    assert x0.shape == noise.shape and torch.isfinite(x0).all()

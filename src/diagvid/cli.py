@@ -449,10 +449,10 @@ def _eval_methods(methods: str, vae: str, teacher: str | None, text: str, studen
     for m in builtin:
         runs[m] = ev.real_method() if m == "real" else ev.vae_method(codec)
     if teacher:
-        from diagvid.model.weights import load_dit
+        from diagvid.pretrained import load_dit_model
 
         runs["teacher"] = ev.teacher_method(
-            load_dit(teacher, device=codec.device), codec, load_text_encoder(text)
+            load_dit_model(teacher, device=codec.device), codec, load_text_encoder(text)
         )
     for name, folder, schedule, context in parsed:
         runs[name] = ev.student_method(load_pipeline(folder, device=device), schedule, context)

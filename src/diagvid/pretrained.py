@@ -80,10 +80,14 @@ def load_features(name_or_path: str | Path, device=None):
 
 
 def load_dit_model(name_or_path: str | Path, device=None, dtype=None):
-    """A DiT (teacher, student, critic) from a bundled name or any folder or file `weights.py` reads."""
+    """A DiT (teacher, student, critic) from a bundled name or any folder or file `weights.py` reads.
+
+    It computes in float32 unless `dtype` says otherwise, whatever precision the file stores (the shipped
+    toy models are fp16 on disk: half the size; fp16 compute on a CPU would fail or crawl).
+    """
     from diagvid.model.weights import load_dit
 
-    return load_dit(_resolve(name_or_path), device=device, dtype=dtype)
+    return load_dit(_resolve(name_or_path), device=device, dtype=dtype or torch.float32)
 
 
 def load_pipeline(
