@@ -203,7 +203,7 @@ def test_sigterm_mid_stream_leaves_no_half_file(tiny_folder, tmp_path):
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     deadline = time.monotonic() + 120
-    while not list(out.iterdir()):  # the writer's temp file appears with the first chunk
+    while not list(out.iterdir()):  # the writer's temp file appears as it starts (ffmpeg: at chunk 1)
         assert proc.poll() is None, proc.stdout.read().decode()
         assert time.monotonic() < deadline, "no chunk was written in time"
         time.sleep(0.05)

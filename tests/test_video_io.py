@@ -80,3 +80,28 @@ def test_written_files_get_the_usual_permissions(tmp_path, name):
     assert out.stat().st_mode & 0o777 == (0o755 if out.is_dir() else 0o644)
     assert ckpt.stat().st_mode & 0o777 == 0o644
     assert weights.stat().st_mode & 0o777 == 0o644
+
+
+def test_an_interrupt_while_the_mp4_writer_starts_still_leaves_nothing(tmp_path):
+    """Ctrl-C landing while ffmpeg starts is held until the writer exists, so abort stops it and no file
+    comes back afterwards (it once did: an orphaned ffmpeg rewrote the removed temp file)."""
+    import os
+    import signal
+    import time
+
+    from diagvid.video_io import VideoWriter
+
+    frames = np.zeros((2, 16, 16, 3), np.uint8)
+    with pytest.raises(KeyboardInterrupt), VideoWriter(tmp_path / "c.mp4", fps=8) as writer:
+        real_open = writer._open_writer
+
+        def open_then_signal(imageio):
+            started = real_open(imageio)
+            started.append_data(frames[0])  # ffmpeg is running and has the temp file open
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-start, as a user's Ctrl-C would
+            return started
+
+        writer._open_writer = open_then_signal
+        writer.append(frames)
+    time.sleep(0.5)  # give a stray ffmpeg time to write
+    assert list(tmp_path.iterdir()) == []

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,26 @@ def output_kind(path: str | Path) -> str:
     if suffix == "" or p.endswith(os.sep):
         return "png"
     raise ValueError(f"cannot write {p!r}: unknown format {suffix!r}; allowed: {', '.join(FORMATS)}")
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM until the block is done (main thread, POSIX; elsewhere a no-op).
+
+    Starting the mp4 writer launches an ffmpeg process that opens the temp file; if Ctrl-C or SIGTERM lands
+    before the writer object exists, `abort` cannot close it, and ffmpeg writes the file back after `abort`
+    removed it. Deferred, the signal arrives once the writer is known, and `abort` stops it cleanly.
+    """
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = mask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
 
 
 class VideoWriter:
@@ -66,21 +89,24 @@ class VideoWriter:
         import imageio.v2 as imageio
 
         if self._writer is None:
-            if self.kind == "mp4":
-                self._writer = imageio.get_writer(
-                    self._tmp,
-                    format="FFMPEG",
-                    fps=self.fps,
-                    codec="libx264",
-                    quality=8,
-                    macro_block_size=1,
-                    ffmpeg_log_level="error",
-                )
-            else:
-                self._writer = imageio.get_writer(self._tmp, format="GIF", duration=1000 / self.fps, loop=0)
+            with _signals_deferred():  # an interrupt mid-start would orphan an ffmpeg that writes the file
+                self._writer = self._open_writer(imageio)
         for frame in frames:
             self._writer.append_data(frame)
             self.frames_written += 1
+
+    def _open_writer(self, imageio):
+        if self.kind == "mp4":
+            return imageio.get_writer(
+                self._tmp,
+                format="FFMPEG",
+                fps=self.fps,
+                codec="libx264",
+                quality=8,
+                macro_block_size=1,
+                ffmpeg_log_level="error",
+            )
+        return imageio.get_writer(self._tmp, format="GIF", duration=1000 / self.fps, loop=0)
 
     def close(self) -> Path:
         """Finish the file and move it into place."""
