@@ -8,6 +8,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +70,10 @@ class VideoWriter:
             as_created(self._tmp, folder=True)
             self._writer = None
         else:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=self.path.suffix, dir=parent)
-            as_created(tmp)
-            os.close(fd)
-            self._tmp = Path(tmp)
+            # the file goes inside a private temp folder: whatever happens to the encoder process, removing
+            # the folder on abort leaves it nowhere to (re)create the file
+            self._dir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=parent))
+            self._tmp = self._dir / self.path.name
             self._writer = None  # opened on the first frames, when the size is known
 
     def append(self, frames: np.ndarray) -> None:
@@ -121,7 +122,9 @@ class VideoWriter:
                 shutil.rmtree(self.path)
             os.replace(self._tmp, self.path)
         else:
+            as_created(self._tmp)
             os.replace(self._tmp, self.path)
+            self._dir.rmdir()
         return self.path
 
     def abort(self) -> None:
@@ -132,10 +135,12 @@ class VideoWriter:
         except Exception:  # the temp file goes away regardless
             pass
         self._writer = None
-        if self._tmp.is_dir():
-            shutil.rmtree(self._tmp, ignore_errors=True)
-        elif self._tmp.exists():
-            self._tmp.unlink()
+        folder = self._tmp if self.kind == "png" else self._dir
+        for _ in range(50):  # a still-running encoder may add the file back between listing and rmdir
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                break
+            time.sleep(0.02)
 
     def __enter__(self) -> VideoWriter:
         return self
