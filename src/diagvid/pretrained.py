@@ -152,9 +152,9 @@ def load_pipeline(
         stream_cfg = StreamConfig(frames_per_chunk=3, latent_hw=(60, 104), fps=16, shift=5.0)
     elif path.resolve().parent == ASSETS.resolve():
         raise FileNotFoundError(
-            f"the bundled {path.name!r} pipeline has no trained generator yet (the toy world models are not "
-            f"trained yet, see docs/status.md); pass --model a pipeline folder of yours, or a Wan2.1 folder with "
-            f"--generator"
+            f"the bundled {path.name!r} pipeline has no trained generator yet (its codec and teacher ship, the "
+            f"distilled causal student does not yet, see docs/status.md); pass --model a pipeline folder of yours "
+            f"(diagvid assemble builds one), or a Wan2.1 folder with --generator"
         )
     else:
         raise ValueError(
