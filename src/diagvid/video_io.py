@@ -117,14 +117,18 @@ class VideoWriter:
         if self.frames_written == 0:
             self.abort()
             raise ValueError(f"no frames were written to {self.path}")
-        if self.kind == "png":
-            if self.path.exists():
-                shutil.rmtree(self.path)
-            os.replace(self._tmp, self.path)
-        else:
-            as_created(self._tmp)
-            os.replace(self._tmp, self.path)
-            self._dir.rmdir()
+        try:
+            if self.kind == "png":
+                if self.path.exists():
+                    shutil.rmtree(self.path)
+                os.replace(self._tmp, self.path)
+            else:
+                as_created(self._tmp)
+                os.replace(self._tmp, self.path)
+                self._dir.rmdir()
+        except BaseException:
+            self.abort()  # nothing half-published stays behind
+            raise
         return self.path
 
     def abort(self) -> None:
