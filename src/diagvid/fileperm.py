@@ -7,6 +7,7 @@ umask to the usual 0666 / 0777 instead.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
@@ -46,3 +47,8 @@ def replace_atomically(path: Path, write: Callable[[str], None]) -> None:
         os.fsync(dir_fd)  # the rename itself survives a crash
     finally:
         os.close(dir_fd)
+
+
+def write_json(obj: dict, path: str | os.PathLike) -> None:
+    """Write a JSON file atomically (after the weights it describes, so a config never outruns them)."""
+    replace_atomically(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))

@@ -167,9 +167,6 @@ def load_pipeline(
     return Pipeline(dit.to(device=device, dtype=dtype), vae, text, stream_cfg)
 
 
-SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def save_pipeline(pipe: Pipeline, folder: str | Path, *, dtype: str | None = None) -> Path:
     """Write a pipeline as one of our folders (generator, VAE, toy text encoder, pipeline.json).
 
@@ -179,14 +176,14 @@ def save_pipeline(pipe: Pipeline, folder: str | Path, *, dtype: str | None = Non
     """
     import copy
 
-    from diagvid.model.vae import save_json
-    from diagvid.model.weights import save_dit
+    from diagvid.fileperm import write_json
+    from diagvid.model.weights import STORAGE_DTYPES, save_dit
 
-    if dtype is not None and dtype not in SAVE_DTYPES:
-        raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(SAVE_DTYPES)}")
+    if dtype is not None and dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
 
     def stored(module):
-        return module if dtype is None else copy.deepcopy(module).to(SAVE_DTYPES[dtype])
+        return module if dtype is None else copy.deepcopy(module).to(STORAGE_DTYPES[dtype])
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -195,7 +192,7 @@ def save_pipeline(pipe: Pipeline, folder: str | Path, *, dtype: str | None = Non
     pipe.text_encoder.save(folder / "text")
     cfg = asdict(pipe.config)
     cfg["latent_hw"] = list(cfg["latent_hw"])
-    save_json(cfg, folder / "pipeline.json")  # last: a folder with pipeline.json is complete
+    write_json(cfg, folder / "pipeline.json")  # last: a folder with pipeline.json is complete
     return folder
 
 

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from diagvid.model.vae import load_weights, misfit, save_json, save_weights
+from diagvid.fileperm import write_json
+from diagvid.model.vae import load_weights, misfit, save_weights
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2; vocabulary words follow from id 3
@@ -222,7 +223,7 @@ class ToyTextEncoder(TextEncoder):
         folder.mkdir(parents=True, exist_ok=True)
         save_weights(self.model, folder / WEIGHTS_FILE)
         meta = {"config": asdict(self.cfg), "vocabulary": self.words}
-        save_json(meta, folder / CONFIG_FILE)
+        write_json(meta, folder / CONFIG_FILE)
         return folder
 
     @classmethod

@@ -267,7 +267,9 @@ class WanVAE(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_weights(self.model, folder / WEIGHTS_FILE)
-        save_json(self.cfg.to_dict(), folder / CONFIG_FILE)
+        from diagvid.fileperm import write_json
+
+        write_json(self.cfg.to_dict(), folder / CONFIG_FILE)
         return folder
 
     @classmethod
@@ -639,13 +641,6 @@ def save_weights(module: nn.Module, path: str | Path) -> None:
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in _unique_state_dict(module).items()}
     replace_atomically(Path(path), lambda tmp: save_file(tensors, tmp))
-
-
-def save_json(obj: dict, path: str | Path) -> None:
-    """Write a JSON file atomically (after the weights it describes, so a config never outruns them)."""
-    from diagvid.fileperm import replace_atomically
-
-    replace_atomically(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def _few(names: list[str], n: int = 3) -> str:

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from diagvid.fileperm import replace_atomically
+from diagvid.fileperm import replace_atomically, write_json
 from diagvid.model.dit import PRESETS, DiTConfig, WanDiT, preset
 
 log = logging.getLogger(__name__)
@@ -725,10 +725,6 @@ def _write_tensors(sd: StateDict, path: Path, metadata: dict[str, str] | None = 
     replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def _write_json(obj: dict, path: Path) -> None:
-    replace_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
 def _write_sharded(sd: StateDict, folder: Path, shards: int) -> None:
     if shards == 1:
         _write_tensors(sd, folder / WAN_FILE)
@@ -744,7 +740,7 @@ def _write_sharded(sd: StateDict, folder: Path, shards: int) -> None:
         _write_tensors({k: sd[k] for k in part}, folder / name)
         weight_map.update(dict.fromkeys(part, name))
     total = sum(v.numel() * v.element_size() for v in sd.values())
-    _write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / WAN_INDEX)
+    write_json({"metadata": {"total_size": total}, "weight_map": weight_map}, folder / WAN_INDEX)
     (folder / WAN_FILE).unlink(missing_ok=True)
 
 
@@ -781,7 +777,7 @@ def write_weights(
     else:
         config = diffusers_config(cfg)
         _write_sharded(to_diffusers_names(sd), folder, shards)
-    _write_json(config, folder / CONFIG_FILE)
+    write_json(config, folder / CONFIG_FILE)
     return folder
 
 
@@ -798,6 +794,10 @@ def save_wan(model: WanDiT, folder: str | Path, *, shards: int = 1) -> Path:
 def save_diffusers(model: WanDiT, folder: str | Path, *, shards: int = 1) -> Path:
     """Write a model as a diffusers `WanTransformer3DModel` folder (optionally sharded)."""
     return write_weights(model.state_dict(), model.cfg, folder, layout="diffusers", shards=shards)
+
+
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""precisions a weight file can be written in, by the names the CLI takes"""
 
 
 def convert(
@@ -817,15 +817,14 @@ def convert(
     Tensors keep their stored precision unless `dtype` ("fp32", "fp16", "bf16") casts the floating ones.
     Returns human-readable lines saying what was read and written.
     """
-    casts = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if to not in LAYOUTS or (dtype is not None and dtype not in casts):
+    if to not in LAYOUTS or (dtype is not None and dtype not in STORAGE_DTYPES):
         raise ValueError(
-            f"to={to!r}, dtype={dtype!r}; allowed: to in {', '.join(LAYOUTS)}, dtype in {', '.join(casts)}"
+            f"to={to!r}, dtype={dtype!r}; allowed: to in {', '.join(LAYOUTS)}, dtype in {', '.join(STORAGE_DTYPES)}"
         )
     ckpt = _read(src, config, ema=ema, lora=lora, lora_scale=lora_scale)
     sd = ckpt.state_dict
     if dtype is not None:
-        sd = {k: v.to(casts[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
+        sd = {k: v.to(STORAGE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
     out = write_weights(sd, ckpt.config, dst, layout=to, kind=ckpt.kind, shards=shards)
     params = sum(v.numel() for v in ckpt.state_dict.values())
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in ckpt.state_dict.values()})

@@ -147,12 +147,13 @@ class FeatureNet(nn.Module):
 
     def save(self, folder: str | Path) -> Path:
         """Write `features.safetensors` and `features.json` into `folder` (created if missing)."""
-        from diagvid.model.vae import save_json, save_weights
+        from diagvid.fileperm import write_json
+        from diagvid.model.vae import save_weights
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_weights(self, folder / WEIGHTS_FILE)
-        save_json(self.cfg.to_dict(), folder / CONFIG_FILE)
+        write_json(self.cfg.to_dict(), folder / CONFIG_FILE)
         return folder
 
     @classmethod
