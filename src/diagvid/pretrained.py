@@ -17,7 +17,7 @@ CausVid, LongLive, DD). Two layouts are read:
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -209,12 +209,11 @@ def assemble_pipeline(
     and a text encoder, after checking that they fit together; `stream_config` sets StreamConfig fields
     (default schedule, chunk size, latent size, ...)."""
     from diagvid.model.weights import load_dit
+    from diagvid.sampling import get_schedule
 
-    unknown = sorted(set(stream_config) - {f.name for f in fields(StreamConfig)})
-    if unknown:
-        raise ValueError(
-            f"unknown pipeline settings {unknown}; allowed: {[f.name for f in fields(StreamConfig)]}"
-        )
+    # settings first (from_dict names unknown keys), so a typo fails before any model is read
+    cfg = from_dict(StreamConfig, {**asdict(StreamConfig()), **stream_config})
+    get_schedule(cfg.schedule)  # an unknown default schedule fails here, not at the first generate
     dit = load_dit(_resolve(generator))
     codec = load_vae(vae)
     encoder = load_text_encoder(text)
@@ -227,8 +226,4 @@ def assemble_pipeline(
         raise ValueError(
             f"generator {generator} expects text_dim={dit.cfg.text_dim}; the text encoder {text} gives {encoder.dim}"
         )
-    cfg = from_dict(StreamConfig, {**asdict(StreamConfig()), **stream_config})
-    from diagvid.sampling import get_schedule
-
-    get_schedule(cfg.schedule)  # an unknown default schedule fails here, not at the first generate
     return save_pipeline(Pipeline(dit, codec, encoder, cfg), folder, dtype=dtype)
