@@ -43,7 +43,7 @@ def tiny_recipe(codec_folders, out_dir) -> TeacherConfig:
                 "shard_size": 4,
                 "cache_dir": str(out_dir / "cache"),
             },
-            "optim": {"lr": 1e-3, "warmup": 1},
+            "optim": {"lr": 1e-3, "warmup": 1, "decay_steps": 2, "final_lr_ratio": 0.5},
             "steps": 4,
             "batch_size": 2,
             "caption_dropout": 0.5,
@@ -74,6 +74,8 @@ def test_resume_is_bit_identical(codec_folders, tmp_path):
     log_b = [json.loads(x) for x in (tmp_path / "b/run/log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_b if "loss" in r] == [1, 2, 3, 4]
     assert [r["loss"] for r in log_a if "loss" in r] == [r["loss"] for r in log_b if "loss" in r]
+    # the learning rate decays linearly over the last 2 of 4 steps to half, across the restart too
+    assert [r["lr"] for r in log_b if "lr" in r] == pytest.approx([1e-3, 1e-3, 7.5e-4, 5e-4])
     assert [r for r in log_a if "eval" in r] == [r for r in log_b if "eval" in r]  # evaluation draws no RNG
 
 
@@ -98,6 +100,8 @@ def test_bad_recipes_fail_before_compute(codec_folders, tmp_path):
     with pytest.raises(ValueError, match="in_dim=8 but the VAE makes 4 latent channels"):
         train_teacher(cfg, progress=False)
     assert not (tmp_path / "cache").exists()  # refused before any clip was encoded
+    with pytest.raises(ValueError, match=r"optim.decay_steps=7 must be in \[0, steps=6\]"):
+        from_dict(TeacherConfig, {"steps": 6, "optim": {"decay_steps": 7}})
     with pytest.raises(ValueError, match=r"val_clips=6 must be in \[0, 6\)"):
         from_dict(TeacherConfig, {"val_clips": 6, "data": {"num_clips": 6}})
 
@@ -115,7 +119,7 @@ def test_validation_loss_is_logged_and_init_from_starts_from_given_weights(codec
     folder = export_teacher(tmp_path / "a/run", tmp_path / "teacher")
 
     cfg = tiny_recipe(codec_folders, tmp_path / "b")
-    cfg.init_from, cfg.optim.lr, cfg.steps = str(folder), 0.0, 1
+    cfg.init_from, cfg.optim.lr, cfg.optim.decay_steps, cfg.steps = str(folder), 0.0, 0, 1
     run = train_teacher(cfg, progress=False)
     started = load_checkpoint(run / "checkpoint.pt")["state"]["model"]
     for name, tensor in load_dit(folder).state_dict().items():

@@ -158,6 +158,10 @@ class DistillConfig:
             raise ValueError(f"sigma_mode={self.sigma_mode!r}; allowed: {SIGMA_MODES}")
         if self.critic_steps < 0:
             raise ValueError(f"critic_steps={self.critic_steps} must be >= 0")
+        self.generator_optim.schedule(self.steps)
+        self.critic_optim.schedule(
+            self.steps * self.critic_steps
+        )  # the critic steps `critic_steps` times a step
         if self.global_batch is not None and (self.global_batch < 1 or self.global_batch % self.batch_size):
             raise ValueError(
                 f"global_batch={self.global_batch} must be a positive multiple of batch_size={self.batch_size}"
@@ -256,10 +260,15 @@ def train_distill(
         gen_w, critic_w = rt.wrap(generator), rt.wrap(critic)
         g, c = cfg.generator_optim, cfg.critic_optim
         gen_opt, gen_sched = adamw_with_warmup(
-            generator.parameters(), g.lr, g.betas, g.weight_decay, g.warmup
+            generator.parameters(), g.lr, g.betas, g.weight_decay, g.warmup, **g.schedule(cfg.steps)
         )
         critic_opt, critic_sched = adamw_with_warmup(
-            critic.parameters(), c.lr, c.betas, c.weight_decay, c.warmup
+            critic.parameters(),
+            c.lr,
+            c.betas,
+            c.weight_decay,
+            c.warmup,
+            **c.schedule(cfg.steps * cfg.critic_steps),
         )
         step = DistillStep(
             cfg,

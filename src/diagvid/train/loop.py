@@ -63,12 +63,34 @@ def start_run(out_dir: str | Path, config: dict[str, Any], seed: int) -> Path:
 
 
 def adamw_with_warmup(
-    params, lr: float, betas: tuple[float, float], weight_decay: float, warmup: int
+    params,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    warmup: int,
+    *,
+    total_steps: int = 0,
+    decay_steps: int = 0,
+    final_lr_ratio: float = 0.1,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and a linear warm-up over `warmup` steps (both checkpointable)."""
+    """AdamW, a linear warm-up over `warmup` steps and, optionally, a linear decay over the last
+    `decay_steps` of `total_steps` down to `final_lr_ratio * lr` (both checkpointable)."""
+    if decay_steps < 0 or decay_steps > total_steps:
+        raise ValueError(f"decay_steps={decay_steps} must be in [0, total_steps={total_steps}]")
+    if not 0 <= final_lr_ratio <= 1:
+        raise ValueError(f"final_lr_ratio={final_lr_ratio} must be in [0, 1]")
     opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)))
-    return opt, sched
+    decay_from = total_steps - decay_steps
+
+    def factor(step: int) -> float:
+        # LambdaLR calls this with the number of steps taken so far
+        scale = min(1.0, (step + 1) / max(1, warmup))
+        if decay_steps and step >= decay_from:
+            done = min(1.0, (step - decay_from) / decay_steps)
+            scale *= 1.0 - (1.0 - final_lr_ratio) * done
+        return scale
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _step_of(line: str, default: int) -> int:

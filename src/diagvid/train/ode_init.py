@@ -66,6 +66,7 @@ class InitConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        self.optim.schedule(self.steps)
         for name in ("frames_per_chunk", "steps", "batch_size", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -122,7 +123,9 @@ def train_init(
         ema = EMA(student, cfg.ema_decay)
         wrapped = rt.wrap(student)
         o = cfg.optim
-        opt, sched = adamw_with_warmup(student.parameters(), o.lr, o.betas, o.weight_decay, o.warmup)
+        opt, sched = adamw_with_warmup(
+            student.parameters(), o.lr, o.betas, o.weight_decay, o.warmup, **o.schedule(cfg.steps)
+        )
         fm = FlowMatch(cfg.shift, cfg.sigma_mode)
         order = Shuffle(len(data), cfg.seed)
         step_fn = _init_step(cfg, rt, wrapped, student, ema, opt, sched, fm, data, order, accum)

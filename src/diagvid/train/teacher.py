@@ -43,13 +43,28 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up."""
+    """AdamW with linear warm-up and an optional linear decay at the end of the run."""
 
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.01
     warmup: int = 200
     grad_clip: float = 1.0
+    decay_steps: int = 0
+    """the last `decay_steps` steps of the run lower the learning rate linearly to `final_lr_ratio * lr`"""
+    final_lr_ratio: float = 0.1
+
+    def schedule(self, total_steps: int) -> dict:
+        """Keyword arguments of `adamw_with_warmup` for a run of `total_steps` steps."""
+        if not 0 <= self.decay_steps <= total_steps:
+            raise ValueError(f"optim.decay_steps={self.decay_steps} must be in [0, steps={total_steps}]")
+        if not 0 <= self.final_lr_ratio <= 1:
+            raise ValueError(f"optim.final_lr_ratio={self.final_lr_ratio} must be in [0, 1]")
+        return {
+            "total_steps": total_steps,
+            "decay_steps": self.decay_steps,
+            "final_lr_ratio": self.final_lr_ratio,
+        }
 
 
 @dataclass
@@ -90,6 +105,7 @@ class TeacherConfig:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError(f"batch_size={self.batch_size} and steps={self.steps} must be >= 1")
+        self.optim.schedule(self.steps)  # a decay longer than the run fails here, before any compute
         if not 0 <= self.val_clips < self.data.num_clips:
             raise ValueError(
                 f"val_clips={self.val_clips} must be in [0, {self.data.num_clips}) (data.num_clips, the cached clips)"
@@ -204,7 +220,9 @@ def train_teacher(
     latents, captions = build_latent_cache(cfg.data, vae)
     ema = EMA(model, cfg.ema_decay)
     o = cfg.optim
-    opt, sched = adamw_with_warmup(model.parameters(), o.lr, o.betas, o.weight_decay, o.warmup)
+    opt, sched = adamw_with_warmup(
+        model.parameters(), o.lr, o.betas, o.weight_decay, o.warmup, **o.schedule(cfg.steps)
+    )
     null_ctx = text.encode([""])[0]
     text_cache: dict[str, torch.Tensor] = {}
 
