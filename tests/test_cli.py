@@ -273,3 +273,18 @@ def test_assemble_builds_a_pipeline_that_generates_the_same_video(tiny_folder, t
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.output, (args, result.output)
         assert not (out / "pipeline.json").exists()
+
+
+def test_a_bundled_folder_without_a_generator_names_what_is_missing(tmp_path, monkeypatch):
+    import diagvid.pretrained as pretrained
+
+    (tmp_path / "toy" / "vae").mkdir(parents=True)  # a codec but no pipeline.json + generator
+    monkeypatch.setattr(pretrained, "ASSETS", tmp_path)
+    with pytest.raises(FileNotFoundError, match="the bundled 'toy' pipeline has no trained generator yet"):
+        load_pipeline(device="cpu")
+    result = runner.invoke(
+        app, ["generate", "-p", "a red circle moves left", "--out", str(tmp_path / "c.mp4")]
+    )
+    assert result.exit_code == 2
+    assert "no trained generator yet" in " ".join(result.output.split())
+    assert not (tmp_path / "c.mp4").exists()

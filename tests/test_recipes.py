@@ -25,6 +25,8 @@ KINDS = {
     "distill-diagonal": DistillConfig,
     "distill-self-forcing": DistillConfig,
     "distill-causvid": DistillConfig,
+    "distill-diagonal-noflow": DistillConfig,
+    "distill-diagonal-nodf": DistillConfig,
     "features": FeaturesTrainConfig,
 }
 
