@@ -436,9 +436,12 @@ def test_settings_are_checked():
 # ----- the command -------------------------------------------------------------------------------------------
 
 
-def test_cli_serve_without_a_trained_model_exits_with_the_reason():
+def test_cli_serve_without_a_trained_model_exits_with_the_reason(tmp_path, monkeypatch):
+    import diagvid.pretrained as pretrained
     from diagvid.cli import app
 
+    (tmp_path / "toy" / "vae").mkdir(parents=True)  # a bundled folder with a codec but no generator
+    monkeypatch.setattr(pretrained, "ASSETS", tmp_path)
     result = CliRunner().invoke(app, ["serve", "--port", "0"])
     assert result.exit_code == 2
     assert "no trained generator yet" in " ".join(result.output.split())
