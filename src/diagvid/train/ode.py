@@ -321,6 +321,7 @@ def write_ode_pairs(cfg: OdeConfig, *, progress: bool = True) -> Path:
                 out / shard_name(i),
                 {"recipe": recipe, "samples": str(counts[i]), "first": str(lo), "captions": json.dumps(caps)},
             )
+            log.info("wrote %s (%d samples from %d)", shard_name(i), counts[i], lo)  # for logs without a bar
         if bar is not None:
             bar[0].stop()
 
