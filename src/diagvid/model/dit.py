@@ -377,29 +377,67 @@ class WanDiT(nn.Module):
             cache: run one chunk against this KV cache, starting at absolute latent frame `start_frame`.
         Returns: velocity [B, C_out, F, H*ph, W*pw].
         """
+        # 1. host side, outside what `compile_forward` compiles: the forward count, the cache's slot decision
+        # and the RoPE tables (absolute frame positions grow along a stream; as tensors they never recompile)
+        self.stats.forwards += 1
+        cfg = self.cfg
+        f, h, w = self.token_grid(*x.shape[2:])
+        if cache is not None:
+            rope_frame = cache.prepare(start_frame, f).rope_frame
+        elif attention in ATTENTION_MODES:
+            rope_frame = start_frame
+        else:
+            raise ValueError(f"attention={attention!r}; allowed: {ATTENTION_MODES} (or pass cache=)")
+        cos, sin = rope_cos_sin(grid_positions(f, h, w, rope_frame), cfg.head_dim, cfg.rope_theta)
+        return self._forward(
+            x,
+            t,
+            context,
+            cos.to(x.device),
+            sin.to(x.device),
+            attention=attention,
+            frames_per_chunk=frames_per_chunk,
+            window_frames=window_frames,
+            sink_frames=sink_frames,
+            cache=cache,
+        )
+
+    def compile_forward(self, **options) -> WanDiT:
+        """Compile the forward's body with `torch.compile(**options)` (e.g. `mode="max-autotune"` on a GPU);
+        returns self. With a `static_shapes` KV cache a chunk forward is one graph; the cache's slot
+        positions are compile-time constants, so a stream compiles one variant per slot layout it meets
+        (a handful while the window fills, then none). Unlike `nn.Module.compile`, the forward count the
+        engine reads (`stats.forwards`), the cache's bookkeeping and the RoPE tables stay outside the graph."""
+        self._forward = torch.compile(self._forward, **options)
+        return self
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        *,
+        attention: str,
+        frames_per_chunk: int | None,
+        window_frames: int | None,
+        sink_frames: int,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        """The forward's tensor work, after `forward` prepared the cache slots and the RoPE tables."""
         cfg = self.cfg
         b, _, f_lat, h_lat, w_lat = x.shape
         f, h, w = self.token_grid(f_lat, h_lat, w_lat)
-        s = h * w
         t = self._frame_timesteps(t, b, f)  # [B, F]
-        self.stats.forwards += 1
-
-        # 1. choose how self-attention sees other tokens, and the RoPE positions of this forward
         if cache is not None:
-            slots = cache.prepare(start_frame, f)
-            cos, sin = rope_cos_sin(grid_positions(f, h, w, slots.rope_frame), cfg.head_dim, cfg.rope_theta)
-            attend = self._cached_attention(cache, cos.to(x.device), sin.to(x.device))
+            attend = self._cached_attention(cache, cos, sin)
+        elif attention == "full":
+            attend = self._full_attention(cos, sin)
         else:
-            cos, sin = rope_cos_sin(grid_positions(f, h, w, start_frame), cfg.head_dim, cfg.rope_theta)
-            cos, sin = cos.to(x.device), sin.to(x.device)
-            if attention == "full":
-                attend = self._full_attention(cos, sin)
-            elif attention == "causal":
-                attend = self._block_causal_attention(
-                    cos, sin, s, f, frames_per_chunk, window_frames, sink_frames
-                )
-            else:
-                raise ValueError(f"attention={attention!r}; allowed: {ATTENTION_MODES} (or pass cache=)")
+            attend = self._block_causal_attention(
+                cos, sin, h * w, f, frames_per_chunk, window_frames, sink_frames
+            )
 
         # 2. embed patches, timesteps and text
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, L, D]
