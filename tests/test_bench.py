@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from diagvid.bench import run_bench
@@ -82,3 +83,22 @@ def test_endless_stream_holds_no_more_tensors_after_many_window_wraps():
     assert first == last, report
     mb_first, mb_last = report["live_tensor_mb_first_last"]
     assert abs(mb_last - mb_first) < 0.05, report
+
+
+def test_unknown_compile_mode_is_refused_before_any_model_is_built():
+    with pytest.raises(ValueError, match="compile mode 'fast'; allowed: default, reduce-overhead"):
+        run_bench("tiny", device="cpu", warmup=False, compile_mode="fast")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (inductor on a CPU takes minutes)")
+def test_compiled_bench_on_gpu_counts_the_same_forwards():
+    # the CPU-side guarantee (one graph per chunk forward, bounded recompiles) is tests/model/test_compile.py
+    torch._dynamo.reset()
+    plain = run_bench("tiny", device="cuda", warmup=False, methods=("diagonal",))
+    compiled = run_bench(
+        "tiny", device="cuda", methods=("diagonal",), compile_mode="max-autotune-no-cudagraphs"
+    )
+    torch._dynamo.reset()
+    assert compiled["compile"] == "max-autotune-no-cudagraphs" and plain["compile"] is None
+    assert compiled["results"][0]["nfe"] == plain["results"][0]["nfe"]
+    assert compiled["results"][0]["frames"] == plain["results"][0]["frames"]

@@ -47,6 +47,7 @@ SUITES = {
 }
 
 # (method, schedule, context override); the teacher is the undistilled 50-step CFG sampler
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 METHODS = (
     ("teacher", None, None),
     ("causvid", "causvid", None),
@@ -170,11 +171,14 @@ def run_bench(
     methods: tuple[str, ...] | None = None,
     warmup: bool = True,
     teacher_timed_steps: int | None = None,
+    compile_mode: str | None = None,
 ) -> dict:
     """Benchmark every method on one suite in this process; returns the JSON-ready report.
 
     `teacher_timed_steps`: time only that many teacher steps and scale to the full count (the report says
     so in `extrapolated_from_steps`); the quick mode and the GPU suite use it.
+    `compile_mode`: `torch.compile` the transformer's forward in that mode (`WanDiT.compile_forward`) and
+    run the students against fixed-shape KV buffers (`static_shapes`); the warm-up run pays the compile.
     """
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite {suite_name!r}; allowed: {sorted(SUITES)}")
@@ -183,11 +187,16 @@ def run_bench(
     unknown = sorted(set(chosen) - set(known))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; allowed: {known}")
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
     dt = dt or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     suite = SUITES[suite_name]
     pipe = build(suite, dev, dt)
+    if compile_mode is not None:
+        pipe.config.static_shapes = True  # one shape per chunk forward: what a compiled graph needs
+        pipe.generator.compile_forward(mode=compile_mode)
     clock = Clock(dev)
     results = []
     for name, schedule, context in METHODS:
@@ -231,6 +240,7 @@ def run_bench(
             "dtype": str(dt).removeprefix("torch."),
         },
         "weights": "random (speed does not depend on values)",
+        "compile": compile_mode,
         "results": results,
         "ratios": ratios,
     }

@@ -284,6 +284,11 @@ def bench(
     teacher_steps: int | None = typer.Option(
         None, "--teacher-timed-steps", help="Time this many teacher steps and scale to the full count."
     ),
+    compile_mode: str | None = typer.Option(
+        None,
+        "--compile",
+        help="torch.compile the transformer: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs.",
+    ),
 ) -> None:
     """Time every method in one process: NFE, FPS (DiT-only and end to end), time to first frame, memory."""
     from pathlib import Path
@@ -311,6 +316,7 @@ def bench(
             methods=chosen,
             warmup=not quick,
             teacher_timed_steps=teacher_steps or (5 if quick else None),
+            compile_mode=compile_mode,
         )
     except (ValueError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
