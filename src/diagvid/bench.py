@@ -46,8 +46,10 @@ SUITES = {
     ),
 }
 
-# (method, schedule, context override); the teacher is the undistilled 50-step CFG sampler
+# torch.compile modes `run_bench(compile_mode=...)` accepts
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+# (method, schedule, context override); the teacher is the undistilled 50-step CFG sampler
 METHODS = (
     ("teacher", None, None),
     ("causvid", "causvid", None),

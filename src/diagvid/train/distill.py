@@ -159,9 +159,8 @@ class DistillConfig:
         if self.critic_steps < 0:
             raise ValueError(f"critic_steps={self.critic_steps} must be >= 0")
         self.generator_optim.schedule(self.steps)
-        self.critic_optim.schedule(
-            self.steps * self.critic_steps
-        )  # the critic steps `critic_steps` times a step
+        # the critic's scheduler steps once per critic update, `critic_steps` times a training step
+        self.critic_optim.schedule(self.steps * self.critic_steps)
         if self.global_batch is not None and (self.global_batch < 1 or self.global_batch % self.batch_size):
             raise ValueError(
                 f"global_batch={self.global_batch} must be a positive multiple of batch_size={self.batch_size}"
