@@ -299,8 +299,8 @@ def bench(
 
     if not random_weights:
         console.print(
-            "[red]error:[/red] benchmarks of trained students need the distilled toy models, which do not exist "
-            "yet; pass --random-weights to time the geometry (speed does not depend on weight values)"
+            "[red]error:[/red] benchmarks of trained students need the distilled toy models, which are not "
+            "shipped yet; pass --random-weights to time the geometry (speed does not depend on weight values)"
         )
         raise typer.Exit(2)
     try:
