@@ -13,7 +13,6 @@ unconditional input of classifier-free guidance: its only token is end-of-sequen
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -23,8 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from diagvid.fileperm import write_json
-from diagvid.model.vae import load_weights, misfit, save_weights
+from diagvid.model.vae import load_weights, misfit, read_folder_config, save_folder
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2; vocabulary words follow from id 3
@@ -219,23 +217,15 @@ class ToyTextEncoder(TextEncoder):
 
     def save(self, folder: str | Path) -> Path:
         """Write `text.safetensors` and `text.json` (config + vocabulary) into `folder`."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_weights(self.model, folder / WEIGHTS_FILE)
         meta = {"config": asdict(self.cfg), "vocabulary": self.words}
-        write_json(meta, folder / CONFIG_FILE)
-        return folder
+        return save_folder(self.model, meta, folder, CONFIG_FILE, WEIGHTS_FILE)
 
     @classmethod
     def load(cls, folder: str | Path) -> ToyTextEncoder:
         """An encoder written by `save`, on the CPU."""
         folder = Path(folder)
         meta_path = folder / CONFIG_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(
-                f"{meta_path} not found; a toy text encoder folder holds {CONFIG_FILE} + {WEIGHTS_FILE}"
-            )
-        meta = json.loads(meta_path.read_text())
+        meta = read_folder_config(folder, CONFIG_FILE, WEIGHTS_FILE, "toy text encoder")
         if set(meta) != {"config", "vocabulary"}:
             raise ValueError(f"{meta_path} must hold exactly 'config' and 'vocabulary'; has {sorted(meta)}")
         enc = cls(meta["vocabulary"], ToyTextConfig.from_dict(meta["config"]))

@@ -264,26 +264,14 @@ class WanVAE(nn.Module):
 
     def save(self, folder: str | Path) -> Path:
         """Write `vae.safetensors` and `vae.json` into `folder` (created if missing)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_weights(self.model, folder / WEIGHTS_FILE)
-        from diagvid.fileperm import write_json
-
-        write_json(self.cfg.to_dict(), folder / CONFIG_FILE)
-        return folder
+        return save_folder(self.model, self.cfg.to_dict(), folder, CONFIG_FILE, WEIGHTS_FILE)
 
     @classmethod
     def load(cls, folder: str | Path) -> WanVAE:
         """A VAE written by `save`, in eval mode, on the CPU in fp32."""
-        folder = Path(folder)
-        cfg_path = folder / CONFIG_FILE
-        if not cfg_path.is_file():
-            raise FileNotFoundError(
-                f"{cfg_path} not found; a diagvid VAE folder holds {CONFIG_FILE} + {WEIGHTS_FILE}"
-            )
-        cfg = VAEConfig.from_dict(json.loads(cfg_path.read_text()))
+        cfg = VAEConfig.from_dict(read_folder_config(folder, CONFIG_FILE, WEIGHTS_FILE, "diagvid VAE"))
         vae = cls(cfg)
-        load_weights(vae.model, folder / WEIGHTS_FILE, cfg.summary())
+        load_weights(vae.model, Path(folder) / WEIGHTS_FILE, cfg.summary())
         return vae.eval()
 
     @classmethod
@@ -641,6 +629,27 @@ def save_weights(module: nn.Module, path: str | Path) -> None:
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in _unique_state_dict(module).items()}
     replace_atomically(Path(path), lambda tmp: save_file(tensors, tmp))
+
+
+def save_folder(
+    module: nn.Module, config: dict, folder: str | Path, config_file: str, weights_file: str
+) -> Path:
+    """Write a model folder of ours: `weights_file` (safetensors) and `config_file` (JSON), both atomic."""
+    from diagvid.fileperm import write_json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(module, folder / weights_file)
+    write_json(config, folder / config_file)
+    return folder
+
+
+def read_folder_config(folder: str | Path, config_file: str, weights_file: str, kind: str) -> dict:
+    """The JSON of a model folder written by `save_folder`; a missing one names what a `kind` folder holds."""
+    path = Path(folder) / config_file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; a {kind} folder holds {config_file} + {weights_file}")
+    return json.loads(path.read_text())
 
 
 def _few(names: list[str], n: int = 3) -> str:

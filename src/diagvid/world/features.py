@@ -15,7 +15,6 @@ Shape letters: B windows, F frames per window, S input size, D feature width, N 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,29 +146,19 @@ class FeatureNet(nn.Module):
 
     def save(self, folder: str | Path) -> Path:
         """Write `features.safetensors` and `features.json` into `folder` (created if missing)."""
-        from diagvid.fileperm import write_json
-        from diagvid.model.vae import save_weights
+        from diagvid.model.vae import save_folder
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_weights(self, folder / WEIGHTS_FILE)
-        write_json(self.cfg.to_dict(), folder / CONFIG_FILE)
-        return folder
+        return save_folder(self, self.cfg.to_dict(), folder, CONFIG_FILE, WEIGHTS_FILE)
 
     @classmethod
     def load(cls, folder: str | Path) -> FeatureNet:
         """A network written by `save` (safetensors only: nothing is executed), in eval mode, CPU, fp32."""
-        from diagvid.model.vae import load_weights
+        from diagvid.model.vae import load_weights, read_folder_config
 
-        folder = Path(folder)
-        cfg_path = folder / CONFIG_FILE
-        if not cfg_path.is_file():
-            raise FileNotFoundError(
-                f"{cfg_path} not found; a feature network folder holds {CONFIG_FILE} + {WEIGHTS_FILE}"
-            )
-        cfg = FeatureNetConfig.from_dict(json.loads(cfg_path.read_text()))
+        raw = read_folder_config(folder, CONFIG_FILE, WEIGHTS_FILE, "feature network")
+        cfg = FeatureNetConfig.from_dict(raw)
         net = cls(cfg)
-        load_weights(net, folder / WEIGHTS_FILE, repr(cfg))
+        load_weights(net, Path(folder) / WEIGHTS_FILE, repr(cfg))
         return net.float().eval()
 
 
