@@ -259,3 +259,22 @@ def test_frames_tensor_round_trip():
     assert np.array_equal(tensor_to_frames(frames_to_tensor(frames)), frames)
     with pytest.raises(ValueError, match="uint8"):
         frames_to_tensor(frames.astype(np.float32))
+
+
+def test_cpu_inference_convs_run_on_onednn_with_pytorchs_numbers(vae):
+    """The causal convs skip PyTorch's slow batch-1 conv3d kernel in CPU inference: oneDNN runs them, the decoded
+    video matches diffusers' own module to float rounding, and training (grad on) still takes PyTorch's path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    reference = AutoencoderKLWan(**vae.model.config).eval()
+    reference.load_state_dict(vae.model.state_dict())
+    z = torch.randn(1, vae.z_dim, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        ours = vae.model.decode(z).sample
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::mkldnn_convolution" in ops and "aten::slow_conv3d_forward" not in ops
+    with torch.no_grad():
+        torch.testing.assert_close(ours, reference.decode(z).sample, atol=1e-5, rtol=1e-4)
+    x = torch.randn(1, 3, 5, 16, 16, requires_grad=True)
+    vae.model.encode(x).latent_dist.mean.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
