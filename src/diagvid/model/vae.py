@@ -488,8 +488,14 @@ class _OneDNNCausalConv3d(WanCausalConv3d):
     """
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled():
-            return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation, self.groups)
+        if (
+            x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32
+            and not torch.is_grad_enabled()
+        ):
+            return torch.mkldnn_convolution(
+                x, weight, bias, self.padding, self.stride, self.dilation, self.groups
+            )
         return super()._conv_forward(x, weight, bias)
 
 
