@@ -6,7 +6,8 @@ import pytest
 from safetensors import safe_open
 
 from diagvid.assets import ASSETS
-from diagvid.pretrained import load_dit_model, load_text_encoder, load_vae
+from diagvid.pretrained import TOY_STUDENT_METHODS, load_dit_model, load_text_encoder, load_vae
+from diagvid.sampling import get_schedule
 
 MAX_MB = 5.0
 
@@ -62,3 +63,50 @@ def test_the_bundled_default_pipeline_generates_reproducibly():
     assert np.array_equal(video, again)
     assert not np.array_equal(video, other)
     assert video.std() > 5  # a picture, not a flat field
+
+
+# NFE of the first two chunks under each schedule (+1 where a chunk writes a separate clean context pass)
+FIRST_TWO_NFE = {
+    ("diagonal", None): [5, 3],
+    ("diagonal", "clean"): [5, 4],
+    ("self-forcing", None): [5, 5],
+    ("causvid", None): [4, 4],
+}
+
+
+@pytest.mark.parametrize("method", sorted(TOY_STUDENT_METHODS))
+def test_every_shipped_student_streams_with_its_schedule(method):
+    """Each distilled toy student loads into the bundled pipeline and runs the schedule it is evaluated with."""
+    import numpy as np
+
+    from diagvid.pretrained import load_toy_student
+
+    pipe, schedule, context = load_toy_student(method, device="cpu")
+    chunks = list(
+        pipe.stream("a blue square moves up", num_chunks=2, seed=0, schedule=get_schedule(schedule, context))
+    )
+    assert [c.nfe for c in chunks] == FIRST_TWO_NFE[(schedule, context)]
+    video = np.concatenate([c.frames for c in chunks])
+    assert video.shape == (21, 64, 64, 3) and video.std() > 5
+
+
+def test_shipped_students_are_distinct_trained_models():
+    """Every DMD student holds its own weights, none of them the ODE-initialised generator they start from."""
+    import torch
+
+    names = sorted({generator for generator, _, _ in TOY_STUDENT_METHODS.values()})
+    assert "toy/generator" in names
+    key = "blocks.0.self_attn.q.weight"
+    weights = {name: load_dit_model(name).state_dict()[key] for name in names}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not torch.equal(weights[a], weights[b]), f"{a} and {b} hold the same weights"
+
+
+def test_a_bundled_generator_name_resolves_and_a_wrong_one_lists_what_ships():
+    from diagvid.pretrained import load_pipeline
+
+    pipe = load_pipeline("toy", generator="toy/students/self-forcing", device="cpu")
+    assert pipe.generator.cfg.in_dim == pipe.vae.z_dim
+    with pytest.raises(FileNotFoundError, match=r"'toy/students/nope'.*toy/students/diagonal"):
+        load_pipeline("toy", generator="toy/students/nope", device="cpu")

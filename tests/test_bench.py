@@ -46,7 +46,8 @@ def test_bench_cli(tmp_path):
     data = json.loads(out.read_text())
     assert [r["method"] for r in data["results"]] == ["self-forcing", "diagonal"]
     assert "diagonal_vs_self_forcing" in data["ratios"]
-    assert runner.invoke(app, ["bench", "--suite", "tiny"]).exit_code == 2
+    untrained = runner.invoke(app, ["bench", "--suite", "tiny"])
+    assert untrained.exit_code == 2 and "suite 'tiny' ships no trained weights" in untrained.output
     bad = runner.invoke(app, ["bench", "--suite", "huge", "--random-weights"])
     assert bad.exit_code == 2 and "unknown suite 'huge'" in bad.output
 
@@ -102,3 +103,15 @@ def test_compiled_bench_on_gpu_counts_the_same_forwards():
     assert compiled["compile"] == "max-autotune-no-cudagraphs" and plain["compile"] is None
     assert compiled["results"][0]["nfe"] == plain["results"][0]["nfe"]
     assert compiled["results"][0]["frames"] == plain["results"][0]["frames"]
+
+
+def test_toy_suite_times_each_method_on_its_shipped_model():
+    """Without random weights the toy suite loads the shipped students; NFE is what their schedules cost."""
+    report = run_bench(
+        "toy", device="cpu", warmup=False, methods=("self-forcing", "diagonal"), random_weights=False
+    )
+    by = {r["method"]: r for r in report["results"]}
+    # 7 chunks: diagonal 5 + 3 + 2 x 5, Self-Forcing 5 each (4 steps + a clean context pass)
+    assert by["diagonal"]["nfe"] == 18 and by["self-forcing"]["nfe"] == 35
+    assert all(r["frames"] == 81 for r in by.values())
+    assert report["weights"] == "shipped toy models" and report["ratios"]["diagonal_vs_self_forcing"] > 0

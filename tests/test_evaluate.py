@@ -129,6 +129,7 @@ def test_cli_eval_writes_the_report(tmp_path):
         (["--suite", "wan"], "unknown eval suite 'wan'"),
         (["--lengths", "1,x"], "'x' is not an integer"),
         (["--methods", ""], "nothing to evaluate"),
+        (["--prompts", "heldout-5"], "unknown evaluation set 'heldout-5'"),
         (["--features", "no-such-net"], "'no-such-net' is neither an existing path nor a bundled model"),
     ],
 )
@@ -145,3 +146,18 @@ def test_teacher_method_samples_the_asked_length(tiny_pipeline):
     videos = run(["a red circle moves left", "a blue square moves up"], 9, 0)
     assert [v.shape for v in videos] == [(9, 16, 16, 3)] * 2 and not np.array_equal(videos[0], videos[1])
     assert tiny_pipeline.generator.stats.forwards == 2 * 2  # 2 Euler steps per prompt, CFG in one batch
+
+
+def test_cli_methods_name_the_teacher_and_every_shipped_student(tmp_path):
+    from diagvid.cli import _eval_methods
+    from diagvid.pretrained import TOY_STUDENT_METHODS
+
+    everything = _eval_methods("all", "toy/vae", None, "toy/text", [], "cpu")
+    assert list(everything) == ["real", "vae", "teacher", *TOY_STUDENT_METHODS]
+    # beside your own model the default is the real clips alone, not every shipped method
+    mine = _eval_methods(None, "toy/vae", None, "toy/text", ["mine=toy:self-forcing"], "cpu")
+    assert list(mine) == ["real", "mine"]
+    videos = everything["diagonal-clean"](["a red circle moves left"], 9, 0)
+    assert len(videos) == 1 and videos[0].shape == (9, 64, 64, 3)
+    help_text = " ".join(CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert all(name in help_text for name in TOY_STUDENT_METHODS)

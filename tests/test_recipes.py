@@ -27,6 +27,7 @@ KINDS = {
     "distill-causvid": DistillConfig,
     "distill-diagonal-noflow": DistillConfig,
     "distill-diagonal-nodf": DistillConfig,
+    "distill-schedule-only": DistillConfig,
     "features": FeaturesTrainConfig,
 }
 

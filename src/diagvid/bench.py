@@ -14,6 +14,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,6 +46,9 @@ SUITES = {
         dit="tiny", vae="tiny", latent_hw=(4, 4), frames_per_chunk=2, num_chunks=4, teacher_steps=4
     ),
 }
+
+# what every method generates: a caption of the toy world (random-weight suites ignore the text)
+PROMPT = "a red circle moves left"
 
 # torch.compile modes `run_bench(compile_mode=...)` accepts
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -107,6 +111,17 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def trained(method: str, device: torch.device, dtype: torch.dtype) -> Pipeline:
+    """The shipped toy models of a method: its distilled student, or the teacher in the bundled pipeline."""
+    from diagvid.pretrained import DEFAULT_PIPELINE, load_dit_model, load_pipeline, load_toy_student
+
+    if method != "teacher":
+        return load_toy_student(method, device=device, dtype=dtype)[0]
+    pipe = load_pipeline(DEFAULT_PIPELINE, device=device, dtype=dtype)
+    pipe.generator = load_dit_model("toy/teacher", device=device, dtype=dtype)
+    return pipe
+
+
 def build(suite: Suite, device: torch.device, dtype: torch.dtype) -> Pipeline:
     """Random-weight models of the suite's geometry (speed does not depend on weight values)."""
     torch.manual_seed(0)
@@ -124,7 +139,7 @@ def _run_student(pipe: Pipeline, suite: Suite, schedule: str, context: str | Non
     forwards = pipe.generator.stats.forwards
     t0 = clock.now()
     ttff, frames, dit_s = None, 0, 0.0
-    for chunk in pipe.stream("benchmark", num_chunks=suite.num_chunks, schedule=sched, seed=0):
+    for chunk in pipe.stream(PROMPT, num_chunks=suite.num_chunks, schedule=sched, seed=0):
         ttff = clock.now() - t0 if ttff is None else ttff
         frames += len(chunk.frames)
         dit_s += chunk.dit_seconds
@@ -145,7 +160,7 @@ def _run_teacher(pipe: Pipeline, suite: Suite, clock: Clock, timed_steps: int | 
     f = suite.num_chunks * suite.frames_per_chunk
     noise = torch.randn(1, dit.cfg.in_dim, f, *suite.latent_hw, generator=torch.Generator().manual_seed(0))
     noise = noise.to(pipe.device, pipe.dtype)
-    ctx = pipe.text_encoder.encode(["x"])[0]
+    ctx = pipe.text_encoder.encode([PROMPT])[0]
     forwards = dit.stats.forwards
     t0 = clock.now()
     steps = min(timed_steps or suite.teacher_steps, suite.teacher_steps)
@@ -174,6 +189,7 @@ def run_bench(
     warmup: bool = True,
     teacher_timed_steps: int | None = None,
     compile_mode: str | None = None,
+    random_weights: bool = True,
 ) -> dict:
     """Benchmark every method on one suite in this process; returns the JSON-ready report.
 
@@ -181,6 +197,8 @@ def run_bench(
     so in `extrapolated_from_steps`); the quick mode and the GPU suite use it.
     `compile_mode`: `torch.compile` the transformer's forward in that mode (`WanDiT.compile_forward`) and
     run the students against fixed-shape KV buffers (`static_shapes`); the warm-up run pays the compile.
+    `random_weights=False` (toy suite only) times each method on its own shipped model: the teacher and the
+    distilled students of `diagvid.pretrained.TOY_STUDENT_METHODS`.
     """
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite {suite_name!r}; allowed: {sorted(SUITES)}")
@@ -194,20 +212,27 @@ def run_bench(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
     dt = dt or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if not random_weights and suite_name != "toy":
+        raise ValueError(f"suite {suite_name!r} ships no trained weights; time it with random weights")
     suite = SUITES[suite_name]
-    pipe = build(suite, dev, dt)
-    if compile_mode is not None:
-        pipe.config.static_shapes = True  # one shape per chunk forward: what a compiled graph needs
-        pipe.generator.compile_forward(mode=compile_mode)
+
+    def ready(pipe: Pipeline) -> Pipeline:
+        if compile_mode is not None:
+            pipe.config.static_shapes = True  # one shape per chunk forward: what a compiled graph needs
+            pipe.generator.compile_forward(mode=compile_mode)
+        return pipe
+
+    shared = ready(build(suite, dev, dt)) if random_weights else None
     clock = Clock(dev)
     results = []
     for name, schedule, context in METHODS:
         if name not in chosen:
             continue
+        pipe = shared or ready(trained(name, dev, dt))
         run = (
-            (lambda: _run_teacher(pipe, suite, clock, teacher_timed_steps))
+            partial(_run_teacher, pipe, suite, clock, teacher_timed_steps)
             if schedule is None
-            else (lambda s=schedule, c=context: _run_student(pipe, suite, s, c, clock))
+            else partial(_run_student, pipe, suite, schedule, context, clock)
         )
         if warmup:
             run()
@@ -241,7 +266,7 @@ def run_bench(
             "torch": torch.__version__,
             "dtype": str(dt).removeprefix("torch."),
         },
-        "weights": "random (speed does not depend on values)",
+        "weights": "random (speed does not depend on values)" if random_weights else "shipped toy models",
         "compile": compile_mode,
         "results": results,
         "ratios": ratios,
@@ -293,7 +318,7 @@ def stream_memory(suite_name: str, seconds: float, window_frames: int, sink_fram
     probes: list[dict] = []  # measured inside the stream (after chunk 1, then every 10th): caches are live
     measuring = 0.0
     t0 = time.perf_counter()
-    for chunk in pipe.stream("benchmark", seconds=seconds, schedule="diagonal", seed=0):
+    for chunk in pipe.stream(PROMPT, seconds=seconds, schedule="diagonal", seed=0):
         frames += len(chunk.frames)  # frames are dropped as they come, as a live stream would
         chunks += 1
         if chunks == 1 or chunks % 10 == 0:

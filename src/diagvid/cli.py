@@ -84,7 +84,10 @@ def generate(
     strength: float = typer.Option(0.6, "--strength", help="Video-to-video: how much to change, in (0, 1]."),
     model: str = typer.Option("toy", "--model", help="Bundled name or pipeline folder."),
     generator: str | None = typer.Option(
-        None, "--generator", help="Distilled causal checkpoint (Wan folders)."
+        None,
+        "--generator",
+        help="Causal checkpoint instead of the pipeline's own: a folder, or a shipped toy student such as "
+        "toy/students/self-forcing (needed with a Wan folder).",
     ),
     window: int | None = typer.Option(None, "--window", help="KV window in latent frames (endless video)."),
     sink: int | None = typer.Option(None, "--sink", help="Attention-sink frames kept when the window rolls."),
@@ -268,7 +271,10 @@ def assemble(
 def bench(
     suite: str = typer.Option("toy", "--suite", help="toy | wan-1.3b | tiny"),
     random_weights: bool = typer.Option(
-        False, "--random-weights", help="Time random-weight models of the suite's geometry (no checkpoints)."
+        False,
+        "--random-weights",
+        help="Time random-weight models of the suite's geometry (no checkpoints; needed for every suite but toy, "
+        "whose methods otherwise run on their shipped models).",
     ),
     methods: str | None = typer.Option(
         None, "--methods", help="Comma list, e.g. diagonal,self-forcing,teacher."
@@ -297,12 +303,6 @@ def bench(
 
     from diagvid.bench import run_bench
 
-    if not random_weights:
-        console.print(
-            "[red]error:[/red] benchmarks of trained students need the distilled toy models, which are not "
-            "shipped yet; pass --random-weights to time the geometry (speed does not depend on weight values)"
-        )
-        raise typer.Exit(2)
     try:
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)  # fail on an unwritable path before timing
@@ -317,6 +317,7 @@ def bench(
             warmup=not quick,
             teacher_timed_steps=teacher_steps or (5 if quick else None),
             compile_mode=compile_mode,
+            random_weights=random_weights,
         )
     except (ValueError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
@@ -342,14 +343,24 @@ def bench(
 def eval_cmd(
     suite: str = typer.Option("toy", "--suite", help="toy (the world whose metrics read videos back)."),
     quick: bool = typer.Option(
-        False, "--quick", help="8 prompts, 1x and 4x, 200 bootstrap draws (CI, smoke)."
+        False,
+        "--quick",
+        help="Smoke run: 8 prompts, 33 and 65 frames, 200 bootstrap draws (not the 81-frame protocol).",
     ),
-    methods: str = typer.Option("real,vae", "--methods", help="Comma list of built-in methods: real, vae."),
+    methods: str | None = typer.Option(
+        None,
+        "--methods",
+        help="Comma list of real, vae, teacher and the shipped toy students: ode-init, causvid, self-forcing, "
+        "diagonal, diagonal-clean, diagonal-noflow, diagonal-nodf, schedule-only; or all. "
+        "Default: all, or real beside --teacher/--student.",
+    ),
     vae: str = typer.Option(
         "toy/vae", "--vae", help="Codec for the vae method and the teacher (name or folder)."
     ),
     teacher: str | None = typer.Option(
-        None, "--teacher", help="Teacher DiT folder: adds the 50-step CFG method."
+        None,
+        "--teacher",
+        help="Teacher DiT folder for the 50-step CFG method (default: the bundled toy teacher).",
     ),
     text: str = typer.Option("toy/text", "--text", help="Text encoder for the teacher (name or folder)."),
     students: list[str] = typer.Option(
@@ -358,7 +369,12 @@ def eval_cmd(
         help="NAME=PIPELINE_FOLDER[:SCHEDULE[:CONTEXT]] (repeatable), e.g. dd=runs/dd:diagonal.",
     ),
     lengths: str | None = typer.Option(
-        None, "--lengths", help="Comma list of multiples of 81 frames (1,4,10)."
+        None,
+        "--lengths",
+        help="Comma list of multiples of the clip length, 81 frames (33 with --quick): 1,4,10.",
+    ),
+    prompts: str | None = typer.Option(
+        None, "--prompts", help="Held-out prompt set: heldout-48 (default) or heldout-8 (--quick's)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the first prompt (prompt i uses seed + i)."),
     features: str = typer.Option(
@@ -382,6 +398,8 @@ def eval_cmd(
         cfg = ev.QUICK if quick else ev.EvalConfig()
         if lengths:
             cfg = replace(cfg, lengths=tuple(_parse_int(x, "--lengths") for x in lengths.split(",")))
+        if prompts:
+            cfg = replace(cfg, prompts=prompts)
         cfg = replace(cfg, seed=seed, features="" if features == "none" else features)
         if cfg.features:
             from diagvid.pretrained import load_features
@@ -426,40 +444,57 @@ def _parse_int(text: str, option: str) -> int:
         raise ValueError(f"{option}: {text!r} is not an integer") from None
 
 
-def _eval_methods(methods: str, vae: str, teacher: str | None, text: str, students: list[str], device):
+def _eval_methods(methods: str | None, vae: str, teacher: str | None, text: str, students: list[str], device):
     """Build the evaluation methods the options ask for (errors name the bad option)."""
     from diagvid import evaluate as ev
-    from diagvid.pretrained import load_pipeline, load_text_encoder, load_vae
+    from diagvid.pretrained import (
+        TOY_STUDENT_METHODS,
+        load_dit_model,
+        load_pipeline,
+        load_text_encoder,
+        load_toy_student,
+        load_vae,
+    )
 
+    allowed = ("real", "vae", "teacher", *TOY_STUDENT_METHODS)
+    if methods is None:
+        methods = "real" if (teacher or students) else "all"
     builtin = [m.strip() for m in methods.split(",") if m.strip()]
+    if builtin == ["all"]:
+        builtin = list(allowed)
     for m in builtin:
-        if m not in ("real", "vae"):
+        if m not in allowed:
             raise ValueError(
-                f"--methods: unknown method {m!r}; allowed: real, vae (add others with --teacher/--student)"
+                f"--methods: unknown method {m!r}; allowed: all, {', '.join(allowed)} "
+                "(add your own models with --teacher/--student)"
             )
+    if teacher and "teacher" not in builtin:
+        builtin.append("teacher")
     parsed = []
     for spec in students:  # syntax first, before loading anything
         name, sep, rest = spec.partition("=")
         if not sep or not name or not rest:
             raise ValueError(f"--student {spec!r}: write NAME=PIPELINE_FOLDER[:SCHEDULE[:CONTEXT]]")
-        if name in (*builtin, "teacher", *(p[0] for p in parsed)):
+        if name in (*builtin, *(p[0] for p in parsed)):
             raise ValueError(f"--student {spec!r}: the name {name!r} is already used")
         folder, _, tail = rest.partition(":")
         schedule, _, context = tail.partition(":")
         parsed.append((name, folder, schedule or None, context or None))
-    if not builtin and not teacher and not parsed:
+    if not builtin and not parsed:
         raise ValueError("nothing to evaluate: give --methods, --teacher or --student")
 
     runs: dict = {}
-    codec = load_vae(vae, device=device) if ("vae" in builtin or teacher) else None
+    codec = load_vae(vae, device=device) if ("vae" in builtin or "teacher" in builtin) else None
     for m in builtin:
-        runs[m] = ev.real_method() if m == "real" else ev.vae_method(codec)
-    if teacher:
-        from diagvid.pretrained import load_dit_model
-
-        runs["teacher"] = ev.teacher_method(
-            load_dit_model(teacher, device=codec.device), codec, load_text_encoder(text)
-        )
+        if m == "real":
+            runs[m] = ev.real_method()
+        elif m == "vae":
+            runs[m] = ev.vae_method(codec)
+        elif m == "teacher":  # the bundled toy teacher unless --teacher names another
+            dit = load_dit_model(teacher or "toy/teacher", device=codec.device)
+            runs[m] = ev.teacher_method(dit, codec, load_text_encoder(text))
+        else:
+            runs[m] = ev.student_method(*load_toy_student(m, device=device))
     for name, folder, schedule, context in parsed:
         runs[name] = ev.student_method(load_pipeline(folder, device=device), schedule, context)
     return runs
@@ -507,7 +542,10 @@ def report(
 def serve(
     model: str = typer.Option("toy", "--model", help="Bundled name or pipeline folder."),
     generator: str | None = typer.Option(
-        None, "--generator", help="Distilled causal checkpoint (Wan folders)."
+        None,
+        "--generator",
+        help="Causal checkpoint instead of the pipeline's own: a folder, or a shipped toy student such as "
+        "toy/students/self-forcing (needed with a Wan folder).",
     ),
     device: str | None = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."

@@ -28,6 +28,21 @@ from diagvid.stream import Pipeline, StreamConfig
 
 DEFAULT_PIPELINE = "toy"
 
+# The toy students: the bundled default generator (the ODE-initialised causal student) and the DMD students
+# the recipes in configs/toy/ distil from it, shipped under assets/toy/students/. Method name -> (bundled
+# generator, schedule, context policy) each is evaluated and benchmarked with; one student can serve two
+# methods (Diagonal with the noisy context it was trained on, and with a clean one).
+TOY_STUDENT_METHODS: dict[str, tuple[str, str, str | None]] = {
+    "ode-init": ("toy/generator", "diagonal", None),
+    "causvid": ("toy/students/causvid", "causvid", None),
+    "self-forcing": ("toy/students/self-forcing", "self-forcing", None),
+    "diagonal": ("toy/students/diagonal", "diagonal", None),
+    "diagonal-clean": ("toy/students/diagonal", "diagonal", "clean"),
+    "diagonal-noflow": ("toy/students/diagonal-noflow", "diagonal", None),
+    "diagonal-nodf": ("toy/students/diagonal-nodf", "diagonal", None),
+    "schedule-only": ("toy/students/schedule-only", "diagonal", None),
+}
+
 
 def _resolve(name_or_path: str | Path) -> Path:
     """A bundled name (folder under diagvid/assets) or a path, with an error that lists both options."""
@@ -37,9 +52,11 @@ def _resolve(name_or_path: str | Path) -> Path:
     bundled = ASSETS / str(name_or_path)
     if bundled.exists():
         return bundled
-    have = sorted(p.name for p in ASSETS.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    # the pipelines (top-level folders) and every folder of weights under them
+    have = {p.name for p in ASSETS.iterdir() if p.is_dir() and not p.name.startswith("_")}
+    have |= {str(w.parent.relative_to(ASSETS)) for w in ASSETS.rglob("*.safetensors")}
     raise FileNotFoundError(
-        f"{name_or_path!r} is neither an existing path nor a bundled model (bundled: {have})"
+        f"{name_or_path!r} is neither an existing path nor a bundled model (bundled: {sorted(have)})"
     )
 
 
@@ -104,7 +121,8 @@ def load_pipeline(
     Args:
         name_or_path: "toy" (bundled, the default), a folder of ours, or a Wan2.1-T2V folder (diffusers or
             original release layout).
-        generator: for a Wan folder, the distilled causal checkpoint to generate with (any supported layout).
+        generator: the causal checkpoint to generate with instead of the pipeline's own (any supported
+            layout, or a bundled name such as "toy/students/self-forcing"); required for a Wan folder.
         device / dtype: where and in which precision the models run (default: cuda if present, fp32 on CPU,
             bf16 on GPU).
         config: with `generator`, the DiT preset of a checkpoint that carries no config.
@@ -119,6 +137,8 @@ def load_pipeline(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     path = _resolve(name_or_path or DEFAULT_PIPELINE)
+    if generator is not None:
+        generator = _resolve(generator)
 
     if (path / "pipeline.json").exists():  # ours (the bundled toy included)
         stream_cfg = from_dict(StreamConfig, json.loads((path / "pipeline.json").read_text()))
@@ -165,6 +185,15 @@ def load_pipeline(
     if stream_overrides:
         stream_cfg = from_dict(StreamConfig, {**asdict(stream_cfg), **stream_overrides})
     return Pipeline(dit.to(device=device, dtype=dtype), vae, text, stream_cfg)
+
+
+def load_toy_student(method: str, device=None, dtype=None) -> tuple[Pipeline, str, str | None]:
+    """The bundled toy pipeline with a shipped student as its generator: (pipeline, schedule, context)."""
+    if method not in TOY_STUDENT_METHODS:
+        raise ValueError(f"unknown toy student {method!r}; allowed: {', '.join(TOY_STUDENT_METHODS)}")
+    generator, schedule, context = TOY_STUDENT_METHODS[method]
+    pipe = load_pipeline(DEFAULT_PIPELINE, generator=generator, device=device, dtype=dtype)
+    return pipe, schedule, context
 
 
 def save_pipeline(pipe: Pipeline, folder: str | Path, *, dtype: str | None = None) -> Path:
