@@ -17,7 +17,7 @@ from diagvid.cli import app
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 BENCH_FILE = RESULTS / "bench-toy-cpu.json"
-EVAL_FILE = RESULTS / "eval-toy-quick.json"
+EVAL_FILE = RESULTS / "eval-toy.json"
 
 
 def _scores(mean: float, low: float, high: float, chunks: list[float | None], chunk_frames: int = 12) -> dict:
@@ -82,12 +82,14 @@ def test_speed_bars_are_the_bench_numbers():
 def test_drift_is_the_eval_per_chunk_means_against_seconds():
     ev = json.loads(EVAL_FILE.read_text())
     data = rp.drift_over_time(ev)
-    assert data["length"] == "4x" and data["fps"] == 16 and data["frames"] == 321
-    # every method with a 4x run, in the file's order (the bidirectional teacher runs at 1x only)
-    assert [s["method"] for s in data["series"]] == [m for m, r in ev["results"].items() if "4x" in r]
+    longest = f"{max(ev['config']['lengths'])}x"  # the default is the longest length in the file
+    assert data["length"] == longest and data["fps"] == 16
+    assert data["frames"] == ev["config"]["frames"][longest]
+    # every method with a run at that length, in the file's order (the bidirectional teacher runs at 1x only)
+    assert [s["method"] for s in data["series"]] == [m for m, r in ev["results"].items() if longest in r]
     assert len(data["series"]) >= 3
     for s in data["series"]:
-        chunks = ev["results"][s["method"]]["4x"]["per_chunk"]["saturation"]
+        chunks = ev["results"][s["method"]][longest]["per_chunk"]["saturation"]
         assert s["mean"] == chunks["mean"] and s["n"] == chunks["n"]
         assert s["seconds"] == [k * 12 / 16 for k in range(len(chunks["mean"]))]
     noise = rp.drift_over_time(ev, "noise", "1x")
@@ -107,7 +109,8 @@ def test_real_files_join_the_teacher_and_keep_references_and_skips():
     data = rp.quality_vs_nfe(bench, ev)
     nfe = {r["method"]: r["nfe"] for r in bench["results"]}
     joined = sorted(set(nfe) & set(ev["results"]))
-    assert [p["method"] for p in data["points"]] == joined and "teacher" in joined
+    assert sorted(p["method"] for p in data["points"]) == joined and "teacher" in joined
+    assert [p["nfe"] for p in data["points"]] == sorted(p["nfe"] for p in data["points"])
     for p in data["points"]:
         s = ev["results"][p["method"]]["1x"]["summary"]["all_accuracy"]
         assert (p["nfe"], p["mean"], p["low"], p["high"]) == (
@@ -201,8 +204,8 @@ def test_report_cli(tmp_path):
         app, ["report", "--bench", str(BENCH_FILE), "--eval", str(EVAL_FILE), "--out", str(out)]
     )
     assert ok.exit_code == 0, ok.output
-    assert "causvid skipped" in ok.output  # a bench method the eval file lacks is named, not fatal
-    for name in ("speed-toy-cpu.png", "drift-toy-quick.png", "quality-vs-nfe-toy-quick.png"):
+    assert "ode-init skipped" in ok.output  # an eval method the bench file lacks is named, not fatal
+    for name in ("speed-toy-cpu.png", "drift-toy.png", "quality-vs-nfe-toy.png"):
         assert f"wrote {out / name}" in ok.output and _is_png(out / name)
 
 
