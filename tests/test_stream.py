@@ -212,11 +212,19 @@ def test_video_to_video_follows_the_input_chunk_by_chunk(tiny_pipeline):
 
 
 def test_static_shape_cache_streams_the_same_video():
-    a, _ = make_tiny_pipeline(window_frames=4, sink_frames=1).generate(PROMPT, num_chunks=4, seed=0)
-    b, _ = make_tiny_pipeline(window_frames=4, sink_frames=1, static_shapes=True).generate(
-        PROMPT, num_chunks=4, seed=0
-    )
-    assert np.array_equal(a, b)
+    """Fixed-shape KV buffers attend over masked slots, so sums run in another order: the latents agree to
+    float rounding (about 1e-6 of values near 4), which may flip a pixel by one level after decoding."""
+    streams = [
+        list(
+            make_tiny_pipeline(window_frames=4, sink_frames=1, static_shapes=s).stream(
+                PROMPT, num_chunks=4, seed=0
+            )
+        )
+        for s in (False, True)
+    ]
+    for a, b in zip(*streams, strict=True):
+        torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=1e-5)
+        assert np.abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 1
 
 
 def test_nan_in_a_chunk_is_reported_with_its_index_and_never_decoded():

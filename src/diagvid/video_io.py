@@ -31,24 +31,32 @@ def output_kind(path: str | Path) -> str:
     raise ValueError(f"cannot write {p!r}: unknown format {suffix!r}; allowed: {', '.join(FORMATS)}")
 
 
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _signals_deferred():
-    """Hold SIGINT and SIGTERM until the block is done (main thread, POSIX; elsewhere a no-op).
+    """Hold SIGINT and SIGTERM until the block is done, then deliver the first one (main thread only).
 
     Starting the mp4 writer launches an ffmpeg process that opens the temp file; if Ctrl-C or SIGTERM lands
     before the writer object exists, `abort` cannot close it, and ffmpeg writes the file back after `abort`
-    removed it. Deferred, the signal arrives once the writer is known, and `abort` stops it cleanly.
+    removed it. Deferred, the signal arrives once the writer is known, and `abort` stops it cleanly. The
+    hold is a Python-level handler: masking the signal in the main thread is not enough, since the kernel
+    hands a process-directed signal to any thread that does not block it (torch and ffmpeg pipes start
+    threads) and Python then raises in the main thread all the same.
     """
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = mask(signal.SIG_BLOCK, held)
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: held.append(signum)) for s in _DEFERRED}
     try:
         yield
     finally:
-        mask(signal.SIG_SETMASK, old)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])  # now to its own handler: KeyboardInterrupt for Ctrl-C
 
 
 class VideoWriter:
