@@ -85,8 +85,8 @@ def test_written_files_get_the_usual_permissions(tmp_path, name):
 def test_an_interrupt_while_the_mp4_writer_starts_still_leaves_nothing(tmp_path):
     """Ctrl-C landing while ffmpeg starts is held until the writer exists, so abort stops it and no file
     comes back afterwards (it once did: an orphaned ffmpeg rewrote the removed temp file)."""
-    import os
     import signal
+    import threading
     import time
 
     from diagvid.video_io import VideoWriter
@@ -98,7 +98,9 @@ def test_an_interrupt_while_the_mp4_writer_starts_still_leaves_nothing(tmp_path)
         def open_then_signal(imageio):
             started = real_open(imageio)
             started.append_data(frames[0])  # ffmpeg is running and has the temp file open
-            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-start, as a user's Ctrl-C would
+            # arrives mid-start, as a user's Ctrl-C would; sent to the main thread so that its Python handler
+            # runs here and not whenever another thread that took a process-wide signal wakes it (flaky)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             return started
 
         writer._open_writer = open_then_signal
