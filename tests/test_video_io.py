@@ -92,18 +92,27 @@ def test_an_interrupt_while_the_mp4_writer_starts_still_leaves_nothing(tmp_path)
     from diagvid.video_io import VideoWriter
 
     frames = np.zeros((2, 16, 16, 3), np.uint8)
-    with pytest.raises(KeyboardInterrupt), VideoWriter(tmp_path / "c.mp4", fps=8) as writer:
-        real_open = writer._open_writer
 
-        def open_then_signal(imageio):
+    def open_then_signal(real_open):
+        def start(imageio):
             started = real_open(imageio)
             started.append_data(frames[0])  # ffmpeg is running and has the temp file open
             # arrives mid-start, as a user's Ctrl-C would; sent to the main thread so that its Python handler
-            # runs here and not whenever another thread that took a process-wide signal wakes it (flaky)
+            # runs here, not whenever another thread that took a process-wide signal wakes it up
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             return started
 
-        writer._open_writer = open_then_signal
-        writer.append(frames)
+        return start
+
+    # Python's own Ctrl-C behaviour, whatever handler or signal mask an earlier test in this worker left
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        with pytest.raises(KeyboardInterrupt), VideoWriter(tmp_path / "c.mp4", fps=8) as writer:
+            writer._open_writer = open_then_signal(writer._open_writer)
+            writer.append(frames)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGINT, handler)
     time.sleep(0.5)  # give a stray ffmpeg time to write
     assert list(tmp_path.iterdir()) == []
