@@ -113,13 +113,11 @@ def _peak_mb(device: torch.device) -> float:
 
 def trained(method: str, device: torch.device, dtype: torch.dtype) -> Pipeline:
     """The shipped toy models of a method: its distilled student, or the teacher in the bundled pipeline."""
-    from diagvid.pretrained import DEFAULT_PIPELINE, load_dit_model, load_pipeline, load_toy_student
+    from diagvid.pretrained import DEFAULT_PIPELINE, load_pipeline, load_toy_student
 
     if method != "teacher":
         return load_toy_student(method, device=device, dtype=dtype)[0]
-    pipe = load_pipeline(DEFAULT_PIPELINE, device=device, dtype=dtype)
-    pipe.generator = load_dit_model("toy/teacher", device=device, dtype=dtype)
-    return pipe
+    return load_pipeline(DEFAULT_PIPELINE, generator="toy/teacher", device=device, dtype=dtype)
 
 
 def build(suite: Suite, device: torch.device, dtype: torch.dtype) -> Pipeline:

@@ -19,6 +19,12 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+# `--generator` of the commands that load a pipeline (generate, serve)
+GENERATOR_HELP = (
+    "Causal checkpoint instead of the pipeline's own: a folder, or a shipped toy student such as "
+    "toy/students/self-forcing (needed with a Wan folder)."
+)
+
 
 @app.callback()
 def _root() -> None:
@@ -83,12 +89,7 @@ def generate(
     video: str | None = typer.Option(None, "--video", help="Input video for streaming video-to-video."),
     strength: float = typer.Option(0.6, "--strength", help="Video-to-video: how much to change, in (0, 1]."),
     model: str = typer.Option("toy", "--model", help="Bundled name or pipeline folder."),
-    generator: str | None = typer.Option(
-        None,
-        "--generator",
-        help="Causal checkpoint instead of the pipeline's own: a folder, or a shipped toy student such as "
-        "toy/students/self-forcing (needed with a Wan folder).",
-    ),
+    generator: str | None = typer.Option(None, "--generator", help=GENERATOR_HELP),
     window: int | None = typer.Option(None, "--window", help="KV window in latent frames (endless video)."),
     sink: int | None = typer.Option(None, "--sink", help="Attention-sink frames kept when the window rolls."),
     recache: bool = typer.Option(
@@ -541,12 +542,7 @@ def report(
 @app.command()
 def serve(
     model: str = typer.Option("toy", "--model", help="Bundled name or pipeline folder."),
-    generator: str | None = typer.Option(
-        None,
-        "--generator",
-        help="Causal checkpoint instead of the pipeline's own: a folder, or a shipped toy student such as "
-        "toy/students/self-forcing (needed with a Wan folder).",
-    ),
+    generator: str | None = typer.Option(None, "--generator", help=GENERATOR_HELP),
     device: str | None = typer.Option(
         None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
     ),
