@@ -346,7 +346,7 @@ def eval_cmd(
     quick: bool = typer.Option(
         False,
         "--quick",
-        help="Smoke run: 8 prompts, 33 and 65 frames, 200 bootstrap draws (not the 81-frame protocol).",
+        help="Smoke run: 8 prompts, 17 and 33 frames, 200 bootstrap draws (not the 81-frame protocol).",
     ),
     methods: str | None = typer.Option(
         None,
@@ -372,7 +372,7 @@ def eval_cmd(
     lengths: str | None = typer.Option(
         None,
         "--lengths",
-        help="Comma list of multiples of the clip length, 81 frames (33 with --quick): 1,4,10.",
+        help="Comma list of multiples of the clip length, 81 frames (17 with --quick): 1,4,10.",
     ),
     prompts: str | None = typer.Option(
         None, "--prompts", help="Held-out prompt set: heldout-48 (default) or heldout-8 (--quick's)."

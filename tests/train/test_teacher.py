@@ -9,7 +9,7 @@ import torch
 
 from diagvid.config import from_dict
 from diagvid.train.checkpoint import load_checkpoint
-from diagvid.train.teacher import TeacherConfig, export_teacher, train_teacher
+from diagvid.train.teacher import TeacherConfig, export_teacher, flow_matching_loss, train_teacher
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,7 @@ def tiny_recipe(codec_folders, out_dir) -> TeacherConfig:
             "steps": 4,
             "batch_size": 2,
             "caption_dropout": 0.5,
+            "frame_noise": 0.5,
             "out_dir": str(out_dir / "run"),
             "log_every": 1,
             "ckpt_every": 1,
@@ -90,6 +91,46 @@ def test_export_writes_a_loadable_model(codec_folders, tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
 
 
+class _Spy(torch.nn.Module):
+    """Stands in for the DiT: records what the loss feeds it and predicts zero velocity."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x_t, t, ctx, attention):
+        assert attention == "full"
+        self.seen = (x_t, t)
+        return torch.zeros_like(x_t)
+
+
+@pytest.mark.parametrize("frame_noise", [0.0, 1.0])
+def test_frame_noise_noises_each_latent_frame_at_its_own_level(frame_noise):
+    b, f = 3, 5
+    x0 = torch.full((b, 4, f, 16, 16), 5.0)
+    spy = _Spy()
+    flow_matching_loss(
+        spy,
+        x0,
+        torch.zeros(b, 2, 3),
+        shift=3.0,
+        gen=torch.Generator().manual_seed(0),
+        frame_noise=frame_noise,
+    )
+    x_t, t = spy.seen
+    sigma = (t / 1000).reshape(b, -1)
+    if frame_noise == 0:
+        assert t.shape == (b,)  # one level a clip, as the sampler sees
+        sigma = sigma.expand(b, f)
+    else:
+        assert t.shape == (b, f) and (sigma.std(dim=1) > 0.01).all()  # every frame its own level
+    assert ((sigma > 0) & (sigma < 1)).all()
+    # x_t = (1 - sigma) x0 + sigma noise, frame by frame: mean (1 - sigma) 5, spread sigma
+    mean, std = x_t.mean(dim=(1, 3, 4)), x_t.std(dim=(1, 3, 4))
+    torch.testing.assert_close(mean, 5 * (1 - sigma), atol=0.15, rtol=0)
+    torch.testing.assert_close(std, sigma, atol=0.0, rtol=0.15)
+
+
 def test_bad_recipes_fail_before_compute(codec_folders, tmp_path):
     with pytest.raises(ValueError, match="num_frames=6 must be 1 \\+ 4k"):
         from_dict(TeacherConfig, {"data": {"num_frames": 6}})
@@ -102,6 +143,8 @@ def test_bad_recipes_fail_before_compute(codec_folders, tmp_path):
     assert not (tmp_path / "cache").exists()  # refused before any clip was encoded
     with pytest.raises(ValueError, match=r"optim.decay_steps=7 must be in \[0, steps=6\]"):
         from_dict(TeacherConfig, {"steps": 6, "optim": {"decay_steps": 7}})
+    with pytest.raises(ValueError, match=r"frame_noise=1.5 must be in \[0, 1\]"):
+        from_dict(TeacherConfig, {"frame_noise": 1.5})
     with pytest.raises(ValueError, match=r"val_clips=6 must be in \[0, 6\)"):
         from_dict(TeacherConfig, {"val_clips": 6, "data": {"num_clips": 6}})
 

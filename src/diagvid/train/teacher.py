@@ -86,6 +86,9 @@ class TeacherConfig:
     caption_dropout: float = 0.1
     train_shift: float = 3.0
     """noise levels are shift(u), u ~ U(0, 1): more weight on high noise"""
+    frame_noise: float = 0.0
+    """fraction of training clips noised with an independent level per latent frame (Diffusion Forcing);
+    the others get one level for the whole clip, the state the sampler sees"""
     ema_decay: float = 0.999
     seed: int = 0
     out_dir: str = "runs/toy-teacher"
@@ -103,6 +106,8 @@ class TeacherConfig:
             raise ValueError(f"data.num_frames={self.data.num_frames} must be 1 + 4k (Wan VAE)")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if not 0 <= self.frame_noise <= 1:
+            raise ValueError(f"frame_noise={self.frame_noise} must be in [0, 1]")
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError(f"batch_size={self.batch_size} and steps={self.steps} must be >= 1")
         self.optim.schedule(self.steps)  # a decay longer than the run fails here, before any compute
@@ -162,11 +167,20 @@ def build_latent_cache(cfg: DataConfig, vae, encode_batch: int = 8) -> tuple[tor
 
 
 def flow_matching_loss(
-    model: WanDiT, x0: torch.Tensor, ctx: torch.Tensor, shift: float, gen: torch.Generator | None = None
+    model: WanDiT,
+    x0: torch.Tensor,
+    ctx: torch.Tensor,
+    shift: float,
+    gen: torch.Generator | None = None,
+    frame_noise: float = 0.0,
 ) -> torch.Tensor:
-    """MSE between predicted and true velocity at one shifted-uniform noise level per sample."""
-    b = x0.shape[0]
+    """MSE between predicted and true velocity at shifted-uniform noise levels: one per sample, or, for a
+    `frame_noise` fraction of the samples, one per latent frame."""
+    b, f = x0.shape[0], x0.shape[2]
     u = torch.rand(b, generator=gen)
+    if frame_noise > 0:
+        per_frame = torch.rand(b, generator=gen) < frame_noise
+        u = torch.where(per_frame[:, None], torch.rand(b, f, generator=gen), u[:, None])
     sigma = shift_sigma(u, shift).to(x0.device)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     fm = FlowMatch(shift=1.0, sigma_mode="exact")  # sigma is already shifted; t = 1000 sigma exactly
@@ -255,7 +269,7 @@ def train_teacher(
             [null_ctx if d else embed(captions[i]) for i, d in zip(idx, drop.tolist(), strict=True)]
         )
         model.train()
-        loss = flow_matching_loss(model, x0, ctx, cfg.train_shift)
+        loss = flow_matching_loss(model, x0, ctx, cfg.train_shift, frame_noise=cfg.frame_noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
