@@ -19,6 +19,7 @@ KINDS = {
     "vae": VAETrainConfig,
     "vae-stream": VAETrainConfig,
     "vae-decoder": VAETrainConfig,
+    "vae-decoder-robust": VAETrainConfig,
     "teacher": TeacherConfig,
     "ode": OdeConfig,
     "init": InitConfig,

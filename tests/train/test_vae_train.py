@@ -116,3 +116,41 @@ def test_first_chunk_share_sets_how_often_a_step_starts_at_frame_zero():
     assert share(first_chunk_share=1.0) == 1.0
     with pytest.raises(ValueError, match=r"first_chunk_share=1\.5"):
         VAETrainConfig(first_chunk_share=1.5)
+
+
+def test_add_latent_noise_is_one_level_a_clip_in_the_dits_units():
+    from diagvid.train.vae import add_latent_noise
+
+    z = torch.zeros(2, 3, 4, 32, 32)
+    scale = torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1, 1)  # raw = normalised * per-channel std
+    noisy = add_latent_noise(z, torch.tensor([0.0, 0.4]), scale, torch.Generator().manual_seed(0))
+    assert torch.equal(noisy[0], z[0])  # std 0: that clip is untouched
+    measured = noisy[1].std(dim=(1, 2, 3))
+    torch.testing.assert_close(measured, 0.4 * scale.flatten(), rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize("warm_chunks_max", [0, 2])
+def test_latent_noise_reaches_the_decoder_and_resumes_exactly(tmp_path, warm_chunks_max):
+    first = train_vae(recipe(tmp_path / "a"), progress=False)
+    first.save(tmp_path / "shipped")
+
+    def tune(out, noise, max_steps=None):
+        cfg = recipe(out)
+        cfg.init_from, cfg.freeze_encoder, cfg.latent_noise = str(tmp_path / "shipped"), True, noise
+        cfg.warm_chunks_max, cfg.eval_frames = warm_chunks_max, 9
+        train_vae(cfg, max_steps=max_steps, progress=False)
+        return load_checkpoint(out / "checkpoint.pt")["state"]["vae"]
+
+    noisy = tune(tmp_path / "n", 0.5)
+    tune(tmp_path / "r", 0.5, max_steps=1)
+    resumed = tune(tmp_path / "r", 0.5)
+    assert all(torch.equal(noisy[k], resumed[k]) for k in noisy)
+    clean = tune(tmp_path / "c", 0.0)
+    assert any(not torch.equal(noisy[k], clean[k]) for k in noisy if k.startswith("model.decoder."))
+
+
+def test_latent_noise_needs_a_frozen_encoder():
+    with pytest.raises(ValueError, match=r"latent_noise=0\.3 must be >= 0, and > 0 only with freeze_encoder"):
+        VAETrainConfig(latent_noise=0.3)
+    with pytest.raises(ValueError, match=r"latent_noise=-0\.1"):
+        VAETrainConfig(latent_noise=-0.1, freeze_encoder=True, init_from="x")

@@ -57,6 +57,11 @@ class VAETrainConfig:
     loaded from `init_from`, so a better decoder can replace the shipped one without retraining the DiT"""
     init_from: str = ""
     """a VAE folder (e.g. the shipped toy VAE) whose weights start the run when it has no checkpoint yet"""
+    latent_noise: float = 0.0
+    """with `freeze_encoder`: Gaussian noise added to the latents before decoding, its std (in the DiT's
+    normalised units, init_from's statistics) drawn from U(0, latent_noise) per clip. A generator's latents
+    are never exactly on the encoder's manifold, and the first frame's decoder path (the encoder barely
+    separates colours there) turns an error of 0.2 into coloured speckle; this teaches it to stay clean"""
     eval_frames: int = 33
     """pixel frames of the held-out clips used for PSNR (longer than training clips on purpose)"""
     ema_decay: float = 0.995
@@ -79,6 +84,11 @@ class VAETrainConfig:
             raise ValueError(f"first_chunk_share={self.first_chunk_share} must be in [0, 1]")
         if self.freeze_encoder and not self.init_from:
             raise ValueError("freeze_encoder=true needs init_from: a trained encoder to keep")
+        if self.latent_noise < 0 or (self.latent_noise and not self.freeze_encoder):
+            raise ValueError(
+                f"latent_noise={self.latent_noise} must be >= 0, and > 0 only with freeze_encoder=true "
+                "(its scale is the frozen encoder's latent statistics)"
+            )
         if not 8 <= self.crop <= self.size:
             raise ValueError(f"crop={self.crop} must be in [8, size={self.size}]")
 
@@ -176,19 +186,29 @@ def warm_chunks(cfg: VAETrainConfig, step: int) -> int:
     return int(torch.randint(1, cfg.warm_chunks_max + 1, (1,), generator=gen))
 
 
+def add_latent_noise(
+    latents: torch.Tensor, std: torch.Tensor, scale: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
+    """latents [B, C, F, h, w] + Gaussian noise of std `std` [B] (one per clip) in the DiT's units: `scale` is
+    the per-channel latent std [1, C, 1, 1, 1] that converts them to raw latents."""
+    noise = torch.randn(latents.shape, generator=gen).to(latents)
+    return latents + std.view(-1, 1, 1, 1, 1).to(latents) * scale.to(latents) * noise
+
+
 def _reconstruct_after_warmup(
-    vae: WanVAE, x: torch.Tensor, mask: torch.Tensor, warm: int
+    vae: WanVAE, x: torch.Tensor, mask: torch.Tensor, warm: int, corrupt=lambda z: z
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stream the first `warm` latent frames of x through encoder and decoder without gradient, then the rest
-    with gradient; returns (reconstruction, target frames, their masks) of the trained part only."""
+    with gradient; returns (reconstruction, target frames, their masks) of the trained part only.
+    `corrupt` is applied to the latents of each part before they are decoded."""
     from diagvid.model.vae import StreamingDecoder, StreamingEncoder
 
     enc, dec = StreamingEncoder(vae), StreamingDecoder(vae)
     cut = 0 if warm == 0 else 1 + 4 * (warm - 1)  # pixel frames that make the first `warm` latent frames
     if cut:
         with torch.no_grad():
-            dec.decode(enc.encode(x[:, :, :cut]))
-    rec = dec.decode(enc.encode(x[:, :, cut:]))
+            dec.decode(corrupt(enc.encode(x[:, :, :cut])))
+    rec = dec.decode(corrupt(enc.encode(x[:, :, cut:])))
     return rec, x[:, :, cut:], mask[:, :, cut:]
 
 
@@ -213,21 +233,29 @@ def train_vae(
     ema = EMA(vae, cfg.ema_decay)
     opt, sched = adamw_with_warmup(trainable, cfg.lr, (0.9, 0.99), 0.0, cfg.warmup)
     held, held_masks = heldout_clips(cfg.eval_clips, cfg.size, cfg.eval_frames)
+    # the run trains on raw latents (the preset's statistics are 0 and 1); noise is scaled to the DiT's units
+    noise_scale = WanVAE.load(cfg.init_from).latents_std if cfg.latent_noise else None
 
     def train_step(step: int) -> dict[str, float]:
         fg = cfg.fg_weight * max(0.0, 1.0 - step / max(1, cfg.fg_decay_steps))
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7)  # a function of the step
+        stds = cfg.latent_noise * torch.rand(cfg.batch_size, generator=gen)  # one level a clip
+
+        def corrupt(z: torch.Tensor) -> torch.Tensor:
+            return add_latent_noise(z, stds, noise_scale, gen) if cfg.latent_noise else z
+
         vae.train()
         if cfg.warm_chunks_max:
             warm = warm_chunks(cfg, step)
             x, mask = _batch(cfg, step, extra_frames=4 * warm)
-            rec, x, mask = _reconstruct_after_warmup(vae, x, mask, warm)
+            rec, x, mask = _reconstruct_after_warmup(vae, x, mask, warm, corrupt)
             kl = torch.zeros(())
         else:
             x, mask = _batch(cfg, step)
             posterior = vae.model.encode(x).latent_dist
             # the posterior mean, not a sample: at init the posterior std is ~1 and buries the ~0.15-scale
             # signal, which stalls training at a constant grey; the DiT only ever sees the mean anyway
-            rec = vae.model.decode(posterior.mode()).sample
+            rec = vae.model.decode(corrupt(posterior.mode())).sample
             kl = posterior.kl().mean() / x[0].numel()
         rec_loss = reconstruction_loss(rec, x, 1.0 + fg * mask)
         l1 = (rec - x).abs().mean()
