@@ -189,8 +189,8 @@ def warm_chunks(cfg: VAETrainConfig, step: int) -> int:
 def add_latent_noise(
     latents: torch.Tensor, std: torch.Tensor, scale: torch.Tensor, gen: torch.Generator
 ) -> torch.Tensor:
-    """latents [B, C, F, h, w] + Gaussian noise of std `std` [B] (one per clip) in the DiT's units: `scale` is
-    the per-channel latent std [1, C, 1, 1, 1] that converts them to raw latents."""
+    """latents [B, C, F, h, w] + Gaussian noise of std `std` [B] (one per clip) in the DiT's units: `scale`
+    [1, C, 1, 1, 1] converts one DiT unit to the units of `latents` (the latent std, for raw latents)."""
     noise = torch.randn(latents.shape, generator=gen).to(latents)
     return latents + std.view(-1, 1, 1, 1, 1).to(latents) * scale.to(latents) * noise
 
@@ -233,29 +233,34 @@ def train_vae(
     ema = EMA(vae, cfg.ema_decay)
     opt, sched = adamw_with_warmup(trainable, cfg.lr, (0.9, 0.99), 0.0, cfg.warmup)
     held, held_masks = heldout_clips(cfg.eval_clips, cfg.size, cfg.eval_frames)
-    # the run trains on raw latents (the preset's statistics are 0 and 1); noise is scaled to the DiT's units
-    noise_scale = WanVAE.load(cfg.init_from).latents_std if cfg.latent_noise else None
+    # noise is drawn in the DiT's units (init_from's statistics) and converted to the units each path decodes:
+    # raw posterior means, or latents normalised by the statistics of the model in training (the toy
+    # preset's are 0 and 1, so raw again)
+    raw_scale = WanVAE.load(cfg.init_from).latents_std if cfg.latent_noise else None
 
     def train_step(step: int) -> dict[str, float]:
         fg = cfg.fg_weight * max(0.0, 1.0 - step / max(1, cfg.fg_decay_steps))
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7)  # a function of the step
         stds = cfg.latent_noise * torch.rand(cfg.batch_size, generator=gen)  # one level a clip
 
-        def corrupt(z: torch.Tensor) -> torch.Tensor:
-            return add_latent_noise(z, stds, noise_scale, gen) if cfg.latent_noise else z
+        def corrupt(z: torch.Tensor, normalised: bool) -> torch.Tensor:
+            if not cfg.latent_noise:
+                return z
+            scale = raw_scale / vae.latents_std if normalised else raw_scale
+            return add_latent_noise(z, stds, scale, gen)
 
         vae.train()
         if cfg.warm_chunks_max:
             warm = warm_chunks(cfg, step)
             x, mask = _batch(cfg, step, extra_frames=4 * warm)
-            rec, x, mask = _reconstruct_after_warmup(vae, x, mask, warm, corrupt)
+            rec, x, mask = _reconstruct_after_warmup(vae, x, mask, warm, lambda z: corrupt(z, True))
             kl = torch.zeros(())
         else:
             x, mask = _batch(cfg, step)
             posterior = vae.model.encode(x).latent_dist
             # the posterior mean, not a sample: at init the posterior std is ~1 and buries the ~0.15-scale
             # signal, which stalls training at a constant grey; the DiT only ever sees the mean anyway
-            rec = vae.model.decode(corrupt(posterior.mode())).sample
+            rec = vae.model.decode(corrupt(posterior.mode(), False)).sample
             kl = posterior.kl().mean() / x[0].numel()
         rec_loss = reconstruction_loss(rec, x, 1.0 + fg * mask)
         l1 = (rec - x).abs().mean()
