@@ -218,8 +218,11 @@ def train_vae(
     """Train (or continue) the VAE; returns the EMA model with latent statistics filled in."""
     out = start_run(cfg.out_dir, to_dict(cfg), cfg.seed)
     vae = WanVAE(preset(cfg.preset, **cfg.overrides))
+    # with the encoder frozen, init_from's latent statistics stay the codec's: they scale `latent_noise` and
+    # the exported model keeps them bit for bit
+    frozen = WanVAE.load(cfg.init_from) if cfg.freeze_encoder else None
     if cfg.init_from and not (out / "checkpoint.pt").exists():
-        start = WanVAE.load(cfg.init_from)
+        start = frozen or WanVAE.load(cfg.init_from)
         if start.cfg.summary() != vae.cfg.summary():
             raise ValueError(
                 f"init_from={cfg.init_from!r} is a {start.cfg.summary()}; this run trains {vae.cfg.summary()}"
@@ -233,10 +236,10 @@ def train_vae(
     ema = EMA(vae, cfg.ema_decay)
     opt, sched = adamw_with_warmup(trainable, cfg.lr, (0.9, 0.99), 0.0, cfg.warmup)
     held, held_masks = heldout_clips(cfg.eval_clips, cfg.size, cfg.eval_frames)
-    # noise is drawn in the DiT's units (init_from's statistics) and converted to the units each path decodes:
-    # raw posterior means, or latents normalised by the statistics of the model in training (the toy
-    # preset's are 0 and 1, so raw again)
-    raw_scale = WanVAE.load(cfg.init_from).latents_std if cfg.latent_noise else None
+    # noise is drawn in the DiT's units (the frozen codec's statistics) and converted to the units each path
+    # decodes: raw posterior means, or latents normalised by the statistics of the model in training (the
+    # toy preset's are 0 and 1, so raw again)
+    raw_scale = frozen.latents_std if cfg.latent_noise else None
 
     def train_step(step: int) -> dict[str, float]:
         fg = cfg.fg_weight * max(0.0, 1.0 - step / max(1, cfg.fg_decay_steps))
@@ -287,9 +290,8 @@ def train_vae(
         progress=progress,
     )
     final = ema.model
-    if cfg.freeze_encoder:  # the latents are the init encoder's: keep its statistics bit for bit
-        start = WanVAE.load(cfg.init_from)
-        mean, std = start.cfg.latents_mean, start.cfg.latents_std
+    if frozen is not None:  # the latents are the init encoder's: keep its statistics bit for bit
+        mean, std = frozen.cfg.latents_mean, frozen.cfg.latents_std
     else:
         mean, std = latent_statistics(final, held)
     final.cfg.latents_mean, final.cfg.latents_std = mean, std
