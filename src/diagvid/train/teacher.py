@@ -251,14 +251,14 @@ def caption_sensitivity(
     variants = {"caption": captions, "null": [""] * len(captions)}
     for name, table in CAPTION_SWAPS.items():
         variants[name] = [" ".join(table.get(w, w) for w in c.split()) for c in captions]
+    contexts = {name: text.encode(caps)[0] for name, caps in variants.items()}  # once, for every level
     was_training = model.training
     model.eval()
     loss = dict.fromkeys(variants, 0.0)
     for sigma in sigmas:
         t = torch.full((len(x0),), 1000.0 * sigma)
         x_t = fm.add_noise(x0, noise, t)
-        for name, caps in variants.items():
-            ctx = text.encode(caps)[0]
+        for name, ctx in contexts.items():
             err = model(x_t, t, ctx, attention="full") - fm.velocity_target(x0, noise)
             loss[name] += err.float().pow(2).mean().item() / len(sigmas)
     model.train(was_training)
