@@ -50,6 +50,9 @@ SUITES = {
 # what every method generates: a caption of the toy world (random-weight suites ignore the text)
 PROMPT = "a red circle moves left"
 
+DECODERS = ("vae", "tiny")
+"""what decodes the latents: the Wan VAE's decoder, or the tiny streaming one"""
+
 # torch.compile modes `run_bench(compile_mode=...)` accepts
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -111,22 +114,30 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def trained(method: str, device: torch.device, dtype: torch.dtype) -> Pipeline:
+def trained(method: str, device: torch.device, dtype: torch.dtype, decoder: str = "vae") -> Pipeline:
     """The shipped toy models of a method: its distilled student, or the teacher in the bundled pipeline."""
     from diagvid.pretrained import DEFAULT_PIPELINE, load_pipeline, load_toy_student
 
     if method != "teacher":
-        return load_toy_student(method, device=device, dtype=dtype)[0]
-    return load_pipeline(DEFAULT_PIPELINE, generator="toy/teacher", device=device, dtype=dtype)
+        return load_toy_student(method, device=device, dtype=dtype, decoder=decoder)[0]
+    return load_pipeline(
+        DEFAULT_PIPELINE, generator="toy/teacher", device=device, dtype=dtype, decoder=decoder
+    )
 
 
-def build(suite: Suite, device: torch.device, dtype: torch.dtype) -> Pipeline:
-    """Random-weight models of the suite's geometry (speed does not depend on weight values)."""
+def build(suite: Suite, device: torch.device, dtype: torch.dtype, decoder: str = "vae") -> Pipeline:
+    """Random-weight models of the suite's geometry (speed does not depend on weight values); with
+    decoder="tiny", the VAE decodes through a random tiny decoder of the same latent geometry."""
+    from diagvid.model.tiny_decoder import FastDecodeCodec, TinyDecoder
+    from diagvid.model.tiny_decoder import preset as tiny_preset
+
     torch.manual_seed(0)
     cfg = preset(suite.dit)
     with torch.device(device):
         dit = WanDiT(cfg).to(dtype).eval()
         vae = WanVAE(vae_preset(suite.vae)).to(device).eval()
+        if decoder == "tiny":
+            vae = FastDecodeCodec(vae, TinyDecoder(tiny_preset(suite.vae)).to(device).eval())
     text = PrecomputedText(cfg.text_len, cfg.text_dim, device, dtype)
     stream_cfg = StreamConfig(frames_per_chunk=suite.frames_per_chunk, latent_hw=suite.latent_hw)
     return Pipeline(dit, vae, text, stream_cfg)
@@ -188,6 +199,7 @@ def run_bench(
     teacher_timed_steps: int | None = None,
     compile_mode: str | None = None,
     random_weights: bool = True,
+    decoder: str = "vae",
 ) -> dict:
     """Benchmark every method on one suite in this process; returns the JSON-ready report.
 
@@ -197,6 +209,8 @@ def run_bench(
     run the students against fixed-shape KV buffers (`static_shapes`); the warm-up run pays the compile.
     `random_weights=False` (toy suite only) times each method on its own shipped model: the teacher and the
     distilled students of `diagvid.pretrained.TOY_STUDENT_METHODS`.
+    `decoder`: "vae" (the Wan VAE's causal decoder) or "tiny" (`diagvid.model.tiny_decoder`: the shipped toy
+    one, or a random one of the suite's geometry) for every method's decode.
     """
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite {suite_name!r}; allowed: {sorted(SUITES)}")
@@ -205,6 +219,8 @@ def run_bench(
     unknown = sorted(set(chosen) - set(known))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; allowed: {known}")
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder {decoder!r}; allowed: {', '.join(DECODERS)}")
     if compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -220,13 +236,13 @@ def run_bench(
             pipe.generator.compile_forward(mode=compile_mode)
         return pipe
 
-    shared = ready(build(suite, dev, dt)) if random_weights else None
+    shared = ready(build(suite, dev, dt, decoder)) if random_weights else None
     clock = Clock(dev)
     results = []
     for name, schedule, context in METHODS:
         if name not in chosen:
             continue
-        pipe = shared or ready(trained(name, dev, dt))
+        pipe = shared or ready(trained(name, dev, dt, decoder))
         run = (
             partial(_run_teacher, pipe, suite, clock, teacher_timed_steps)
             if schedule is None
@@ -266,6 +282,7 @@ def run_bench(
         },
         "weights": "random (speed does not depend on values)" if random_weights else "shipped toy models",
         "compile": compile_mode,
+        "decoder": decoder,
         "results": results,
         "ratios": ratios,
     }

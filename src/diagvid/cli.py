@@ -60,6 +60,12 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
             console.print(f"[bold]{key}[/bold]: {value}")
 
 
+DECODER_HELP = (
+    "vae | tiny | a tiny decoder folder: tiny decodes with the pipeline's fast decoder (tiny-decoder/), "
+    "~15x cheaper than the VAE's on the toy CPU, slightly less sharp."
+)
+
+
 @app.command()
 def generate(
     prompt: list[str] = typer.Option(
@@ -90,6 +96,7 @@ def generate(
     strength: float = typer.Option(0.6, "--strength", help="Video-to-video: how much to change, in (0, 1]."),
     model: str = typer.Option("toy", "--model", help="Bundled name or pipeline folder."),
     generator: str | None = typer.Option(None, "--generator", help=GENERATOR_HELP),
+    decoder: str = typer.Option("vae", "--decoder", help=DECODER_HELP),
     window: int | None = typer.Option(None, "--window", help="KV window in latent frames (endless video)."),
     sink: int | None = typer.Option(None, "--sink", help="Attention-sink frames kept when the window rolls."),
     recache: bool = typer.Option(
@@ -125,7 +132,7 @@ def generate(
         first = read_image(image) if image else None
         previous = read_video(continue_from) if continue_from else None
         source = read_video(video) if video else None
-        pipe = load_pipeline(model, generator=generator, device=device)
+        pipe = load_pipeline(model, generator=generator, device=device, decoder=decoder)
         if window is not None:
             pipe.config.window_frames = window
         if sink is not None:
@@ -296,6 +303,9 @@ def bench(
         "--compile",
         help="torch.compile the transformer: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs.",
     ),
+    decoder: str = typer.Option(
+        "vae", "--decoder", help="vae | tiny: what decodes every method's latents (tiny: the fast decoder)."
+    ),
 ) -> None:
     """Time every method in one process: NFE, FPS (DiT-only and end to end), time to first frame, memory."""
     from pathlib import Path
@@ -319,11 +329,12 @@ def bench(
             teacher_timed_steps=teacher_steps or (5 if quick else None),
             compile_mode=compile_mode,
             random_weights=random_weights,
+            decoder=decoder,
         )
     except (ValueError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
-    table = Table(title=f"suite {suite} on {report['machine']['device']}")
+    table = Table(title=f"suite {suite} on {report['machine']['device']}, {decoder} decoder")
     for col in ("method", "nfe", "frames", "wall_s", "dit_s", "fps", "ttff_s", "peak_mem_mb"):
         table.add_column(col)
     for r in report["results"]:
@@ -357,6 +368,11 @@ def eval_cmd(
     ),
     vae: str = typer.Option(
         "toy/vae", "--vae", help="Codec for the vae method and the teacher (name or folder)."
+    ),
+    decoder: str = typer.Option(
+        "vae",
+        "--decoder",
+        help="vae | tiny | a tiny decoder folder: what decodes every method's latents (tiny: the bundled one).",
     ),
     teacher: str | None = typer.Option(
         None,
@@ -408,7 +424,7 @@ def eval_cmd(
             load_features(cfg.features)  # a missing or broken network fails here, before any method runs
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-        runs = _eval_methods(methods, vae, teacher, text, students, device)
+        runs = _eval_methods(methods, vae, teacher, text, students, device, decoder)
     except (ValueError, FileNotFoundError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
@@ -445,7 +461,15 @@ def _parse_int(text: str, option: str) -> int:
         raise ValueError(f"{option}: {text!r} is not an integer") from None
 
 
-def _eval_methods(methods: str | None, vae: str, teacher: str | None, text: str, students: list[str], device):
+def _eval_methods(
+    methods: str | None,
+    vae: str,
+    teacher: str | None,
+    text: str,
+    students: list[str],
+    device,
+    decoder: str = "vae",
+):
     """Build the evaluation methods the options ask for (errors name the bad option)."""
     from diagvid import evaluate as ev
     from diagvid.pretrained import (
@@ -455,6 +479,7 @@ def _eval_methods(methods: str | None, vae: str, teacher: str | None, text: str,
         load_text_encoder,
         load_toy_student,
         load_vae,
+        with_decoder,
     )
 
     allowed = ("real", "vae", "teacher", *TOY_STUDENT_METHODS)
@@ -484,8 +509,12 @@ def _eval_methods(methods: str | None, vae: str, teacher: str | None, text: str,
     if not builtin and not parsed:
         raise ValueError("nothing to evaluate: give --methods, --teacher or --student")
 
+    # "tiny" for the bundled models is the toy pipeline's; a pipeline of --student uses its own
+    toy_decoder = "toy/tiny-decoder" if decoder == "tiny" else decoder
     runs: dict = {}
-    codec = load_vae(vae, device=device) if ("vae" in builtin or "teacher" in builtin) else None
+    codec = None
+    if "vae" in builtin or "teacher" in builtin:
+        codec = with_decoder(load_vae(vae, device=device), toy_decoder, device=device)
     for m in builtin:
         if m == "real":
             runs[m] = ev.real_method()
@@ -495,9 +524,11 @@ def _eval_methods(methods: str | None, vae: str, teacher: str | None, text: str,
             dit = load_dit_model(teacher or "toy/teacher", device=codec.device)
             runs[m] = ev.teacher_method(dit, codec, load_text_encoder(text))
         else:
-            runs[m] = ev.student_method(*load_toy_student(m, device=device))
+            runs[m] = ev.student_method(*load_toy_student(m, device=device, decoder=toy_decoder))
     for name, folder, schedule, context in parsed:
-        runs[name] = ev.student_method(load_pipeline(folder, device=device), schedule, context)
+        runs[name] = ev.student_method(
+            load_pipeline(folder, device=device, decoder=decoder), schedule, context
+        )
     return runs
 
 
@@ -565,6 +596,7 @@ def serve(
         [], "--allow-origin", help="Browser origin allowed besides the page's own (repeatable)."
     ),
     window: int | None = typer.Option(None, "--window", help="KV window in latent frames (long streams)."),
+    decoder: str = typer.Option("vae", "--decoder", help=DECODER_HELP),
 ) -> None:
     """Serve a live web demo: prompt, watch the stream, switch prompts while it plays."""
     import ipaddress
@@ -591,7 +623,7 @@ def serve(
             allowed_origins=tuple(allow_origin),
             **({"schedules": chosen} if chosen else {}),
         )
-        pipe = load_pipeline(model, generator=generator, device=device)
+        pipe = load_pipeline(model, generator=generator, device=device, decoder=decoder)
         if window is not None:
             pipe.config.window_frames = window
     except (ValueError, FileNotFoundError) as err:
@@ -705,6 +737,36 @@ def train_vae_cmd(
     console.print(f"held-out PSNR {metrics['psnr']} dB")
     if export:
         vae.save(export)
+        console.print(f"wrote {export}")
+
+
+@train_app.command("tiny-decoder")
+def train_tiny_decoder_cmd(
+    config: str | None = _CONFIG,
+    overrides: list[str] = _SET,
+    max_steps: int | None = _MAX_STEPS,
+    fresh: bool = _FRESH,
+    export: str | None = _EXPORT,
+) -> None:
+    """Train the tiny streaming decoder behind a frozen VAE encoder (the fast decode); resumes."""
+    from diagvid.config import load_config
+    from diagvid.pretrained import load_vae
+    from diagvid.train.tiny_decoder import TinyDecoderTrainConfig, evaluate_decoder, train_tiny_decoder
+    from diagvid.train.vae import evaluate_vae, heldout_clips
+
+    with _training_errors():
+        cfg = load_config(TinyDecoderTrainConfig, config, overrides)
+        _setup_logging(cfg.out_dir)
+        decoder = train_tiny_decoder(cfg, resume=not fresh, max_steps=max_steps)
+    vae = load_vae(cfg.vae)
+    clips, masks = heldout_clips(16, cfg.size, cfg.eval_frames)
+    ours, full = evaluate_decoder(decoder, vae, clips, masks), evaluate_vae(vae, clips, masks)
+    console.print(
+        f"held-out PSNR {ours['psnr']} dB (objects {ours.get('object_psnr')}); "
+        f"the VAE's own decoder {full['psnr']} dB (objects {full.get('object_psnr')})"
+    )
+    if export:
+        decoder.save(export)
         console.print(f"wrote {export}")
 
 

@@ -5,6 +5,8 @@ Our pipeline folder:
     generator/             causal student: model.safetensors + config.json (diagvid.model.weights)
     vae/                   vae.safetensors + vae.json (diagvid.model.vae)
     text/                  the toy text encoder (diagvid.model.text)
+    tiny-decoder/          optional: the fast decoder for the VAE's latents (diagvid.model.tiny_decoder),
+                           used with `decoder="tiny"` (`--decoder tiny`)
 
 A real Wan2.1-T2V folder is combined with `generator=`, a distilled causal checkpoint (ours, Self-Forcing,
 CausVid, LongLive, DD). Two layouts are read:
@@ -27,6 +29,8 @@ from diagvid.config import from_dict
 from diagvid.stream import Pipeline, StreamConfig
 
 DEFAULT_PIPELINE = "toy"
+TINY_DECODER = "tiny-decoder"
+"""a pipeline folder's optional fast decoder (`decoder="tiny"`)"""
 
 # The toy students, all distilled from the toy teacher by the recipes in configs/toy/ and shipped under
 # assets/toy/: the ODE-initialised causal student and the DMD students trained from it with the same compute.
@@ -79,6 +83,30 @@ def load_vae(name_or_path: str | Path, device=None, dtype=None):
     return vae.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
 
 
+def load_tiny_decoder(name_or_path: str | Path, device=None):
+    """A tiny streaming decoder (diagvid.model.tiny_decoder) from a bundled name or a folder; fp32."""
+    from diagvid.model.tiny_decoder import TinyDecoder
+
+    return TinyDecoder.load(_resolve(name_or_path)).to(device or "cpu").eval()
+
+
+def with_decoder(vae, decoder: str | Path | None, pipeline: Path | None = None, device=None):
+    """`vae` itself (decoder None or "vae"), or a codec that encodes with it and decodes with a tiny decoder:
+    "tiny" is the pipeline folder's own `tiny-decoder/`, anything else a bundled name or folder."""
+    from diagvid.model.tiny_decoder import FastDecodeCodec
+
+    if decoder is None or str(decoder) == "vae":
+        return vae
+    if str(decoder) == "tiny":
+        if pipeline is None or not (pipeline / TINY_DECODER).is_dir():
+            raise FileNotFoundError(
+                f"decoder='tiny': {pipeline or 'this pipeline'} has no {TINY_DECODER}/ folder; pass a tiny decoder "
+                "folder instead (diagvid train tiny-decoder --export DIR) or decoder='vae'"
+            )
+        decoder = pipeline / TINY_DECODER
+    return FastDecodeCodec(vae, load_tiny_decoder(decoder, device or vae.device))
+
+
 def load_text_encoder(name_or_path: str | Path, device=None):
     """The toy text encoder from one of our folders, or umT5 from a Wan2.1 folder (diffusers or original)."""
     from diagvid.model import text
@@ -116,6 +144,7 @@ def load_pipeline(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     config: str | None = None,
+    decoder: str | Path | None = None,
     **stream_overrides,
 ) -> Pipeline:
     """A ready streaming pipeline.
@@ -128,6 +157,8 @@ def load_pipeline(
         device / dtype: where and in which precision the models run (default: cuda if present, fp32 on CPU,
             bf16 on GPU).
         config: with `generator`, the DiT preset of a checkpoint that carries no config.
+        decoder: "vae" (default: the VAE's own decoder), "tiny" (the pipeline folder's `tiny-decoder/`, ~15x
+            cheaper on the toy CPU) or a tiny decoder folder / bundled name.
         stream_overrides: StreamConfig fields to change (e.g. latent_hw=(60, 104), window_frames=21).
     """
     from diagvid.model import text as umt5
@@ -186,15 +217,18 @@ def load_pipeline(
         )
     if stream_overrides:
         stream_cfg = from_dict(StreamConfig, {**asdict(stream_cfg), **stream_overrides})
+    vae = with_decoder(vae, decoder, path, device)
     return Pipeline(dit.to(device=device, dtype=dtype), vae, text, stream_cfg)
 
 
-def load_toy_student(method: str, device=None, dtype=None) -> tuple[Pipeline, str, str | None]:
+def load_toy_student(
+    method: str, device=None, dtype=None, decoder: str | None = None
+) -> tuple[Pipeline, str, str | None]:
     """The bundled toy pipeline with a shipped student as its generator: (pipeline, schedule, context)."""
     if method not in TOY_STUDENT_METHODS:
         raise ValueError(f"unknown toy student {method!r}; allowed: {', '.join(TOY_STUDENT_METHODS)}")
     generator, schedule, context = TOY_STUDENT_METHODS[method]
-    pipe = load_pipeline(DEFAULT_PIPELINE, generator=generator, device=device, dtype=dtype)
+    pipe = load_pipeline(DEFAULT_PIPELINE, generator=generator, device=device, dtype=dtype, decoder=decoder)
     return pipe, schedule, context
 
 
@@ -208,6 +242,7 @@ def save_pipeline(pipe: Pipeline, folder: str | Path, *, dtype: str | None = Non
     import copy
 
     from diagvid.fileperm import write_json
+    from diagvid.model.tiny_decoder import FastDecodeCodec
     from diagvid.model.weights import STORAGE_DTYPES, save_dit
 
     if dtype is not None and dtype not in STORAGE_DTYPES:
@@ -219,7 +254,11 @@ def save_pipeline(pipe: Pipeline, folder: str | Path, *, dtype: str | None = Non
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_dit(stored(pipe.generator), folder / "generator", kind="generator")
-    stored(pipe.vae).save(folder / "vae")
+    codec = pipe.vae
+    if isinstance(codec, FastDecodeCodec):  # keep the fast decoder beside the VAE: decoder="tiny" finds it
+        stored(codec.decoder).save(folder / TINY_DECODER)
+        codec = codec.vae
+    stored(codec).save(folder / "vae")
     pipe.text_encoder.save(folder / "text")
     cfg = asdict(pipe.config)
     cfg["latent_hw"] = list(cfg["latent_hw"])

@@ -113,24 +113,30 @@ def _render_with_mask(spec) -> tuple[torch.Tensor, torch.Tensor]:
     return frames_to_tensor(frames), torch.from_numpy(mask)[None]
 
 
-def _batch(cfg: VAETrainConfig, step: int, extra_frames: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clips [B, 3, T, h, w] and their object masks [B, 1, T, h, w] for `step`.
+def world_batch(
+    seed: int, step: int, batch_size: int, num_frames: int, size: int, crop: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """World clips [B, 3, T, c, c] and their object masks [B, 1, T, c, c] for `step` (c = crop or size).
 
-    Seeds and crops are functions of the step, so a resumed run sees the same data.
+    Seeds and crops are functions of (seed, step), so a resumed run sees the same data.
     """
     from diagvid.world import sample_spec
 
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    crop = crop or size
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     clips, masks = [], []
-    for i in range(cfg.batch_size):
-        spec = sample_spec(
-            step * cfg.batch_size + i, num_frames=cfg.clip_frames + extra_frames, size=cfg.size
-        )
+    for i in range(batch_size):
+        spec = sample_spec(step * batch_size + i, num_frames=num_frames, size=size)
         video, mask = _render_with_mask(spec)
-        y, x = (int(v) for v in torch.randint(0, cfg.size - cfg.crop + 1, (2,), generator=gen))
-        clips.append(video[:, :, y : y + cfg.crop, x : x + cfg.crop])
-        masks.append(mask[:, :, y : y + cfg.crop, x : x + cfg.crop].float())
+        y, x = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=gen))
+        clips.append(video[:, :, y : y + crop, x : x + crop])
+        masks.append(mask[:, :, y : y + crop, x : x + crop].float())
     return torch.stack(clips), torch.stack(masks)
+
+
+def _batch(cfg: VAETrainConfig, step: int, extra_frames: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A VAE run's clips and masks for `step` (`extra_frames` more than its clips, for the warm-up)."""
+    return world_batch(cfg.seed, step, cfg.batch_size, cfg.clip_frames + extra_frames, cfg.size, cfg.crop)
 
 
 def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
