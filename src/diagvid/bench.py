@@ -127,7 +127,9 @@ def trained(method: str, device: torch.device, dtype: torch.dtype, decoder: str 
 
 def build(suite: Suite, device: torch.device, dtype: torch.dtype, decoder: str = "vae") -> Pipeline:
     """Random-weight models of the suite's geometry (speed does not depend on weight values); with
-    decoder="tiny", the VAE decodes through a random tiny decoder of the same latent geometry."""
+    decoder="tiny", the VAE decodes through a random tiny decoder of the same latent geometry. On a GPU
+    the codec runs in the transformer's precision (bf16 by default), as the papers' demos run it; on a
+    CPU in fp32."""
     from diagvid.model.tiny_decoder import FastDecodeCodec, TinyDecoder
     from diagvid.model.tiny_decoder import preset as tiny_preset
 
@@ -135,9 +137,10 @@ def build(suite: Suite, device: torch.device, dtype: torch.dtype, decoder: str =
     cfg = preset(suite.dit)
     with torch.device(device):
         dit = WanDiT(cfg).to(dtype).eval()
-        vae = WanVAE(vae_preset(suite.vae)).to(device).eval()
+        codec_dtype = dtype if device.type == "cuda" else torch.float32
+        vae = WanVAE(vae_preset(suite.vae)).to(device, codec_dtype).eval()
         if decoder == "tiny":
-            vae = FastDecodeCodec(vae, TinyDecoder(tiny_preset(suite.vae)).to(device).eval())
+            vae = FastDecodeCodec(vae, TinyDecoder(tiny_preset(suite.vae)).to(device, codec_dtype).eval())
     text = PrecomputedText(cfg.text_len, cfg.text_dim, device, dtype)
     stream_cfg = StreamConfig(frames_per_chunk=suite.frames_per_chunk, latent_hw=suite.latent_hw)
     return Pipeline(dit, vae, text, stream_cfg)
