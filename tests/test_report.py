@@ -77,6 +77,7 @@ def test_speed_bars_are_the_bench_numbers():
     assert data["dit_fps"] == [r["dit_fps"] for r in rows]
     assert data["labels"][0] == "teacher\nNFE 100"
     assert "cpu" in data["title"] and "2 CPU threads" in data["title"]
+    assert data["title"].endswith(f", {bench['decoder']} decoder")
 
 
 def test_drift_is_the_eval_per_chunk_means_against_seconds():

@@ -155,8 +155,9 @@ def speed_bars(bench: dict) -> dict:
         if r.get("extrapolated_from_steps"):
             label += f"\n(timed {r['extrapolated_from_steps']} steps)"
         labels.append(label)
+    decoder = f", {bench['decoder']} decoder" if bench.get("decoder") else ""
     return {
-        "title": f"suite {bench.get('suite', '?')} on {machine_label(bench)}",
+        "title": f"suite {bench.get('suite', '?')} on {machine_label(bench)}{decoder}",
         "methods": [r["method"] for r in rows],
         "nfe": [r["nfe"] for r in rows],
         "labels": labels,
