@@ -12,6 +12,7 @@ from diagvid.train.features import FeaturesTrainConfig
 from diagvid.train.ode import OdeConfig
 from diagvid.train.ode_init import InitConfig
 from diagvid.train.teacher import TeacherConfig
+from diagvid.train.tiny_decoder import TinyDecoderTrainConfig
 from diagvid.train.vae import VAETrainConfig
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
@@ -30,6 +31,7 @@ KINDS = {
     "distill-diagonal-nodf": DistillConfig,
     "distill-schedule-only": DistillConfig,
     "features": FeaturesTrainConfig,
+    "tiny-decoder": TinyDecoderTrainConfig,
 }
 
 
