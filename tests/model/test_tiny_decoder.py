@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from diagvid.bench import run_bench
 from diagvid.cli import app
+from diagvid.config import from_dict
 from diagvid.model.tiny_decoder import FastDecodeCodec, TinyDecoder, TinyDecoderConfig, preset
 from diagvid.model.vae import WanVAE
 from diagvid.model.vae import preset as vae_preset
@@ -89,8 +90,8 @@ def test_bad_inputs_and_configs_are_refused_with_the_allowed_values():
         preset("big")
     with pytest.raises(ValueError, match="stage_widths"):
         TinyDecoderConfig(stage_widths=[16, 0])
-    with pytest.raises(ValueError, match="unknown TinyDecoderConfig keys"):
-        TinyDecoderConfig.from_dict({"z_dim": 4, "depth": 3})
+    with pytest.raises(ValueError, match=r"unknown config keys \['decoder.json.depth'\]"):
+        from_dict(TinyDecoderConfig, {"z_dim": 4, "depth": 3}, where="decoder.json")
     with pytest.raises(ValueError, match="tiny decoder reads 16 channels at stride 8"):
         FastDecodeCodec(WanVAE(vae_preset("tiny")), TinyDecoder(preset("wan2.1")))
 

@@ -22,7 +22,7 @@ Folder format: `decoder.safetensors` + `decoder.json` (the `TinyDecoderConfig` f
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,19 +61,6 @@ class TinyDecoderConfig:
     def spatial_stride(self) -> int:
         """Pixels per latent along H and W."""
         return 2 ** (len(self.stage_widths) + 1)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TinyDecoderConfig:
-        """Inverse of `to_dict`; unknown keys are an error."""
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(
-                f"unknown TinyDecoderConfig keys {unknown}; allowed: {[f.name for f in fields(cls)]}"
-            )
-        return cls(**d)
 
 
 PRESETS: dict[str, dict] = {
@@ -202,18 +189,19 @@ class TinyDecoder(nn.Module):
 
     def save(self, folder: str | Path) -> Path:
         """Write `decoder.safetensors` and `decoder.json` into `folder` (created if missing)."""
+        from diagvid.config import to_dict
         from diagvid.model.vae import save_folder
 
-        return save_folder(self, self.cfg.to_dict(), folder, CONFIG_FILE, WEIGHTS_FILE)
+        return save_folder(self, to_dict(self.cfg), folder, CONFIG_FILE, WEIGHTS_FILE)
 
     @classmethod
     def load(cls, folder: str | Path) -> TinyDecoder:
         """Read a folder written by `save` (strict: every weight present with its shape, nothing extra)."""
+        from diagvid.config import from_dict
         from diagvid.model.vae import load_weights, read_folder_config
 
-        cfg = TinyDecoderConfig.from_dict(
-            read_folder_config(folder, CONFIG_FILE, WEIGHTS_FILE, "tiny decoder")
-        )
+        raw = read_folder_config(folder, CONFIG_FILE, WEIGHTS_FILE, "tiny decoder")
+        cfg = from_dict(TinyDecoderConfig, raw, where=str(Path(folder) / CONFIG_FILE))
         model = cls(cfg)
         load_weights(model, Path(folder) / WEIGHTS_FILE, expected=f"a tiny decoder {cfg}")
         return model.float()

@@ -17,7 +17,14 @@ from diagvid.config import to_dict
 from diagvid.model.tiny_decoder import TinyDecoder, preset
 from diagvid.model.vae import WanVAE
 from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, start_run
-from diagvid.train.vae import add_latent_noise, heldout_clips, psnr, reconstruction_loss, world_batch
+from diagvid.train.vae import (
+    add_latent_noise,
+    heldout_clips,
+    psnr,
+    reconstruction_loss,
+    reconstruction_scores,
+    world_batch,
+)
 
 log = logging.getLogger("diagvid.train")
 
@@ -73,12 +80,9 @@ def evaluate_decoder(
 ) -> dict[str, float]:
     """PSNR of held-out clips encoded by `vae` and decoded by `decoder` (and on object pixels alone)."""
     decoder.eval()
-    rec = torch.cat([decoder.decode(vae.encode(c[None])) for c in clips])
-    out = {"psnr": round(psnr(rec, clips), 3)}
-    if masks is not None and masks.any():
-        sel = masks.expand_as(clips)
-        out["object_psnr"] = round(psnr(rec[sel], clips[sel]), 3)
-    return out
+    return reconstruction_scores(
+        torch.cat([decoder.decode(vae.encode(c[None])) for c in clips]), clips, masks
+    )
 
 
 def train_tiny_decoder(

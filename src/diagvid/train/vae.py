@@ -167,7 +167,13 @@ def evaluate_vae(vae: WanVAE, clips: torch.Tensor, masks: torch.Tensor | None = 
     object pixels alone when masks are given (a codec that paints objects background-coloured scores
     ~20 dB overall but under 10 dB there)."""
     vae.eval()
-    rec = torch.cat([vae.decode(vae.encode(c[None])) for c in clips])
+    return reconstruction_scores(torch.cat([vae.decode(vae.encode(c[None])) for c in clips]), clips, masks)
+
+
+def reconstruction_scores(
+    rec: torch.Tensor, clips: torch.Tensor, masks: torch.Tensor | None = None
+) -> dict[str, float]:
+    """PSNR of reconstructed clips, and on object pixels alone (`object_psnr`) when masks are given."""
     out = {"psnr": round(psnr(rec, clips), 3)}
     if masks is not None and masks.any():
         sel = masks.expand_as(clips)
