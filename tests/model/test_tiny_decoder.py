@@ -18,9 +18,9 @@ from diagvid.pretrained import load_pipeline, save_pipeline
 from tests.conftest import make_tiny_pipeline
 
 
-def _decoder(seed: int = 0, name: str = "tiny") -> TinyDecoder:
+def _decoder(seed: int = 0, name: str = "tiny", **over) -> TinyDecoder:
     torch.manual_seed(seed)
-    dec = TinyDecoder(preset(name)).eval()
+    dec = TinyDecoder(preset(name, **over)).eval()
     with torch.no_grad():  # default init leaves late layers near zero: make every path visible in the output
         for p in dec.parameters():
             p.normal_(0, 0.3)
@@ -39,9 +39,10 @@ def test_frame_counts_follow_the_wan_vae():
     assert ours.abs().max() <= 1.0 and ours.std() > 0.05
 
 
+@pytest.mark.parametrize("frame_memory", [False, True])
 @pytest.mark.parametrize("splits", [(1, 1, 1, 1, 1, 1), (3, 3), (2, 4), (5, 1)])
-def test_chunked_decode_equals_the_whole_video(splits):
-    dec = _decoder()
+def test_chunked_decode_equals_the_whole_video(splits, frame_memory):
+    dec = _decoder(frame_memory=frame_memory)
     z = torch.randn(2, 4, sum(splits), 4, 4)
     with torch.no_grad():
         whole = dec.decode(z)
@@ -65,6 +66,12 @@ def test_decode_is_causal_and_looks_back_only_through_the_memory_blocks():
     assert changed[1 + 4 * 2 : 1 + 4 * 3].all()
     # one memory block in the tiny preset: frame 4 sees frame 3's stem output, frame 5 nothing of it
     assert changed[1 + 4 * 3 : 1 + 4 * 4].any() and not changed[1 + 4 * 4 :].any()
+    # a pixel-rate memory reaches one pixel frame further, no more
+    dec = _decoder(frame_memory=True)
+    with torch.no_grad():
+        a, b = dec.decode(z), dec.decode(z2)
+    changed = (a - b).abs().amax(dim=(0, 1, 3, 4)) > 1e-6
+    assert not changed[: 1 + 4 * 2].any() and changed[1 + 4 * 4] and not changed[1 + 4 * 4 + 1 :].any()
 
 
 def test_a_new_stream_starts_from_an_empty_memory():
@@ -96,8 +103,9 @@ def test_bad_inputs_and_configs_are_refused_with_the_allowed_values():
         FastDecodeCodec(WanVAE(vae_preset("tiny")), TinyDecoder(preset("wan2.1")))
 
 
-def test_every_weight_gets_a_gradient():
-    dec = TinyDecoder(preset("tiny")).train()
+@pytest.mark.parametrize("frame_memory", [False, True])
+def test_every_weight_gets_a_gradient(frame_memory):
+    dec = TinyDecoder(preset("tiny", frame_memory=frame_memory)).train()
     dec.decode(torch.randn(1, 4, 3, 4, 4)).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dec.parameters())
 

@@ -48,14 +48,19 @@ class TinyDecoderConfig:
     """residual blocks at latent resolution that look one latent frame back"""
     stage_widths: list[int] = field(default_factory=lambda: [64, 32, 16])
     """channels after each 2x upsampling but the last (which gives RGB); len + 1 = log2(spatial stride)"""
+    frame_memory: bool = False
+    """one more look-back block after the first upsampling, at pixel rate: each pixel frame also reads the
+    frame before it (smoother motion across the four frames a latent frame becomes)"""
 
     def __post_init__(self) -> None:
         if min(self.z_dim, self.width) < 1 or self.memory_blocks < 0:
             raise ValueError(
                 f"z_dim={self.z_dim} and width={self.width} must be >= 1, memory_blocks={self.memory_blocks} >= 0"
             )
-        if any(w < 1 for w in self.stage_widths):
-            raise ValueError(f"stage_widths={self.stage_widths} must all be >= 1")
+        if any(w < 1 for w in self.stage_widths) or (self.frame_memory and not self.stage_widths):
+            raise ValueError(
+                f"stage_widths={self.stage_widths} must all be >= 1, and not be empty with frame_memory"
+            )
 
     @property
     def spatial_stride(self) -> int:
@@ -94,13 +99,13 @@ class _Residual(nn.Module):
 
 
 class _Memory(_Residual):
-    """A residual block whose first conv also reads the previous latent frame's input."""
+    """A residual block whose first conv also reads the previous frame's input (latent or pixel frames)."""
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim, in_dim=2 * dim)
 
     def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """x [B, C, K, h, w] (K latent frames), past [B, C, h, w] (the frame before them) -> same shape as x."""
+        """x [B, C, K, h, w] (K frames), past [B, C, h, w] (the frame before them) -> same shape as x."""
         k = x.shape[2]
         before = torch.cat([past[:, :, None], x[:, :, :-1]], dim=2)
         out = super().forward(
@@ -121,6 +126,7 @@ class TinyDecoder(nn.Module):
         widths = [cfg.width, *cfg.stage_widths]
         self.ups = nn.ModuleList(nn.Conv2d(a, 4 * b, 3, padding=1) for a, b in itertools.pairwise(widths))
         self.blocks = nn.ModuleList(_Residual(w) for w in cfg.stage_widths)
+        self.frame_memory = _Memory(cfg.stage_widths[0]) if cfg.frame_memory else None
         self.to_rgb = nn.Conv2d(widths[-1], 4 * 3, 3, padding=1)
 
     @property
@@ -140,10 +146,15 @@ class TinyDecoder(nn.Module):
         return self.cfg.z_dim
 
     def empty_state(self, batch: int, h: int, w: int) -> list[torch.Tensor]:
-        """The look-back state before a video's first latent frame: zeros, one per memory block."""
-        return [torch.zeros(batch, self.cfg.width, h, w, device=self.device, dtype=self.dtype)] * len(
+        """The look-back state before a video's first latent frame: zeros, one per memory block (latent-rate
+        ones at h x w, then the pixel-rate one at 2h x 2w)."""
+        state = [torch.zeros(batch, self.cfg.width, h, w, device=self.device, dtype=self.dtype)] * len(
             self.memory
         )
+        if self.frame_memory is not None:
+            c = self.cfg.stage_widths[0]
+            state.append(torch.zeros(batch, c, 2 * h, 2 * w, device=self.device, dtype=self.dtype))
+        return state
 
     def forward(
         self, latents: torch.Tensor, state: list[torch.Tensor] | None = None
@@ -162,7 +173,7 @@ class TinyDecoder(nn.Module):
         x = latents.to(self.device, self.dtype)
         x = rearrange(self.stem(rearrange(x, "b c k h w -> (b k) c h w")), "(b k) c h w -> b c k h w", k=k)
         new_state = []
-        for block, past in zip(self.memory, state, strict=True):
+        for block, past in zip(self.memory, state[: len(self.memory)], strict=True):
             new_state.append(x[:, :, -1])
             x = F.relu(block(x, past))
         x = F.relu(self.expand(rearrange(x, "b c k h w -> (b k) c h w")))
@@ -171,8 +182,12 @@ class TinyDecoder(nn.Module):
             x = x[:, TEMPORAL_STRIDE - 1 :]
         t = x.shape[1]
         x = x.flatten(0, 1)  # [(B T), C, h, w]: every pixel frame alike from here on
-        for up, block in zip(self.ups, self.blocks, strict=True):
+        for i, (up, block) in enumerate(zip(self.ups, self.blocks, strict=True)):
             x = F.relu(block(F.pixel_shuffle(up(x), 2)))
+            if i == 0 and self.frame_memory is not None:
+                frames = rearrange(x, "(b t) c hh ww -> b c t hh ww", t=t)
+                new_state.append(frames[:, :, -1])
+                x = rearrange(F.relu(self.frame_memory(frames, state[-1])), "b c t hh ww -> (b t) c hh ww")
         x = F.pixel_shuffle(self.to_rgb(x), 2)
         video = rearrange(x, "(b t) c hh ww -> b c t hh ww", t=t)
         return video.clamp(-1.0, 1.0), new_state
