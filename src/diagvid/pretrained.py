@@ -157,8 +157,8 @@ def load_pipeline(
         device / dtype: where and in which precision the models run (default: cuda if present, fp32 on CPU,
             bf16 on GPU).
         config: with `generator`, the DiT preset of a checkpoint that carries no config.
-        decoder: "vae" (default: the VAE's own decoder), "tiny" (the pipeline folder's `tiny-decoder/`, ~15x
-            cheaper on the toy CPU) or a tiny decoder folder / bundled name.
+        decoder: "vae" (default: the VAE's own decoder), "tiny" (the pipeline folder's `tiny-decoder/`, about 7x
+            less decode time on the toy CPU) or a tiny decoder folder / bundled name.
         stream_overrides: StreamConfig fields to change (e.g. latent_hw=(60, 104), window_frames=21).
     """
     from diagvid.model import text as umt5
