@@ -431,6 +431,7 @@ def eval_cmd(
     report = ev.run_eval(
         runs, cfg, fixed_length=("teacher",), progress=lambda msg: console.print(f"[dim]{msg}[/dim]")
     )
+    report["decoder"] = decoder
     table = Table(title=f"{cfg.prompts}: means [95% CI]")
     keys = ("colour_accuracy", "shape_accuracy", "direction_accuracy", "speed_accuracy", "saturation_slope")
     for col in ("method", "length", *keys, "fvd_world"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -164,3 +166,14 @@ def test_generate_cli_with_the_tiny_decoder(tmp_path):
     assert out.stat().st_size > 0
     result = CliRunner().invoke(app, [*args, "--decoder", str(tmp_path / "nowhere"), "-o", str(out)])
     assert result.exit_code == 2 and "nowhere" in result.output.replace("\n", "")
+
+
+def test_eval_cli_decodes_with_the_tiny_decoder_and_records_it(tmp_path):
+    out = tmp_path / "eval.json"
+    args = ["eval", "--quick", "--methods", "vae", "--lengths", "1", "--features", "none", "--json", str(out)]
+    result = CliRunner().invoke(app, [*args, "--decoder", "tiny"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert (
+        report["decoder"] == "tiny" and report["results"]["vae"]["1x"]["summary"]["colour_accuracy"]["n"] > 0
+    )
