@@ -22,6 +22,7 @@ KINDS = {
     "vae-decoder": VAETrainConfig,
     "vae-decoder-robust": VAETrainConfig,
     "teacher": TeacherConfig,
+    "teacher-contrast": TeacherConfig,
     "ode": OdeConfig,
     "init": InitConfig,
     "distill-diagonal": DistillConfig,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -57,10 +58,13 @@ def tiny_recipe(codec_folders, out_dir) -> TeacherConfig:
     )
 
 
-def test_resume_is_bit_identical(codec_folders, tmp_path):
+@pytest.mark.parametrize("contrast", [0.0, 0.5])
+def test_resume_is_bit_identical(codec_folders, tmp_path, contrast):
     straight = tiny_recipe(codec_folders, tmp_path / "a")
+    straight.direction_contrast = contrast
     train_teacher(straight, progress=False)
     resumed = tiny_recipe(codec_folders, tmp_path / "b")
+    resumed.direction_contrast = contrast
     train_teacher(resumed, max_steps=2, progress=False)
     assert load_checkpoint(tmp_path / "b/run/checkpoint.pt")["step"] == 2
     train_teacher(resumed, progress=False)
@@ -78,6 +82,8 @@ def test_resume_is_bit_identical(codec_folders, tmp_path):
     # the learning rate decays linearly over the last 2 of 4 steps to half, across the restart too
     assert [r["lr"] for r in log_b if "lr" in r] == pytest.approx([1e-3, 1e-3, 7.5e-4, 5e-4])
     assert [r for r in log_a if "eval" in r] == [r for r in log_b if "eval" in r]  # evaluation draws no RNG
+    gaps = [r.get("direction_gap") for r in log_b if "loss" in r]
+    assert all(g is not None for g in gaps) if contrast else all(g is None for g in gaps)
 
 
 def test_export_writes_a_loadable_model(codec_folders, tmp_path):
@@ -145,6 +151,10 @@ def test_bad_recipes_fail_before_compute(codec_folders, tmp_path):
         from_dict(TeacherConfig, {"steps": 6, "optim": {"decay_steps": 7}})
     with pytest.raises(ValueError, match=r"frame_noise=1.5 must be in \[0, 1\]"):
         from_dict(TeacherConfig, {"frame_noise": 1.5})
+    with pytest.raises(ValueError, match=r"direction_contrast=-1.0 must be >= 0"):
+        from_dict(TeacherConfig, {"direction_contrast": -1.0})
+    with pytest.raises(ValueError, match=r"contrast_temperature=0.0 must be > 0"):
+        from_dict(TeacherConfig, {"contrast_temperature": 0.0})
     with pytest.raises(ValueError, match=r"val_clips=6 must be in \[0, 6\)"):
         from_dict(TeacherConfig, {"val_clips": 6, "data": {"num_clips": 6}})
 
@@ -212,3 +222,73 @@ def test_caption_sensitivity_measures_what_the_model_reads(codec_folders):
     assert all(abs(v) > 1e-4 for v in seen.values())
     no_motion = caption_sensitivity(reader, x0, ["a red circle", "a blue square"], text)
     assert no_motion["direction"] == no_motion["speed"] == 0.0 and abs(no_motion["colour"]) > 1e-4
+
+
+def test_wrong_direction_changes_every_direction_word_and_nothing_else():
+    from diagvid.train.teacher import wrong_direction
+    from diagvid.world import DIRECTIONS
+
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(60):
+        cap = "a red circle moves up-left fast and a blue square moves down slowly"
+        out = wrong_direction(cap, gen).split()
+        old = cap.split()
+        assert len(out) == len(old)
+        for a, b in zip(old, out, strict=True):
+            assert (a != b) if a in DIRECTIONS else (a == b)
+            assert (b in DIRECTIONS) == (a in DIRECTIONS)
+        seen.add(out[4])
+    assert len(seen) == len(DIRECTIONS) - 1  # every other direction is drawn
+    assert wrong_direction("a red circle", gen) is None
+
+
+class _DirectionReader(torch.nn.Module):
+    """Predicts the true velocity when its caption embedding is `right`, zero otherwise."""
+
+    def __init__(self, right: torch.Tensor, target: torch.Tensor) -> None:
+        super().__init__()
+        self.right, self.target = right, target
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x_t, t, ctx, attention):
+        knows = (ctx == self.right[:1]).flatten(1).all(1).float().view(-1, 1, 1, 1, 1)
+        return self.scale * knows * self.target[: len(x_t)]
+
+
+def test_direction_contrast_rewards_a_model_that_reads_the_direction():
+    from diagvid.train.teacher import direction_contrast_loss, noised_latents
+
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 4, 3, 4, 4)
+    right, wrong = torch.zeros(2, 3, 5), torch.ones(2, 3, 5)
+    state = torch.random.get_rng_state()
+    _, _, target = noised_latents(x0, 3.0)
+    torch.random.set_rng_state(state)  # the loss draws the same noise
+    reader = _DirectionReader(right, torch.cat([target, target]))
+    fm, contrast, gap = direction_contrast_loss(
+        reader, x0, right, wrong, torch.tensor([True, True]), 3.0, temperature=0.05
+    )
+    assert fm.item() == pytest.approx(0.0, abs=1e-10)  # right caption: exact velocity
+    assert gap.item() > 1e3 and contrast.item() < 1e-6  # wrong caption: far worse, so nothing to learn
+    # a model that ignores the caption scores gap 0 and contrast log 2, and the contrast has a gradient
+    torch.random.set_rng_state(state)
+    fm, contrast, gap = direction_contrast_loss(
+        _Spy(), x0, right, wrong, torch.tensor([True, False]), 3.0, temperature=0.05
+    )
+    assert gap.item() == 0.0 and contrast.item() == pytest.approx(math.log(2))
+    torch.random.set_rng_state(state)
+    reader.right = wrong  # now it reads the captions backwards, half-heartedly
+    reader.scale.data.fill_(0.5)
+    fm, contrast, gap = direction_contrast_loss(
+        reader, x0, right, wrong, torch.tensor([True, True]), 3.0, temperature=0.05
+    )
+    assert gap.item() == pytest.approx(-0.75) and contrast.item() > 10
+    contrast.backward()
+    assert reader.scale.grad > 0  # descent weakens the backwards reading
+    # no clip to contrast: the plain flow-matching loss and a zero contrast
+    torch.random.set_rng_state(state)
+    fm, contrast, gap = direction_contrast_loss(
+        _Spy(), x0, right, wrong, torch.tensor([False, False]), 3.0, temperature=0.05
+    )
+    assert contrast.item() == 0.0 and fm.item() == pytest.approx(target.pow(2).mean().item(), rel=1e-5)

@@ -89,6 +89,12 @@ class TeacherConfig:
     frame_noise: float = 0.0
     """fraction of training clips noised with an independent level per latent frame (Diffusion Forcing);
     the others get one level for the whole clip, the state the sampler sees"""
+    direction_contrast: float = 0.0
+    """weight of the direction contrast (`direction_contrast_loss`): each captioned clip is also denoised
+    under its caption with every direction word replaced by another direction, and the model is trained to
+    denoise it worse under the wrong direction; 0: off (plain flow matching, one forward a clip)"""
+    contrast_temperature: float = 0.05
+    """scale of the relative loss gap in the contrast: a gap of a few temperatures saturates it"""
     ema_decay: float = 0.999
     seed: int = 0
     out_dir: str = "runs/toy-teacher"
@@ -108,6 +114,10 @@ class TeacherConfig:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
         if not 0 <= self.frame_noise <= 1:
             raise ValueError(f"frame_noise={self.frame_noise} must be in [0, 1]")
+        if self.direction_contrast < 0:
+            raise ValueError(f"direction_contrast={self.direction_contrast} must be >= 0 (0: off)")
+        if not self.contrast_temperature > 0:
+            raise ValueError(f"contrast_temperature={self.contrast_temperature} must be > 0")
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError(f"batch_size={self.batch_size} and steps={self.steps} must be >= 1")
         self.optim.schedule(self.steps)  # a decay longer than the run fails here, before any compute
@@ -176,6 +186,15 @@ def flow_matching_loss(
 ) -> torch.Tensor:
     """MSE between predicted and true velocity at shifted-uniform noise levels: one per sample, or, for a
     `frame_noise` fraction of the samples, one per latent frame."""
+    x_t, t, target = noised_latents(x0, shift, gen, frame_noise)
+    v = model(x_t, t, ctx, attention="full")
+    return torch.nn.functional.mse_loss(v.float(), target.float())
+
+
+def noised_latents(
+    x0: torch.Tensor, shift: float, gen: torch.Generator | None = None, frame_noise: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The flow-matching training input: (x_t, timesteps [B] or [B, F], velocity target) for latents x0."""
     b, f = x0.shape[0], x0.shape[2]
     u = torch.rand(b, generator=gen)
     if frame_noise > 0:
@@ -185,9 +204,59 @@ def flow_matching_loss(
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     fm = FlowMatch(shift=1.0, sigma_mode="exact")  # sigma is already shifted; t = 1000 sigma exactly
     t = sigma * 1000
-    x_t = fm.add_noise(x0, noise, t)
-    v = model(x_t, t, ctx, attention="full")
-    return torch.nn.functional.mse_loss(v.float(), fm.velocity_target(x0, noise).float())
+    return fm.add_noise(x0, noise, t), t, fm.velocity_target(x0, noise)
+
+
+def direction_contrast_loss(
+    model: WanDiT,
+    x0: torch.Tensor,
+    ctx: torch.Tensor,
+    wrong_ctx: torch.Tensor,
+    contrasted: torch.Tensor,
+    shift: float,
+    temperature: float,
+    frame_noise: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flow matching plus a contrast that makes the model read the direction words.
+
+    A plain flow-matching teacher can ignore a caption's direction (the noisy clip itself shows where its
+    object goes once the object is visible, and a wrong direction costs the loss almost nothing), and ours
+    did. Here the clips where `contrasted` [B] is set are denoised a second time, same x_t, under
+    `wrong_ctx`: their caption with another direction. With per-clip losses l (right caption) and l' (wrong
+    one) and the relative gap g = (l' - l) / l, the contrast is softplus(-g / temperature): the denoiser
+    used as a classifier of its own caption's direction, trained to pick the right one.
+
+    Returns (flow-matching loss over the batch, contrast loss over the contrasted clips, their mean gap g).
+    """
+    x_t, t, target = noised_latents(x0, shift, frame_noise=frame_noise)
+    sel = contrasted.nonzero().flatten()
+    both_ctx = torch.cat([ctx, wrong_ctx[sel]])
+    v = model(torch.cat([x_t, x_t[sel]]), torch.cat([t, t[sel]]), both_ctx, attention="full")
+    per_clip = (v.float() - torch.cat([target, target[sel]]).float()).pow(2).flatten(1).mean(1)
+    right, wrong = per_clip[: len(x0)], per_clip[len(x0) :]
+    if not len(sel):
+        zero = per_clip.new_zeros(())
+        return right.mean(), zero, zero
+    gap = (wrong - right[sel]) / right[sel].detach().clamp_min(1e-8)
+    return right.mean(), torch.nn.functional.softplus(-gap / temperature).mean(), gap.detach().mean()
+
+
+def wrong_direction(caption: str, gen: torch.Generator | None = None) -> str | None:
+    """The caption with every direction word replaced by a different direction, drawn at random; None when
+    it names no direction."""
+    from diagvid.world import DIRECTIONS
+
+    names = list(DIRECTIONS)
+    words = caption.split()
+    if not any(w in DIRECTIONS for w in words):
+        return None
+    out = []
+    for w in words:
+        if w in DIRECTIONS:
+            others = [d for d in names if d != w]
+            w = others[int(torch.randint(len(others), (), generator=gen))]
+        out.append(w)
+    return " ".join(out)
 
 
 @torch.no_grad()
@@ -325,14 +394,39 @@ def train_teacher(
             [null_ctx if d else embed(captions[i]) for i, d in zip(idx, drop.tolist(), strict=True)]
         )
         model.train()
-        loss = flow_matching_loss(model, x0, ctx, cfg.train_shift, frame_noise=cfg.frame_noise)
+        logged = {}
+        if cfg.direction_contrast > 0:
+            wrong = [
+                None if d else wrong_direction(captions[i]) for i, d in zip(idx, drop.tolist(), strict=True)
+            ]
+            contrasted = torch.tensor([w is not None for w in wrong])
+            wrong_ctx = torch.cat([null_ctx if w is None else embed(w) for w in wrong])
+            fm_loss, contrast, gap = direction_contrast_loss(
+                model,
+                x0,
+                ctx,
+                wrong_ctx,
+                contrasted,
+                cfg.train_shift,
+                cfg.contrast_temperature,
+                cfg.frame_noise,
+            )
+            loss = fm_loss + cfg.direction_contrast * contrast
+            logged = {"fm_loss": fm_loss.item(), "contrast": contrast.item(), "direction_gap": gap.item()}
+        else:
+            loss = flow_matching_loss(model, x0, ctx, cfg.train_shift, frame_noise=cfg.frame_noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         sched.step()
         ema.update(model)
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": float(sched.get_last_lr()[0])}
+        return {
+            "loss": loss.item(),
+            "grad_norm": grad_norm.item(),
+            "lr": float(sched.get_last_lr()[0]),
+            **logged,
+        }
 
     def evaluate(step: int) -> dict[str, float]:
         if not cfg.val_clips:
