@@ -131,6 +131,8 @@ def test_cli_eval_writes_the_report(tmp_path):
         (["--methods", ""], "nothing to evaluate"),
         (["--prompts", "heldout-5"], "unknown evaluation set 'heldout-5'"),
         (["--features", "no-such-net"], "'no-such-net' is neither an existing path nor a bundled model"),
+        (["--teacher-guidance", "nan"], "--teacher-guidance nan: the CFG scale must be a finite number >= 0"),
+        (["--teacher-guidance", "-1"], "--teacher-guidance -1.0: the CFG scale must be a finite number >= 0"),
     ],
 )
 def test_cli_eval_errors(args, message):
@@ -146,6 +148,30 @@ def test_teacher_method_samples_the_asked_length(tiny_pipeline):
     videos = run(["a red circle moves left", "a blue square moves up"], 9, 0)
     assert [v.shape for v in videos] == [(9, 16, 16, 3)] * 2 and not np.array_equal(videos[0], videos[1])
     assert tiny_pipeline.generator.stats.forwards == 2 * 2  # 2 Euler steps per prompt, CFG in one batch
+    guided = ev.teacher_method(
+        tiny_pipeline.generator,
+        tiny_pipeline.vae,
+        tiny_pipeline.text_encoder,
+        size=16,
+        num_steps=2,
+        guidance=2.0,
+    )(["a red circle moves left"], 9, 0)
+    assert not np.array_equal(guided[0], videos[0])  # same noise, another CFG scale
+
+
+def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch):
+    from diagvid import evaluate as ev_module
+    from diagvid.cli import _eval_methods
+
+    seen = {}
+
+    def spy(teacher, vae, text_encoder, **kwargs):
+        seen.update(kwargs)
+        return lambda prompts, num_frames, seed: []
+
+    monkeypatch.setattr(ev_module, "teacher_method", spy)
+    _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", teacher_guidance=2.0)
+    assert seen == {"guidance": 2.0}
 
 
 def test_cli_methods_name_the_teacher_and_every_shipped_student(tmp_path):
