@@ -271,14 +271,14 @@ def test_direction_contrast_rewards_a_model_that_reads_the_direction():
     )
     assert fm.item() == pytest.approx(0.0, abs=1e-10)  # right caption: exact velocity
     assert gap.item() > 1e3 and contrast.item() < 1e-6  # wrong caption: far worse, so nothing to learn
-    # a model that ignores the caption scores gap 0 and contrast log 2, and the contrast has a gradient
+    # a model that ignores the caption scores gap 0 and contrast log 2
     torch.random.set_rng_state(state)
     fm, contrast, gap = direction_contrast_loss(
         _Spy(), x0, right, wrong, torch.tensor([True, False]), 3.0, temperature=0.05
     )
     assert gap.item() == 0.0 and contrast.item() == pytest.approx(math.log(2))
     torch.random.set_rng_state(state)
-    reader.right = wrong  # now it reads the captions backwards, half-heartedly
+    reader.right = wrong  # now it reads the captions backwards, half-heartedly: the contrast pushes back
     reader.scale.data.fill_(0.5)
     fm, contrast, gap = direction_contrast_loss(
         reader, x0, right, wrong, torch.tensor([True, True]), 3.0, temperature=0.05
