@@ -105,6 +105,21 @@ def test_compiled_bench_on_gpu_counts_the_same_forwards():
     assert compiled["results"][0]["frames"] == plain["results"][0]["frames"]
 
 
+def test_a_tiny_decoder_folder_decodes_every_method(tmp_path):
+    """--decoder FOLDER: that decoder is the one built into the pipeline; its geometry is checked against
+    the suite's latents, and a name that is neither a decoder kind nor a folder fails before any model."""
+    from diagvid.model.tiny_decoder import TinyDecoder, preset
+
+    fits = TinyDecoder(preset("tiny")).save(tmp_path / "fits")
+    report = run_bench("tiny", device="cpu", warmup=False, methods=("diagonal",), decoder=str(fits))
+    assert report["decoder"] == str(fits) and report["results"][0]["frames"] == 1 + 4 * (4 * 2 - 1)
+    wrong = TinyDecoder(preset("tiny", z_dim=5)).save(tmp_path / "wrong")
+    with pytest.raises(ValueError, match="reads 5 channels"):
+        run_bench("tiny", device="cpu", warmup=False, methods=("diagonal",), decoder=str(wrong))
+    with pytest.raises(ValueError, match="allowed: vae, tiny or a tiny decoder folder"):
+        run_bench("tiny", device="cpu", warmup=False, decoder=str(tmp_path / "missing"))
+
+
 def test_toy_suite_times_each_method_on_its_shipped_model():
     """Without random weights the toy suite loads the shipped students; NFE is what their schedules cost."""
     report = run_bench(

@@ -51,7 +51,7 @@ SUITES = {
 PROMPT = "a red circle moves left"
 
 DECODERS = ("vae", "tiny")
-"""what decodes the latents: the Wan VAE's decoder, or the tiny streaming one"""
+"""what decodes the latents: the Wan VAE's decoder, or the tiny streaming one (or a tiny decoder folder)"""
 
 # torch.compile modes `run_bench(compile_mode=...)` accepts
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -114,6 +114,13 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _is_folder(name: str) -> bool:
+    """Whether `name` is an existing folder or a bundled model name."""
+    from diagvid.assets import ASSETS
+
+    return Path(name).is_dir() or (ASSETS / name).is_dir()
+
+
 def trained(method: str, device: torch.device, dtype: torch.dtype, decoder: str = "vae") -> Pipeline:
     """The shipped toy models of a method: its distilled student, or the teacher in the bundled pipeline."""
     from diagvid.pretrained import DEFAULT_PIPELINE, load_pipeline, load_toy_student
@@ -127,11 +134,13 @@ def trained(method: str, device: torch.device, dtype: torch.dtype, decoder: str 
 
 def build(suite: Suite, device: torch.device, dtype: torch.dtype, decoder: str = "vae") -> Pipeline:
     """Random-weight models of the suite's geometry (speed does not depend on weight values); with
-    decoder="tiny", the VAE decodes through a random tiny decoder of the same latent geometry. On a GPU
+    decoder="tiny", the VAE decodes through a random tiny decoder of the suite's preset, with a tiny decoder
+    folder through that decoder (its geometry must match the suite's latents). On a GPU
     the codec runs in the transformer's precision (bf16 by default), as the papers' demos run it; on a
     CPU in fp32."""
     from diagvid.model.tiny_decoder import FastDecodeCodec, TinyDecoder
     from diagvid.model.tiny_decoder import preset as tiny_preset
+    from diagvid.pretrained import load_tiny_decoder
 
     torch.manual_seed(0)
     cfg = preset(suite.dit)
@@ -141,6 +150,8 @@ def build(suite: Suite, device: torch.device, dtype: torch.dtype, decoder: str =
         vae = WanVAE(vae_preset(suite.vae)).to(device, codec_dtype).eval()
         if decoder == "tiny":
             vae = FastDecodeCodec(vae, TinyDecoder(tiny_preset(suite.vae)).to(device, codec_dtype).eval())
+        elif decoder != "vae":
+            vae = FastDecodeCodec(vae, load_tiny_decoder(decoder, device).to(codec_dtype))
     text = PrecomputedText(cfg.text_len, cfg.text_dim, device, dtype)
     stream_cfg = StreamConfig(frames_per_chunk=suite.frames_per_chunk, latent_hw=suite.latent_hw)
     return Pipeline(dit, vae, text, stream_cfg)
@@ -212,8 +223,9 @@ def run_bench(
     run the students against fixed-shape KV buffers (`static_shapes`); the warm-up run pays the compile.
     `random_weights=False` (toy suite only) times each method on its own shipped model: the teacher and the
     distilled students of `diagvid.pretrained.TOY_STUDENT_METHODS`.
-    `decoder`: "vae" (the Wan VAE's causal decoder) or "tiny" (`diagvid.model.tiny_decoder`: the shipped toy
-    one, or a random one of the suite's geometry) for every method's decode.
+    `decoder`: "vae" (the Wan VAE's causal decoder), "tiny" (`diagvid.model.tiny_decoder`: the shipped toy
+    one, or a random one of the suite's geometry) or a tiny decoder folder / bundled name, for every
+    method's decode.
     """
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite {suite_name!r}; allowed: {sorted(SUITES)}")
@@ -222,8 +234,8 @@ def run_bench(
     unknown = sorted(set(chosen) - set(known))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; allowed: {known}")
-    if decoder not in DECODERS:
-        raise ValueError(f"decoder {decoder!r}; allowed: {', '.join(DECODERS)}")
+    if decoder not in DECODERS and not _is_folder(decoder):
+        raise ValueError(f"decoder {decoder!r}; allowed: {', '.join(DECODERS)} or a tiny decoder folder")
     if compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -305,7 +305,9 @@ def bench(
         help="torch.compile the transformer: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs.",
     ),
     decoder: str = typer.Option(
-        "vae", "--decoder", help="vae | tiny: what decodes every method's latents (tiny: the fast decoder)."
+        "vae",
+        "--decoder",
+        help="vae | tiny | a tiny decoder folder: what decodes every method's latents (tiny: the bundled one).",
     ),
 ) -> None:
     """Time every method in one process: NFE, FPS (DiT-only and end to end), time to first frame, memory."""
