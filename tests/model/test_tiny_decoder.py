@@ -126,6 +126,34 @@ def test_save_load_round_trip_is_exact_and_strict(tmp_path):
         TinyDecoder.load(tmp_path / "dec")
 
 
+@pytest.mark.parametrize("frame_memory", [False, True])
+def test_channels_last_weights_decode_as_contiguous_ones(frame_memory):
+    """The decoder lays its conv weights out channels-last (the fast oneDNN path); the same weights stored
+    contiguously (PyTorch's default layout, another conv kernel) decode the same video."""
+
+    def toy_decoder() -> TinyDecoder:
+        torch.manual_seed(0)
+        dec = TinyDecoder(preset("toy", frame_memory=frame_memory)).eval()
+        with (
+            torch.no_grad()
+        ):  # this scale keeps the output mostly inside (-1, 1): no clamp hides a difference
+            for p in dec.parameters():
+                p.normal_(0, 0.05)
+        return dec
+
+    dec, plain = toy_decoder(), toy_decoder()
+    convs = [m for m in dec.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    for p in plain.parameters():
+        p.data = p.data.contiguous()
+    assert not plain.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    z = torch.randn(1, 8, 4, 8, 8)
+    with torch.no_grad():
+        ours, ref = dec.decode(z), plain.decode(z)
+    assert ours.shape == (1, 3, 13, 64, 64) and (ref.abs() < 0.99).float().mean() > 0.5
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+
 def test_pipeline_decodes_with_its_tiny_decoder(tmp_path):
     """decoder="tiny" swaps only the decode: same latents, same frame count, other pixels; the folder keeps it."""
     pipe = make_tiny_pipeline()
