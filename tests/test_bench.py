@@ -105,7 +105,7 @@ def test_compiled_bench_on_gpu_counts_the_same_forwards():
     assert compiled["results"][0]["frames"] == plain["results"][0]["frames"]
 
 
-def test_a_tiny_decoder_folder_decodes_every_method(tmp_path):
+def test_bench_decodes_with_a_tiny_decoder_folder(tmp_path):
     """--decoder FOLDER: that decoder is the one built into the pipeline; its geometry is checked against
     the suite's latents, and a name that is neither a decoder kind nor a folder fails before any model."""
     from diagvid.model.tiny_decoder import TinyDecoder, preset

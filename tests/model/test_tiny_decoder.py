@@ -134,9 +134,8 @@ def test_channels_last_weights_decode_as_contiguous_ones(frame_memory):
     def toy_decoder() -> TinyDecoder:
         torch.manual_seed(0)
         dec = TinyDecoder(preset("toy", frame_memory=frame_memory)).eval()
-        with (
-            torch.no_grad()
-        ):  # this scale keeps the output mostly inside (-1, 1): no clamp hides a difference
+        # this scale keeps the output mostly inside (-1, 1): no clamp hides a difference
+        with torch.no_grad():
             for p in dec.parameters():
                 p.normal_(0, 0.05)
         return dec
