@@ -114,13 +114,6 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _is_folder(name: str) -> bool:
-    """Whether `name` is an existing folder or a bundled model name."""
-    from diagvid.assets import ASSETS
-
-    return Path(name).is_dir() or (ASSETS / name).is_dir()
-
-
 def trained(method: str, device: torch.device, dtype: torch.dtype, decoder: str = "vae") -> Pipeline:
     """The shipped toy models of a method: its distilled student, or the teacher in the bundled pipeline."""
     from diagvid.pretrained import DEFAULT_PIPELINE, load_pipeline, load_toy_student
@@ -234,8 +227,15 @@ def run_bench(
     unknown = sorted(set(chosen) - set(known))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; allowed: {known}")
-    if decoder not in DECODERS and not _is_folder(decoder):
-        raise ValueError(f"decoder {decoder!r}; allowed: {', '.join(DECODERS)} or a tiny decoder folder")
+    if decoder not in DECODERS:
+        from diagvid.pretrained import _resolve  # the path-or-bundled-name lookup every loader uses
+
+        try:
+            _resolve(decoder)
+        except FileNotFoundError as err:
+            raise ValueError(
+                f"decoder {decoder!r}; allowed: {', '.join(DECODERS)} or a tiny decoder folder ({err})"
+            ) from err
     if compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
