@@ -26,6 +26,25 @@ def test_tiny_suite_report():
     assert report["machine"]["torch"] and report["weights"].startswith("random")
 
 
+def test_repeated_rounds_report_medians_and_each_rounds_ratio():
+    import statistics
+
+    report = run_bench("tiny", device="cpu", warmup=False, methods=("self-forcing", "diagonal"), repeats=3)
+    by = {r["method"]: r for r in report["results"]}
+    assert report["repeats"] == 3
+    for r in by.values():
+        assert len(r["wall_s_rounds"]) == 3
+        assert r["wall_s"] == pytest.approx(statistics.median(r["wall_s_rounds"]), abs=1e-4)
+        assert r["fps"] == pytest.approx(r["frames"] / r["wall_s"], rel=1e-3)
+    per_round = report["ratios_per_round"]["diagonal_vs_self_forcing"]
+    rounds = zip(by["self-forcing"]["wall_s_rounds"], by["diagonal"]["wall_s_rounds"], strict=True)
+    assert per_round == pytest.approx([a / b for a, b in rounds], rel=1e-2)
+    assert len(report["ratios_per_round"]["diagonal_vs_self_forcing_dit"]) == 3
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="repeats="):
+            run_bench("tiny", device="cpu", repeats=bad)
+
+
 def test_bench_cli(tmp_path):
     runner = CliRunner()
     out = tmp_path / "b.json"

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -100,15 +102,18 @@ def _reset_peak(device: torch.device) -> None:
             Path("/proc/self/clear_refs").write_text("5")
 
 
-def _peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
+def _peak_mb(device: torch.device, pid: int | None = None) -> float | None:
+    """Peak memory of this process (or, on Linux, of process `pid`: None elsewhere)."""
+    if device.type == "cuda" and pid is None:
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid or 'self'}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    if pid is not None:
+        return None
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -207,6 +212,9 @@ def run_bench(
     compile_mode: str | None = None,
     random_weights: bool = True,
     decoder: str = "vae",
+    repeats: int = 1,
+    overlap_decode: bool = False,
+    decode_threads: int = 1,
 ) -> dict:
     """Benchmark every method on one suite in this process; returns the JSON-ready report.
 
@@ -219,6 +227,12 @@ def run_bench(
     `decoder`: "vae" (the Wan VAE's causal decoder), "tiny" (`diagvid.model.tiny_decoder`: the shipped toy
     one, or a random one of the suite's geometry) or a tiny decoder folder / bundled name, for every
     method's decode.
+    `repeats`: timed rounds; each round runs every method once, in turn, so that a slow spell of a shared
+    machine hits every method alike. Each method reports the median of its rounds (and every round's wall
+    time), the ratios are taken between those medians, and `ratios_per_round` gives each round's own.
+    `overlap_decode` (CPU only): the students decode in a worker process with `decode_threads` threads while
+    the next chunk is denoised (`StreamConfig.overlap_decode`); this process keeps the other threads for the
+    rest (at least one) while the benchmark runs. The teacher decodes its whole video at the end, in line.
     """
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite {suite_name!r}; allowed: {sorted(SUITES)}")
@@ -238,49 +252,76 @@ def run_bench(
             ) from err
     if compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r} must be an int >= 1")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
     dt = dt or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if not random_weights and suite_name != "toy":
         raise ValueError(f"suite {suite_name!r} ships no trained weights; time it with random weights")
+    if overlap_decode:
+        if dev.type != "cpu":
+            raise ValueError(f"overlap_decode runs the codec in a CPU worker process; device is {dev}")
+        if isinstance(decode_threads, bool) or not isinstance(decode_threads, int) or decode_threads < 1:
+            raise ValueError(f"decode_threads={decode_threads!r} must be an int >= 1")
     suite = SUITES[suite_name]
 
     def ready(pipe: Pipeline) -> Pipeline:
+        pipe.config.overlap_decode = overlap_decode
+        pipe.config.decode_threads = decode_threads
         if compile_mode is not None:
             pipe.config.static_shapes = True  # one shape per chunk forward: what a compiled graph needs
             pipe.generator.compile_forward(mode=compile_mode)
         return pipe
 
-    shared = ready(build(suite, dev, dt, decoder)) if random_weights else None
+    threads_before = torch.get_num_threads()
+    if overlap_decode:
+        torch.set_num_threads(max(1, threads_before - decode_threads))
     clock = Clock(dev)
-    results = []
-    for name, schedule, context in METHODS:
-        if name not in chosen:
-            continue
-        pipe = shared or ready(trained(name, dev, dt, decoder))
-        run = (
-            partial(_run_teacher, pipe, suite, clock, teacher_timed_steps)
-            if schedule is None
-            else partial(_run_student, pipe, suite, schedule, context, clock)
-        )
-        if warmup:
-            run()
-        _reset_peak(dev)
-        r = run()
-        r.update(
-            method=name,
-            fps=r["frames"] / r["wall_s"],
-            dit_fps=r["frames"] / r["dit_s"] if r["dit_s"] > 0 else None,
-            peak_mem_mb=_peak_mb(dev),
-        )
-        results.append({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    pipes: dict[str, Pipeline] = {}
+    runs: dict[str, Callable[[], dict]] = {}
+    rounds: dict[str, list[dict]] = {}
+    try:
+        shared = ready(build(suite, dev, dt, decoder)) if random_weights else None
+        for name, schedule, context in METHODS:
+            if name not in chosen:
+                continue
+            pipe = pipes[name] = shared or ready(trained(name, dev, dt, decoder))
+            runs[name] = (
+                partial(_run_teacher, pipe, suite, clock, teacher_timed_steps)
+                if schedule is None
+                else partial(_run_student, pipe, suite, schedule, context, clock)
+            )
+            if warmup:
+                runs[name]()
+            rounds[name] = []
+        for _ in range(repeats):
+            for name, run in runs.items():
+                _reset_peak(dev)
+                r = run()
+                r["peak_mem_mb"] = _peak_mb(dev)
+                if pipes[name].decode_worker is not None:  # since it started
+                    r["decode_worker_peak_mem_mb"] = _peak_mb(dev, pipes[name].decode_worker.pid)
+                rounds[name].append(r)
+        main_threads = torch.get_num_threads()
+    finally:
+        for pipe in {id(p): p for p in pipes.values()}.values():
+            pipe.close()  # decode workers, if any
+        torch.set_num_threads(threads_before)
+    results = [_summary(name, rs) for name, rs in rounds.items()]
     by = {r["method"]: r for r in results}
-    ratios = {}
+    ratios, per_round = {}, {}
     if "diagonal" in by and "self-forcing" in by:
         ratios["diagonal_vs_self_forcing"] = round(by["self-forcing"]["wall_s"] / by["diagonal"]["wall_s"], 3)
         ratios["diagonal_vs_self_forcing_dit"] = round(
             by["self-forcing"]["dit_s"] / by["diagonal"]["dit_s"], 3
         )
+        for key, field_ in (
+            ("diagonal_vs_self_forcing", "wall_s"),
+            ("diagonal_vs_self_forcing_dit", "dit_s"),
+        ):
+            pairs = zip(rounds["self-forcing"], rounds["diagonal"], strict=True)
+            per_round[key] = [round(a[field_] / b[field_], 3) for a, b in pairs]
     if "diagonal" in by and "teacher" in by:
         ratios["diagonal_vs_teacher"] = round(by["teacher"]["wall_s"] / by["diagonal"]["wall_s"], 3)
     return {
@@ -291,16 +332,46 @@ def run_bench(
             if dev.type == "cuda"
             else platform.processor() or "cpu",
             "platform": platform.platform(),
-            "cpu_threads": torch.get_num_threads(),
+            "cpu_threads": main_threads,
             "torch": torch.__version__,
             "dtype": str(dt).removeprefix("torch."),
         },
         "weights": "random (speed does not depend on values)" if random_weights else "shipped toy models",
         "compile": compile_mode,
         "decoder": decoder,
+        "overlap_decode": {"decode_threads": decode_threads} if overlap_decode else None,
+        "repeats": repeats,
         "results": results,
         "ratios": ratios,
+        "ratios_per_round": per_round,
     }
+
+
+def _summary(method: str, rounds: list[dict]) -> dict:
+    """One method's report: the median of each timed figure over its rounds, the largest peak memory, and
+    every round's wall time."""
+    r = {"method": method, **rounds[0]}
+    for key in ("wall_s", "dit_s", "ttff_s"):
+        r[key] = statistics.median(x[key] for x in rounds)
+    for key in ("peak_mem_mb", "decode_worker_peak_mem_mb"):
+        values = [x[key] for x in rounds if x.get(key) is not None]
+        if key in r:
+            r[key] = max(values) if values else None
+    r.update(
+        fps=r["frames"] / r["wall_s"],
+        dit_fps=r["frames"] / r["dit_s"] if r["dit_s"] > 0 else None,
+    )
+    if len(rounds) > 1:
+        r["wall_s_rounds"] = [x["wall_s"] for x in rounds]
+    return _rounded(r)
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value if not isinstance(value, dict) else {k: _rounded(v) for k, v in value.items()}
 
 
 def _live_tensors() -> tuple[int, float]:

@@ -61,6 +61,29 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
             console.print(f"[bold]{key}[/bold]: {value}")
 
 
+OVERLAP_HELP = (
+    "CPU: decode each chunk in a worker process while the next one is denoised (frames arrive one chunk "
+    "later; the worker takes a few seconds to start). This process keeps the other cores."
+)
+DECODE_THREADS_HELP = "With --overlap-decode: the worker's threads (this process gets the rest, at least 1)."
+
+
+def _overlap_decode(pipe, decode_threads: int) -> None:
+    """Turn on `overlap_decode`, give the worker its threads and this process the rest, start the worker."""
+    import torch
+
+    if pipe.device.type != "cpu":
+        raise ValueError(
+            f"--overlap-decode runs the codec in a CPU worker process; the model is on {pipe.device}"
+        )
+    if decode_threads < 1:
+        raise ValueError(f"--decode-threads={decode_threads} must be >= 1")
+    pipe.config.overlap_decode = True
+    pipe.config.decode_threads = decode_threads
+    torch.set_num_threads(max(1, torch.get_num_threads() - decode_threads))
+    pipe.start_decode_worker()
+
+
 DECODER_HELP = (
     "vae | tiny | a tiny decoder folder: tiny decodes with the pipeline's fast decoder (tiny-decoder/), "
     "~7x less decode time than the VAE's on the toy CPU; softer objects, jumpier motion."
@@ -107,6 +130,8 @@ def generate(
         None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the run's figures as JSON on stdout."),
+    overlap_decode: bool = typer.Option(False, "--overlap-decode", help=OVERLAP_HELP),
+    decode_threads: int = typer.Option(1, "--decode-threads", help=DECODE_THREADS_HELP),
 ) -> None:
     """Generate a video, writing frames as each chunk is ready."""
     import time
@@ -117,6 +142,7 @@ def generate(
     from diagvid.sampling import get_schedule
     from diagvid.video_io import VideoWriter, output_kind, read_image, read_video
 
+    pipe = None
     try:
         # every check before any compute
         if schedule and steps:
@@ -138,6 +164,8 @@ def generate(
             pipe.config.window_frames = window
         if sink is not None:
             pipe.config.sink_frames = sink
+        if overlap_decode:
+            _overlap_decode(pipe, decode_threads)
         length = {} if source is not None else {"num_chunks": pipe.num_chunks(seconds)}
         stream = pipe.stream(
             timeline,
@@ -178,6 +206,9 @@ def generate(
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted:[/yellow] nothing written to {out}")
         raise typer.Exit(130) from None
+    finally:
+        if pipe is not None:
+            pipe.close()  # the decode worker, if one was started
     total = time.perf_counter() - t0
     figures = {
         "out": out,
@@ -309,6 +340,14 @@ def bench(
         "--decoder",
         help="vae | tiny | a tiny decoder folder: what decodes every method's latents (tiny: the bundled one).",
     ),
+    repeats: int = typer.Option(
+        1,
+        "--repeats",
+        help="Timed rounds, every method once per round, in turn; each method reports its median "
+        "(use 5 or more on a shared machine).",
+    ),
+    overlap_decode: bool = typer.Option(False, "--overlap-decode", help=OVERLAP_HELP),
+    decode_threads: int = typer.Option(1, "--decode-threads", help=DECODE_THREADS_HELP),
 ) -> None:
     """Time every method in one process: NFE, FPS (DiT-only and end to end), time to first frame, memory."""
     from pathlib import Path
@@ -333,11 +372,15 @@ def bench(
             compile_mode=compile_mode,
             random_weights=random_weights,
             decoder=decoder,
+            repeats=repeats,
+            overlap_decode=overlap_decode,
+            decode_threads=decode_threads,
         )
     except (ValueError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
-    table = Table(title=f"suite {suite} on {report['machine']['device']}, {decoder} decoder")
+    overlap = ", overlapped" if overlap_decode else ""
+    table = Table(title=f"suite {suite} on {report['machine']['device']}, {decoder} decoder{overlap}")
     for col in ("method", "nfe", "frames", "wall_s", "dit_s", "fps", "ttff_s", "peak_mem_mb"):
         table.add_column(col)
     for r in report["results"]:

@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diagvid.decode_worker import DecodeWorker, InlineDecode, WorkerStage
 from diagvid.model.cache import KVCache
 from diagvid.model.dit import WanDiT
-from diagvid.model.vae import TEMPORAL_STRIDE, frames_to_tensor, tensor_to_frames
+from diagvid.model.vae import TEMPORAL_STRIDE, frames_to_tensor
 from diagvid.sampling import NUM_TRAIN_TIMESTEPS, FlowMatch, Schedule, get_schedule
 
 MAX_PROMPT_CHARS = 2000
@@ -174,11 +176,26 @@ class ChunkResult:
     latents: torch.Tensor  # [1, C, K, h, w]
     timesteps: tuple[float, ...]
     nfe: int  # transformer forwards spent on this chunk (context pass included)
-    seconds: float  # wall time of this chunk, denoise + decode
+    seconds: (
+        float  # wall time spent on this chunk: denoise + decode (or, overlapped, the wait for its frames)
+    )
     dit_seconds: float  # wall time of the transformer part
     prompt: str
     first_frame: int  # index of frames[0] in the whole video
     recache_nfe: int = 0  # forwards of a prompt re-cache before this chunk (included in nfe)
+
+
+def pixel_frames(latent_frames: int) -> int:
+    """Pixel frames decoded from a video's first `latent_frames` latent frames (1 + 4(n - 1), or 0)."""
+    return 0 if latent_frames == 0 else 1 + TEMPORAL_STRIDE * (latent_frames - 1)
+
+
+def _hand_out(result: ChunkResult, decode: InlineDecode | WorkerStage) -> ChunkResult:
+    """`result` with its frames, once they are decoded; the wait counts in its `seconds`."""
+    start = time.perf_counter()
+    result.frames = decode.take()
+    result.seconds += time.perf_counter() - start
+    return result
 
 
 @dataclass
@@ -208,6 +225,11 @@ class StreamConfig:
     recache: bool = False
     """on a prompt switch, recompute the self-attention K/V of every cached frame under the new prompt
     (LongLive's KV re-cache); False keeps them and only resets the cross-attention cache"""
+    overlap_decode: bool = False
+    """decode chunk i while chunk i + 1 is denoised: the codec runs in a worker process
+    (`diagvid.decode_worker`) and each chunk after the first is yielded one chunk later; CPU only"""
+    decode_threads: int = 1
+    """intra-op threads of that worker (give the main process the other cores)"""
     extra: dict = field(default_factory=dict)
 
 
@@ -220,6 +242,24 @@ class Pipeline:
         self.text_encoder = text_encoder
         self.config = config or StreamConfig()
         self.fm = FlowMatch(self.config.shift, self.config.sigma_mode)
+        self._worker: DecodeWorker | None = None
+
+    @property
+    def decode_worker(self) -> DecodeWorker | None:
+        """The worker process of `overlap_decode`, once a stream has started it."""
+        return self._worker
+
+    def close(self) -> None:
+        """Stop the decode worker, if `overlap_decode` started one (a later stream starts a new one)."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def device(self) -> torch.device:
@@ -302,6 +342,10 @@ class Pipeline:
         recache = cfg.recache if recache is None else recache
         if not isinstance(recache, bool):
             raise ValueError(f"recache={recache!r} must be True or False")
+        if cfg.overlap_decode and self.device.type != "cpu":
+            raise ValueError(
+                f"overlap_decode runs the codec in a CPU worker process; this pipeline is on {self.device}"
+            )
         if sum(x is not None for x in (image, continue_from, video)) > 1:
             raise ValueError("give at most one of image, continue_from and video")
         if video is not None:
@@ -344,7 +388,7 @@ class Pipeline:
             rope=cfg.rope,
             static_shapes=cfg.static_shapes,
         )
-        decoder = self.vae.stream_decoder()
+        decode = self._decode_stage()
         # for re-cache: (start frame, input, timesteps) of the forward that wrote each chunk still cached
         cached_inputs: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
@@ -360,7 +404,6 @@ class Pipeline:
 
         ctx = None
         current_prompt = None
-        frames_out = 0
 
         encoder = self.vae.stream_encoder() if video is not None else None
         v2v_start = float(NUM_TRAIN_TIMESTEPS * strength) if video is not None else None
@@ -376,16 +419,18 @@ class Pipeline:
                 t0 = torch.zeros(1, piece.shape[2], device=self.device)
                 self.generator(piece, t0, ctx, cache=cache, start_frame=a)
                 remember(a, piece, t0)
-            pixels = tensor_to_frames(decoder.decode(first_latents)[0])
+            decode.submit(first_latents)
+            pixels = decode.take()
             nfe = math.ceil(prefix / k)
             elapsed = time.perf_counter() - start
             yield ChunkResult(-1, pixels, first_latents, (0.0,), nfe, elapsed, elapsed, current_prompt, 0)
-            frames_out += len(pixels)
 
         # 4. the chunk loop
         scheduled = current_prompt  # the timeline's prompt at the previous chunk
+        pending: deque[ChunkResult] = deque()  # denoised and submitted, frames not yet handed out
         for index in range(num_chunks):
             start = time.perf_counter()
+            frames_out = pixel_frames(prefix + index * k)  # frames of every chunk before this one
             at_seconds = frames_out / cfg.fps
             now_scheduled = [e.prompt for e in timeline if e.at_seconds <= at_seconds + 1e-9][-1]
             # a timeline event switches when it is reached; in between, a live prompt may have replaced it
@@ -433,20 +478,28 @@ class Pipeline:
                     f"chunk {index} produced NaN or Inf latents (prompt {current_prompt!r})"
                 )
             dit_seconds = time.perf_counter() - start
-            pixels = tensor_to_frames(decoder.decode(latents)[0])
-            yield ChunkResult(
-                index=index,
-                frames=pixels,
-                latents=latents,
-                timesteps=steps,
-                nfe=self.generator.stats.forwards - forwards_before,
-                seconds=time.perf_counter() - start,
-                dit_seconds=dit_seconds,
-                prompt=current_prompt,
-                first_frame=frames_out,
-                recache_nfe=recache_nfe,
+            decode.submit(latents)
+            pending.append(
+                ChunkResult(
+                    index=index,
+                    frames=np.empty((0, 0, 0, 3), np.uint8),  # filled in by `_hand_out`
+                    latents=latents,
+                    timesteps=steps,
+                    nfe=self.generator.stats.forwards - forwards_before,
+                    seconds=time.perf_counter() - start,
+                    dit_seconds=dit_seconds,
+                    prompt=current_prompt,
+                    first_frame=frames_out,
+                    recache_nfe=recache_nfe,
+                )
             )
-            frames_out += len(pixels)
+            # an overlapped decode hands chunk i out once chunk i + 1 is submitted, so that the worker decodes
+            # it while the next chunk is denoised; the first chunk goes at once (time to first frame)
+            hold = 1 if cfg.overlap_decode and index > 0 else 0
+            while len(pending) > hold:
+                yield _hand_out(pending.popleft(), decode)
+        while pending:
+            yield _hand_out(pending.popleft(), decode)
 
     def generate(self, prompt, **kwargs) -> tuple[np.ndarray, list[ChunkResult]]:
         """The whole clip as uint8 [T, H, W, 3] plus the per-chunk results."""
@@ -455,6 +508,25 @@ class Pipeline:
         return frames, chunks
 
     # ----- helpers -----------------------------------------------------------------------------------------
+
+    def start_decode_worker(self) -> DecodeWorker:
+        """Start (or keep) the worker process of `overlap_decode` now rather than at the first stream: it
+        takes a few seconds, a fresh interpreter importing torch. Restarts it if `vae` or `decode_threads`
+        changed since it started, or if it died."""
+        worker = self._worker
+        if worker is not None and (
+            worker.codec is not self.vae or worker.threads != self.config.decode_threads or not worker.alive
+        ):
+            self.close()
+        if self._worker is None:
+            self._worker = DecodeWorker(self.vae, self.config.decode_threads)
+        return self._worker
+
+    def _decode_stage(self) -> InlineDecode | WorkerStage:
+        """Where this stream's chunks are decoded: in line, or by the pipeline's worker."""
+        if not self.config.overlap_decode:
+            return InlineDecode(self.vae)
+        return self.start_decode_worker().begin()
 
     def _recache(self, cache: KVCache, inputs: list[tuple[int, torch.Tensor, torch.Tensor]], ctx) -> int:
         """Recompute every cached frame's K/V under the prompt `ctx` by replaying the forwards that wrote

@@ -1,0 +1,204 @@
+"""Decoding overlapped with the transformer: the codec in a second process.
+
+`Pipeline.stream` alternates two kinds of work: the transformer denoises chunk i, then the codec decodes it
+into pixels. The decode of chunk i needs nothing from chunk i + 1, so it can run while chunk i + 1 is being
+denoised. On a CPU both halves must not share one interpreter: the toy transformer's many small operations
+hold Python's lock often enough that a decode thread barely overlaps with it (measured in the eighth
+session, docs/benchmarks.md). So the codec runs in a spawned process with its own intra-op threads; latents
+go in and uint8 frames come back through two queues, a few kilobytes each way per chunk.
+
+Two decode stages share one small interface, `submit(latents)` then `take() -> frames` in the same order:
+`InlineDecode` decodes at `submit` (the default, no process), `DecodeWorker.begin()` returns a stage whose
+`take` waits for the worker. The pipeline owns the worker and keeps it for its lifetime (starting one costs
+a few seconds: a fresh interpreter imports torch); `Pipeline.close` stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import traceback
+import weakref
+from collections import deque
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diagvid.model.vae import tensor_to_frames
+
+START_TIMEOUT_S = 300.0
+"""how long a new worker may take to import torch and receive the codec"""
+
+POLL_S = 0.5
+"""how often a waiting `take` checks that the worker is still alive"""
+
+
+class InlineDecode:
+    """Decodes each chunk when it is submitted, in this process: the default stage."""
+
+    def __init__(self, codec) -> None:
+        self._decoder = codec.stream_decoder()
+        self._done: deque[np.ndarray] = deque()
+
+    def submit(self, latents: torch.Tensor) -> None:
+        self._done.append(tensor_to_frames(self._decoder.decode(latents)[0]))
+
+    def take(self) -> np.ndarray:
+        return self._done.popleft()
+
+
+def _send(conn: Connection, message) -> None:
+    # plain pickle (tensors by value): `Connection.send` would use torch's fd-sharing reductions, which
+    # need a multiprocessing parent
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _recv(conn: Connection):
+    return pickle.loads(conn.recv_bytes())
+
+
+def _serve(fd: int) -> None:
+    """The worker process: receive the codec, then decode chunks of the current stream until told to stop."""
+    conn = Connection(fd)
+    codec, threads = _recv(conn)  # from the parent process that started this one, never from a file
+    torch.set_num_threads(threads)
+    _send(conn, ("ready", 0, 0, None))
+    decoder, token = None, 0
+    with torch.no_grad():
+        while (message := _recv(conn)) is not None:
+            kind, token_in, seq, payload = message
+            if kind == "begin":
+                decoder, token = codec.stream_decoder(), token_in
+                continue
+            try:
+                pixels = tensor_to_frames(decoder.decode(torch.from_numpy(payload))[0])
+                _send(conn, ("frames", token, seq, pixels))
+            except Exception:  # the stream fails in the parent with this traceback; the worker lives on
+                _send(conn, ("error", token, seq, traceback.format_exc()))
+
+
+def _stop(process: subprocess.Popen, conn: Connection) -> None:
+    try:
+        if process.poll() is None:
+            _send(conn, None)
+            process.wait(timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        process.kill()
+        process.wait(timeout=5)
+    finally:
+        conn.close()
+
+
+class DecodeWorker:
+    """A process that holds a copy of `codec` (anything with `stream_decoder()`, e.g. `WanVAE` or
+    `FastDecodeCodec`) and decodes latent chunks with `threads` intra-op threads.
+
+    The worker is a fresh interpreter (`python -c`), not a fork (never fork a process whose thread pools
+    run) and not a multiprocessing spawn (that re-runs the caller's main script, which a script without
+    a `__main__` guard does not survive). The codec is copied once, when it starts: later changes to the
+    parent's codec do not reach it. Give the parent process the remaining cores (`torch.set_num_threads`),
+    or the two will fight over them.
+    """
+
+    def __init__(self, codec, threads: int = 1) -> None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads={threads!r} must be an int >= 1")
+        self.codec = codec
+        self.threads = threads
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[1])  # importable even when not installed
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        code = "import sys; from diagvid.decode_worker import _serve; _serve(int(sys.argv[1]))"
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", code, str(theirs.fileno())], pass_fds=(theirs.fileno(),), env=env
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._finalizer = weakref.finalize(self, _stop, self._process, self._conn)
+        self._token = 0
+        try:
+            self._send((codec, threads))
+            self._receive(token=0, seq=0, timeout=START_TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def begin(self) -> WorkerStage:
+        """A stage for one new stream; replies still due to an earlier, abandoned stream are dropped."""
+        if not self.alive:
+            raise RuntimeError(f"the decode worker (pid {self.pid}) is not running; start a new one")
+        self._token += 1
+        self._send(("begin", self._token, 0, None))
+        return WorkerStage(self, self._token)
+
+    def close(self) -> None:
+        """Stop the process (idempotent)."""
+        self._finalizer()
+
+    def _send(self, message) -> None:
+        try:
+            _send(self._conn, message)
+        except OSError as err:
+            raise RuntimeError(f"the decode worker (pid {self.pid}) is gone: {err}") from err
+
+    def _receive(self, token: int, seq: int, timeout: float | None = None):
+        """The reply for (token, seq), skipping stale ones; raises if the worker failed or died."""
+        waited = 0.0
+        while True:
+            if not self._conn.poll(POLL_S):
+                waited += POLL_S
+                if not self.alive:
+                    raise RuntimeError(
+                        f"the decode worker (pid {self.pid}) exited with code {self._process.returncode} "
+                        f"before returning chunk {seq}"
+                    )
+                if timeout is not None and waited >= timeout:
+                    raise TimeoutError(
+                        f"the decode worker (pid {self.pid}) did not answer in {timeout:.0f} s"
+                    )
+                continue
+            try:
+                kind, token_in, seq_in, payload = _recv(self._conn)
+            except EOFError as err:
+                raise RuntimeError(f"the decode worker (pid {self.pid}) closed its end") from err
+            if token_in != token:
+                continue  # a chunk of a stream the caller stopped reading
+            if kind == "error":
+                raise RuntimeError(f"the decode worker failed on chunk {seq_in}:\n{payload}")
+            if seq_in != seq:
+                raise RuntimeError(f"decode worker replied with chunk {seq_in}, expected {seq}")
+            return payload
+
+
+class WorkerStage:
+    """One stream's view of a `DecodeWorker`: chunks go in order, frames come back in the same order."""
+
+    def __init__(self, worker: DecodeWorker, token: int) -> None:
+        self._worker, self._token = worker, token
+        self._sent = self._taken = 0
+
+    def submit(self, latents: torch.Tensor) -> None:
+        array = latents.detach().to("cpu", torch.float32).numpy()
+        self._worker._send(("decode", self._token, self._sent, array))
+        self._sent += 1
+
+    def take(self) -> np.ndarray:
+        if self._taken >= self._sent:
+            raise RuntimeError("take() without a submitted chunk")
+        frames = self._worker._receive(self._token, self._taken)
+        self._taken += 1
+        return frames
