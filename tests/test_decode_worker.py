@@ -63,6 +63,20 @@ def test_each_chunk_after_the_first_is_handed_out_after_the_next_one_is_denoised
     ]
 
 
+def test_chunks_denoised_before_an_error_are_still_handed_out(overlapped):
+    def source(index: int) -> str | None:
+        if index == 3:
+            return "a purple circle moves left"  # not in the vocabulary: ValueError as chunk 3 starts
+        return None
+
+    for pipe in overlapped:  # overlapped, then in line: the same chunks reach the caller before the error
+        received = []
+        with pytest.raises(ValueError, match="purple"):
+            for chunk in pipe.stream(PROMPT, num_chunks=5, prompt_source=source):
+                received.append((chunk.index, len(chunk.frames)))
+        assert received == [(0, 5), (1, 8), (2, 8)]
+
+
 def test_an_abandoned_stream_does_not_leak_frames_into_the_next(overlapped):
     pipe, inline = overlapped
     kwargs = {"num_chunks": 3, "schedule": "self-forcing", "seed": 9}

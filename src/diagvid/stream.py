@@ -176,9 +176,7 @@ class ChunkResult:
     latents: torch.Tensor  # [1, C, K, h, w]
     timesteps: tuple[float, ...]
     nfe: int  # transformer forwards spent on this chunk (context pass included)
-    seconds: (
-        float  # wall time spent on this chunk: denoise + decode (or, overlapped, the wait for its frames)
-    )
+    seconds: float  # wall time on this chunk: denoise + decode (overlapped: + the wait for its frames)
     dit_seconds: float  # wall time of the transformer part
     prompt: str
     first_frame: int  # index of frames[0] in the whole video
@@ -428,76 +426,82 @@ class Pipeline:
         # 4. the chunk loop
         scheduled = current_prompt  # the timeline's prompt at the previous chunk
         pending: deque[ChunkResult] = deque()  # denoised and submitted, frames not yet handed out
-        for index in range(num_chunks):
-            start = time.perf_counter()
-            frames_out = pixel_frames(prefix + index * k)  # frames of every chunk before this one
-            at_seconds = frames_out / cfg.fps
-            now_scheduled = [e.prompt for e in timeline if e.at_seconds <= at_seconds + 1e-9][-1]
-            # a timeline event switches when it is reached; in between, a live prompt may have replaced it
-            wanted = now_scheduled if now_scheduled != scheduled else current_prompt
-            scheduled = now_scheduled
-            live = prompt_source(index) if prompt_source is not None else None
-            if live is not None and live.strip():
-                self.text_encoder.token_ids(live)  # unknown words fail before the cache is touched
-                wanted = live
-            forwards_before = self.generator.stats.forwards
-            recache_nfe = 0
-            if wanted != current_prompt:
-                cache.reset_text()  # the next forward encodes the new prompt's cross-attention K/V
-                ctx = self._encode_prompt(wanted)
-                current_prompt = wanted
-                if recache and cached_inputs:
-                    recache_nfe = self._recache(cache, cached_inputs, ctx)
-            noise = torch.randn(1, self.generator.cfg.in_dim, k, h, w, generator=gen).to(
-                self.device, self.dtype
-            )
-            steps = tuple(sched.chunk_steps(index))
-            if encoder is not None:
-                # video-to-video: this chunk's input frames, encoded and re-noised to the start timestep
-                lo = 0 if index == 0 else 1 + TEMPORAL_STRIDE * (index * k - 1)
-                hi = 1 + TEMPORAL_STRIDE * ((index + 1) * k - 1)
-                clean = encoder.encode(frames_to_tensor(video[lo:hi])[None]).to(self.device, self.dtype)
-                noise = self.fm.add_noise(clean, noise, v2v_start)
-                steps = (v2v_start, *(t for t in steps if t < v2v_start))
-            clean = sched.chunk_context(index) == "clean"
-            latents = denoise_chunk(
-                self.generator,
-                self.fm,
-                noise,
-                steps,
-                ctx,
-                cache,
-                prefix + index * k,
-                gen,
-                context_t=sched.context_t if clean else None,
-                on_context=lambda x, t, start=prefix + index * k: remember(start, x, t),
-            )
-            if not torch.isfinite(latents).all():
-                # never write garbage into a video: stop and say where it happened
-                raise FloatingPointError(
-                    f"chunk {index} produced NaN or Inf latents (prompt {current_prompt!r})"
+        try:
+            for index in range(num_chunks):
+                start = time.perf_counter()
+                frames_out = pixel_frames(prefix + index * k)  # frames of every chunk before this one
+                at_seconds = frames_out / cfg.fps
+                now_scheduled = [e.prompt for e in timeline if e.at_seconds <= at_seconds + 1e-9][-1]
+                # a timeline event switches when it is reached; in between, a live prompt may have replaced it
+                wanted = now_scheduled if now_scheduled != scheduled else current_prompt
+                scheduled = now_scheduled
+                live = prompt_source(index) if prompt_source is not None else None
+                if live is not None and live.strip():
+                    self.text_encoder.token_ids(live)  # unknown words fail before the cache is touched
+                    wanted = live
+                forwards_before = self.generator.stats.forwards
+                recache_nfe = 0
+                if wanted != current_prompt:
+                    cache.reset_text()  # the next forward encodes the new prompt's cross-attention K/V
+                    ctx = self._encode_prompt(wanted)
+                    current_prompt = wanted
+                    if recache and cached_inputs:
+                        recache_nfe = self._recache(cache, cached_inputs, ctx)
+                noise = torch.randn(1, self.generator.cfg.in_dim, k, h, w, generator=gen).to(
+                    self.device, self.dtype
                 )
-            dit_seconds = time.perf_counter() - start
-            decode.submit(latents)
-            pending.append(
-                ChunkResult(
-                    index=index,
-                    frames=np.empty((0, 0, 0, 3), np.uint8),  # filled in by `_hand_out`
-                    latents=latents,
-                    timesteps=steps,
-                    nfe=self.generator.stats.forwards - forwards_before,
-                    seconds=time.perf_counter() - start,
-                    dit_seconds=dit_seconds,
-                    prompt=current_prompt,
-                    first_frame=frames_out,
-                    recache_nfe=recache_nfe,
+                steps = tuple(sched.chunk_steps(index))
+                if encoder is not None:
+                    # video-to-video: this chunk's input frames, encoded and re-noised to the start timestep
+                    lo = 0 if index == 0 else 1 + TEMPORAL_STRIDE * (index * k - 1)
+                    hi = 1 + TEMPORAL_STRIDE * ((index + 1) * k - 1)
+                    clean = encoder.encode(frames_to_tensor(video[lo:hi])[None]).to(self.device, self.dtype)
+                    noise = self.fm.add_noise(clean, noise, v2v_start)
+                    steps = (v2v_start, *(t for t in steps if t < v2v_start))
+                clean = sched.chunk_context(index) == "clean"
+                latents = denoise_chunk(
+                    self.generator,
+                    self.fm,
+                    noise,
+                    steps,
+                    ctx,
+                    cache,
+                    prefix + index * k,
+                    gen,
+                    context_t=sched.context_t if clean else None,
+                    on_context=lambda x, t, start=prefix + index * k: remember(start, x, t),
                 )
-            )
-            # an overlapped decode hands chunk i out once chunk i + 1 is submitted, so that the worker decodes
-            # it while the next chunk is denoised; the first chunk goes at once (time to first frame)
-            hold = 1 if cfg.overlap_decode and index > 0 else 0
-            while len(pending) > hold:
+                if not torch.isfinite(latents).all():
+                    # never write garbage into a video: stop and say where it happened
+                    raise FloatingPointError(
+                        f"chunk {index} produced NaN or Inf latents (prompt {current_prompt!r})"
+                    )
+                dit_seconds = time.perf_counter() - start
+                decode.submit(latents)
+                pending.append(
+                    ChunkResult(
+                        index=index,
+                        frames=np.empty((0, 0, 0, 3), np.uint8),  # filled in by `_hand_out`
+                        latents=latents,
+                        timesteps=steps,
+                        nfe=self.generator.stats.forwards - forwards_before,
+                        seconds=time.perf_counter() - start,
+                        dit_seconds=dit_seconds,
+                        prompt=current_prompt,
+                        first_frame=frames_out,
+                        recache_nfe=recache_nfe,
+                    )
+                )
+                # an overlapped decode hands chunk i out once chunk i + 1 is submitted, so that the worker
+                # decodes it while the next chunk is denoised; the first goes at once (time to first frame)
+                hold = 1 if cfg.overlap_decode and index > 0 else 0
+                while len(pending) > hold:
+                    yield _hand_out(pending.popleft(), decode)
+        except Exception:
+            # chunks already denoised are handed out before the error, as an in-line decode would have
+            while pending:
                 yield _hand_out(pending.popleft(), decode)
+            raise
         while pending:
             yield _hand_out(pending.popleft(), decode)
 
