@@ -136,13 +136,28 @@ def test_bad_thread_counts_are_refused(threads):
         DecodeWorker(object(), threads)
 
 
-def test_the_bench_refuses_an_overlapped_decode_off_the_cpu_before_building_anything():
+def test_the_bench_refuses_a_bad_overlapped_decode_before_building_anything():
     from diagvid.bench import run_bench
 
-    with pytest.raises(ValueError, match="CPU worker process"):
-        run_bench("tiny", device="cuda", overlap_decode=True)
+    with pytest.raises(ValueError, match="CPU or a CUDA device; device is meta"):
+        run_bench("tiny", device="meta", overlap_decode=True)
     with pytest.raises(ValueError, match="decode_threads=0"):
         run_bench("tiny", device="cpu", overlap_decode=True, decode_threads=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_stream_decode_hands_out_what_the_inline_decode_does():
+    inline, pipe = make_tiny_pipeline(), make_tiny_pipeline(overlap_decode=True)
+    for p in (inline, pipe):
+        p.generator.cuda()
+        p.vae.cuda()
+    a, _ = inline.generate(PROMPT, num_chunks=4, seed=5)
+    b, chunks = pipe.generate(PROMPT, num_chunks=4, seed=5)
+    assert pipe.decode_worker is None  # a second stream, no process
+    np.testing.assert_array_equal(a, b)
+    assert [c.index for c in chunks] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="for CPU pipelines"):
+        pipe.start_decode_worker()
 
 
 def test_overlapped_bench_reports_the_worker_and_gives_back_the_threads():

@@ -62,26 +62,25 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
 
 
 OVERLAP_HELP = (
-    "CPU: decode each chunk in a worker process while the next one is denoised (frames arrive one chunk "
-    "later; the worker takes a few seconds to start). This process keeps the other cores."
+    "Decode each chunk while the next one is denoised (frames arrive one chunk later): on a CPU in a worker "
+    "process that takes a few seconds to start (this process keeps the other cores), on CUDA on a second stream."
 )
 DECODE_THREADS_HELP = "With --overlap-decode: the worker's threads (this process gets the rest, at least 1)."
 
 
 def _overlap_decode(pipe, decode_threads: int) -> None:
-    """Turn on `overlap_decode`, give the worker its threads and this process the rest, start the worker."""
+    """Turn on `overlap_decode`; on a CPU give the worker its threads, this process the rest, and start it."""
     import torch
 
-    if pipe.device.type != "cpu":
-        raise ValueError(
-            f"--overlap-decode runs the codec in a CPU worker process; the model is on {pipe.device}"
-        )
+    if pipe.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--overlap-decode runs on a CPU or a CUDA device; the model is on {pipe.device}")
     if decode_threads < 1:
         raise ValueError(f"--decode-threads={decode_threads} must be >= 1")
     pipe.config.overlap_decode = True
     pipe.config.decode_threads = decode_threads
-    torch.set_num_threads(max(1, torch.get_num_threads() - decode_threads))
-    pipe.start_decode_worker()
+    if pipe.device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads() - decode_threads))
+        pipe.start_decode_worker()
 
 
 DECODER_HELP = (

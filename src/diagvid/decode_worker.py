@@ -1,16 +1,19 @@
-"""Decoding overlapped with the transformer: the codec in a second process.
+"""Decoding overlapped with the transformer: the codec in a second process, or on a second CUDA stream.
 
 `Pipeline.stream` alternates two kinds of work: the transformer denoises chunk i, then the codec decodes it
 into pixels. The decode of chunk i needs nothing from chunk i + 1, so it can run while chunk i + 1 is being
-denoised. On a CPU both halves must not share one interpreter: the toy transformer's many small operations
-hold Python's lock often enough that a decode thread barely overlaps with it (measured in the eighth
-session, docs/benchmarks.md). So the codec runs in a spawned process with its own intra-op threads; latents
-go in and uint8 frames come back through two queues, a few kilobytes each way per chunk.
+denoised. Three decode stages share one small interface, `submit(latents)` then `take() -> frames` in the
+same order:
 
-Two decode stages share one small interface, `submit(latents)` then `take() -> frames` in the same order:
-`InlineDecode` decodes at `submit` (the default, no process), `DecodeWorker.begin()` returns a stage whose
-`take` waits for the worker. The pipeline owns the worker and keeps it for its lifetime (starting one costs
-a few seconds: a fresh interpreter imports torch); `Pipeline.close` stops it.
+- `InlineDecode` decodes at `submit`, in this thread (the default).
+- `DecodeWorker.begin()` (CPU): the codec in a second process with its own intra-op threads. Not a thread:
+  the toy transformer's many small operations hold Python's lock often enough that a decode thread barely
+  overlaps with it (eighth session, docs/benchmarks.md). The worker is a fresh interpreter holding a copy
+  of the codec; latents go in and uint8 frames come back through a socket pair, a few kilobytes in and
+  about 150 out per toy chunk. Starting one takes a few seconds (it imports torch), so the pipeline keeps
+  it until `Pipeline.close`.
+- `CudaStreamDecode` (GPU): the codec's kernels are queued on a second CUDA stream behind the chunk's
+  denoising, so they run beside the next chunk's, and the frames come back through pinned memory.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diagvid.model.vae import tensor_to_frames
+from diagvid.model.vae import tensor_to_frames, uint8_frames
 
 START_TIMEOUT_S = 300.0
 """how long a new worker may take to import torch and receive the codec"""
@@ -202,3 +205,31 @@ class WorkerStage:
         frames = self._worker._receive(self._token, self._taken)
         self._taken += 1
         return frames
+
+
+class CudaStreamDecode:
+    """Decodes on a second CUDA stream. `submit` only queues work: the side stream waits for the kernels
+    that produced the latents, decodes, converts to uint8 and copies into pinned host memory, all
+    asynchronously; `take` waits for that chunk's copy alone. Written for issue 10; it has not yet run on a
+    GPU (its test skips without CUDA)."""
+
+    def __init__(self, codec, device: torch.device) -> None:
+        self._decoder = codec.stream_decoder()
+        self._stream = torch.cuda.Stream(device)
+        self._done: deque[tuple[torch.Tensor, torch.cuda.Event]] = deque()
+
+    def submit(self, latents: torch.Tensor) -> None:
+        self._stream.wait_stream(torch.cuda.current_stream(latents.device))  # the latents are written
+        with torch.cuda.stream(self._stream):
+            frames = uint8_frames(self._decoder.decode(latents)[0])
+            host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(frames, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        latents.record_stream(self._stream)  # not reused by the main stream before the decode has read it
+        self._done.append((host, done))
+
+    def take(self) -> np.ndarray:
+        host, done = self._done.popleft()
+        done.synchronize()
+        return host.numpy()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diagvid.decode_worker import DecodeWorker, InlineDecode, WorkerStage
+from diagvid.decode_worker import CudaStreamDecode, DecodeWorker, InlineDecode, WorkerStage
 from diagvid.model.cache import KVCache
 from diagvid.model.dit import WanDiT
 from diagvid.model.vae import TEMPORAL_STRIDE, frames_to_tensor
@@ -188,7 +188,7 @@ def pixel_frames(latent_frames: int) -> int:
     return 0 if latent_frames == 0 else 1 + TEMPORAL_STRIDE * (latent_frames - 1)
 
 
-def _hand_out(result: ChunkResult, decode: InlineDecode | WorkerStage) -> ChunkResult:
+def _hand_out(result: ChunkResult, decode: InlineDecode | WorkerStage | CudaStreamDecode) -> ChunkResult:
     """`result` with its frames, once they are decoded; the wait counts in its `seconds`."""
     start = time.perf_counter()
     result.frames = decode.take()
@@ -224,10 +224,10 @@ class StreamConfig:
     """on a prompt switch, recompute the self-attention K/V of every cached frame under the new prompt
     (LongLive's KV re-cache); False keeps them and only resets the cross-attention cache"""
     overlap_decode: bool = False
-    """decode chunk i while chunk i + 1 is denoised: the codec runs in a worker process
-    (`diagvid.decode_worker`) and each chunk after the first is yielded one chunk later; CPU only"""
+    """decode chunk i while chunk i + 1 is denoised, and yield each chunk after the first one chunk later:
+    on a CPU the codec runs in a worker process, on CUDA on a second stream (`diagvid.decode_worker`)"""
     decode_threads: int = 1
-    """intra-op threads of that worker (give the main process the other cores)"""
+    """intra-op threads of the CPU worker (give the main process the other cores)"""
     extra: dict = field(default_factory=dict)
 
 
@@ -340,9 +340,9 @@ class Pipeline:
         recache = cfg.recache if recache is None else recache
         if not isinstance(recache, bool):
             raise ValueError(f"recache={recache!r} must be True or False")
-        if cfg.overlap_decode and self.device.type != "cpu":
+        if cfg.overlap_decode and self.device.type not in ("cpu", "cuda"):
             raise ValueError(
-                f"overlap_decode runs the codec in a CPU worker process; this pipeline is on {self.device}"
+                f"overlap_decode runs on a CPU or a CUDA device; this pipeline is on {self.device}"
             )
         if sum(x is not None for x in (image, continue_from, video)) > 1:
             raise ValueError("give at most one of image, continue_from and video")
@@ -516,7 +516,10 @@ class Pipeline:
     def start_decode_worker(self) -> DecodeWorker:
         """Start (or keep) the worker process of `overlap_decode` now rather than at the first stream: it
         takes a few seconds, a fresh interpreter importing torch. Restarts it if `vae` or `decode_threads`
-        changed since it started, or if it died."""
+        changed since it started, or if it died. CPU pipelines only (on CUDA the decode overlaps on a
+        second stream, with no process)."""
+        if self.device.type != "cpu":
+            raise ValueError(f"the decode worker is for CPU pipelines; this one is on {self.device}")
         worker = self._worker
         if worker is not None and (
             worker.codec is not self.vae or worker.threads != self.config.decode_threads or not worker.alive
@@ -526,10 +529,12 @@ class Pipeline:
             self._worker = DecodeWorker(self.vae, self.config.decode_threads)
         return self._worker
 
-    def _decode_stage(self) -> InlineDecode | WorkerStage:
-        """Where this stream's chunks are decoded: in line, or by the pipeline's worker."""
+    def _decode_stage(self) -> InlineDecode | WorkerStage | CudaStreamDecode:
+        """Where this stream's chunks are decoded: in line, by the pipeline's worker, or on a CUDA stream."""
         if not self.config.overlap_decode:
             return InlineDecode(self.vae)
+        if self.device.type == "cuda":
+            return CudaStreamDecode(self.vae, self.device)
         return self.start_decode_worker().begin()
 
     def _recache(self, cache: KVCache, inputs: list[tuple[int, torch.Tensor, torch.Tensor]], ctx) -> int:

@@ -630,12 +630,18 @@ def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     return x.movedim(-1, -4)  # channels before time
 
 
-def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
-    """Video [3, T, H, W] (or [B, 3, T, H, W]) in [-1, 1] -> uint8 frames [T, H, W, 3] (or [B, T, H, W, 3])."""
+def uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """Video [3, T, H, W] (or [B, 3, T, H, W]) in [-1, 1] -> uint8 tensor [T, H, W, 3] (or [B, T, H, W, 3]) on
+    the video's device."""
     if video.ndim not in (4, 5) or video.shape[-4] != 3:
         raise ValueError(f"video must be [3, T, H, W] or [B, 3, T, H, W]; got shape {tuple(video.shape)}")
     x = ((video.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return x.movedim(-4, -1).cpu().numpy()
+    return x.movedim(-4, -1)
+
+
+def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
+    """Video [3, T, H, W] (or [B, 3, T, H, W]) in [-1, 1] -> uint8 frames [T, H, W, 3] (or [B, T, H, W, 3])."""
+    return uint8_frames(video).cpu().numpy()
 
 
 # ----- strict safetensors I/O (shared with diagvid.model.text) ----------------------------------------------
