@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from diagvid import evaluate as ev
 from diagvid.cli import app
+from tests.conftest import tiny_inputs
 
 SMALL = ev.EvalConfig(prompts="heldout-8", lengths=(1, 2), base_frames=33, n_boot=50)
 
@@ -133,6 +136,8 @@ def test_cli_eval_writes_the_report(tmp_path):
         (["--features", "no-such-net"], "'no-such-net' is neither an existing path nor a bundled model"),
         (["--teacher-guidance", "nan"], "--teacher-guidance nan: the CFG scale must be a finite number >= 0"),
         (["--teacher-guidance", "-1"], "--teacher-guidance -1.0: the CFG scale must be a finite number >= 0"),
+        (["--teacher-start-sigma", "0"], "--teacher-start-sigma 0.0: must be in (0, 1]"),
+        (["--teacher-start-sigma", "1.5"], "--teacher-start-sigma 1.5: must be in (0, 1]"),
     ],
 )
 def test_cli_eval_errors(args, message):
@@ -159,6 +164,60 @@ def test_teacher_method_samples_the_asked_length(tiny_pipeline):
     assert not np.array_equal(guided[0], videos[0])  # same noise, another CFG scale
 
 
+def test_sampling_from_a_midpoint_of_the_schedule_finishes_the_same_trajectory(tiny_dit):
+    from diagvid.sampling import partial_timesteps, sample_euler, teacher_timesteps
+
+    x, _, ctx = tiny_inputs(tiny_dit, batch=1, frames=3)
+    null = torch.zeros_like(ctx)
+    full, saved = sample_euler(
+        tiny_dit, x, ctx, null, num_steps=8, shift=3.0, guidance=2.0, trajectory_at=(5,)
+    )
+    t5 = teacher_timesteps(8, 3.0)[5]
+    assert partial_timesteps(8, 3.0, t5 / 1000) == teacher_timesteps(8, 3.0)[5:]
+    rest, _ = sample_euler(
+        tiny_dit, saved[5], ctx, null, num_steps=8, shift=3.0, guidance=2.0, start_sigma=t5 / 1000
+    )
+    torch.testing.assert_close(rest, full, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="below the schedule's last step"):
+        partial_timesteps(8, 3.0, 0.01)
+    for bad in (0.0, -0.5, 1.01):
+        with pytest.raises(ValueError, match="must be in"):
+            partial_timesteps(8, 3.0, bad)
+
+
+def test_teacher_from_a_renoised_real_clip_is_sdedit_written_out():
+    """The probe against a loop written here: encode the held-out clip, noise it to the first step at or
+    below start_sigma with the prompt's seeded noise, Euler + CFG over the remaining steps, decode."""
+    from diagvid.model.vae import frames_to_tensor, tensor_to_frames
+    from diagvid.pretrained import load_dit_model, load_text_encoder, load_vae
+    from diagvid.sampling import teacher_timesteps
+
+    teacher, vae, text = load_dit_model("toy/teacher"), load_vae("toy/vae"), load_text_encoder("toy/text")
+    prompts, frames, seed = ev.eval_prompts("heldout-8")[:1], 9, 3
+    got = ev.teacher_method(teacher, vae, text, num_steps=10, guidance=2.0, start_sigma=0.6)(
+        prompts, frames, seed
+    )
+    with torch.no_grad():
+        ts = [t for t in teacher_timesteps(10, 5.0) if t <= 600] + [0.0]
+        clean = vae.encode(frames_to_tensor(ev.real_method()(prompts, frames, seed)[0])[None])
+        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
+        x = (1 - ts[0] / 1000) * clean + ts[0] / 1000 * noise
+        ctx, null = text.encode(prompts)[0], text.encode([""])[0]
+        for a, b in itertools.pairwise(ts):
+            t = torch.full((2,), a)
+            v_c, v_u = teacher(torch.cat([x, x]), t, torch.cat([ctx, null])).chunk(2)
+            x = x + (b - a) / 1000 * (v_u + 2.0 * (v_c - v_u))
+        want = tensor_to_frames(vae.decode(x)[0])
+    assert len(ts) - 1 < 10  # the schedule was cut
+    np.testing.assert_array_equal(got[0], want)
+    plain = ev.teacher_method(teacher, vae, text, num_steps=10, guidance=2.0)(prompts, frames, seed)
+    assert not np.array_equal(plain[0], got[0])  # from noise alone: another video
+    with pytest.raises(ValueError, match="real clips exist only for the held-out prompt sets"):
+        ev.teacher_method(teacher, vae, text, num_steps=10, start_sigma=0.6)(
+            ["a red circle moves left"], 9, 0
+        )
+
+
 def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch):
     from diagvid import evaluate as ev_module
     from diagvid.cli import _eval_methods
@@ -170,8 +229,10 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch):
         return lambda prompts, num_frames, seed: []
 
     monkeypatch.setattr(ev_module, "teacher_method", spy)
-    _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", teacher_guidance=2.0)
-    assert seen == {"guidance": 2.0}
+    _eval_methods(
+        "teacher", "toy/vae", None, "toy/text", [], "cpu", teacher_guidance=2.0, teacher_start_sigma=0.5
+    )
+    assert seen == {"guidance": 2.0, "start_sigma": 0.5}
 
 
 def test_cli_methods_name_the_teacher_and_every_shipped_student(tmp_path):

@@ -430,6 +430,12 @@ def eval_cmd(
         "--teacher-guidance",
         help="The teacher's CFG scale w (v = v_u + w (v_c - v_u)); the toy teacher scores a better FVD-world at 2 than at 5.",
     ),
+    teacher_start_sigma: float = typer.Option(
+        1.0,
+        "--teacher-start-sigma",
+        help="A probe: below 1, the teacher starts from each held-out real clip noised to this level (SDEdit) "
+        "instead of pure noise, to see what of its layout and motion it keeps.",
+    ),
     students: list[str] = typer.Option(
         [],
         "--student",
@@ -474,7 +480,9 @@ def eval_cmd(
             load_features(cfg.features)  # a missing or broken network fails here, before any method runs
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-        runs = _eval_methods(methods, vae, teacher, text, students, device, decoder, teacher_guidance)
+        runs = _eval_methods(
+            methods, vae, teacher, text, students, device, decoder, teacher_guidance, teacher_start_sigma
+        )
     except (ValueError, FileNotFoundError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
@@ -484,6 +492,7 @@ def eval_cmd(
     report["decoder"] = decoder
     if "teacher" in runs:
         report["teacher_guidance"] = teacher_guidance
+        report["teacher_start_sigma"] = teacher_start_sigma
     table = Table(title=f"{cfg.prompts}: means [95% CI]")
     keys = ("colour_accuracy", "shape_accuracy", "direction_accuracy", "speed_accuracy", "saturation_slope")
     for col in ("method", "length", *keys, "fvd_world"):
@@ -523,6 +532,7 @@ def _eval_methods(
     device,
     decoder: str = "vae",
     teacher_guidance: float = 5.0,
+    teacher_start_sigma: float = 1.0,
 ):
     """Build the evaluation methods the options ask for (errors name the bad option)."""
     from diagvid import evaluate as ev
@@ -539,6 +549,8 @@ def _eval_methods(
     allowed = ("real", "vae", "teacher", *TOY_STUDENT_METHODS)
     if not (math.isfinite(teacher_guidance) and teacher_guidance >= 0):
         raise ValueError(f"--teacher-guidance {teacher_guidance}: the CFG scale must be a finite number >= 0")
+    if not 0 < teacher_start_sigma <= 1:
+        raise ValueError(f"--teacher-start-sigma {teacher_start_sigma}: must be in (0, 1]")
     if methods is None:
         methods = "real" if (teacher or students) else "all"
     builtin = [m.strip() for m in methods.split(",") if m.strip()]
@@ -578,7 +590,13 @@ def _eval_methods(
             runs[m] = ev.vae_method(codec)
         elif m == "teacher":  # the bundled toy teacher unless --teacher names another
             dit = load_dit_model(teacher or "toy/teacher", device=codec.device)
-            runs[m] = ev.teacher_method(dit, codec, load_text_encoder(text), guidance=teacher_guidance)
+            runs[m] = ev.teacher_method(
+                dit,
+                codec,
+                load_text_encoder(text),
+                guidance=teacher_guidance,
+                start_sigma=teacher_start_sigma,
+            )
         else:
             runs[m] = ev.student_method(*load_toy_student(m, device=device, decoder=toy_decoder))
     for name, folder, schedule, context in parsed:

@@ -127,24 +127,46 @@ def teacher_method(
     num_steps: int = 50,
     shift: float = 5.0,
     guidance: float = 5.0,
+    start_sigma: float = 1.0,
 ) -> Method:
     """The undistilled teacher: full attention over the whole clip, Euler + CFG, then one decode to
-    `size` x `size` pixels."""
-    from diagvid.model.vae import latent_frames, tensor_to_frames
-    from diagvid.sampling import sample_euler
+    `size` x `size` pixels.
+
+    `start_sigma` < 1 (a probe, not a generator): start each prompt from its held-out real clip, encoded and
+    noised to the first step of the schedule at or below that level with the prompt's seeded noise, and run
+    the remaining steps (SDEdit). It tells how much of a real clip's layout and motion the teacher keeps
+    from a given noise level on; at 1 the start is the noise alone, the plain sampler.
+    """
+    from diagvid.model.vae import frames_to_tensor, latent_frames, tensor_to_frames
+    from diagvid.sampling import NUM_TRAIN_TIMESTEPS, partial_timesteps, sample_euler
+
+    start = partial_timesteps(num_steps, shift, start_sigma)[0] / NUM_TRAIN_TIMESTEPS  # fails early if empty
 
     @torch.no_grad()
     def run(prompts: Sequence[str], num_frames: int, seed: int) -> list[np.ndarray]:
         dev = next(teacher.parameters()).device
         null = text_encoder.encode([""])[0].to(dev)
         hw = (size // vae.spatial_stride,) * 2
+        real = real_method(size)(prompts, num_frames, seed) if start_sigma < 1 else None
         out = []
         for i, p in enumerate(prompts):
             ctx = text_encoder.encode([p])[0].to(dev)
             gen = torch.Generator().manual_seed(seed + i)
             noise = torch.randn(1, teacher.cfg.in_dim, latent_frames(num_frames), *hw, generator=gen).to(dev)
+            if real is not None:
+                clean = vae.encode(frames_to_tensor(real[i])[None].to(vae.device, vae.dtype)).to(
+                    dev, noise.dtype
+                )
+                noise = (1 - start) * clean + start * noise
             x0, _ = sample_euler(
-                teacher, noise, ctx, null, num_steps=num_steps, shift=shift, guidance=guidance
+                teacher,
+                noise,
+                ctx,
+                null,
+                num_steps=num_steps,
+                shift=shift,
+                guidance=guidance,
+                start_sigma=start_sigma,
             )
             out.append(tensor_to_frames(vae.decode(x0)[0]))
         return out

@@ -102,6 +102,17 @@ def teacher_timesteps(num_steps: int, shift: float) -> list[float]:
     return [float(NUM_TRAIN_TIMESTEPS * s) for s in shift_sigma(base, shift)]
 
 
+def partial_timesteps(num_steps: int, shift: float, start_sigma: float) -> list[float]:
+    """The steps of `teacher_timesteps(num_steps, shift)` at or below t = 1000 `start_sigma` (all of them at 1)."""
+    if not (isinstance(start_sigma, int | float) and 0 < start_sigma <= 1):
+        raise ValueError(f"start_sigma={start_sigma!r} must be in (0, 1]")
+    ts = [t for t in teacher_timesteps(num_steps, shift) if t <= NUM_TRAIN_TIMESTEPS * start_sigma + 1e-6]
+    if not ts:
+        last = teacher_timesteps(num_steps, shift)[-1] / NUM_TRAIN_TIMESTEPS
+        raise ValueError(f"start_sigma={start_sigma} is below the schedule's last step (sigma {last:.4f})")
+    return ts
+
+
 # ----- per-chunk schedules --------------------------------------------------------------------------------
 
 CONTEXT_POLICIES = ("clean", "noisy")
@@ -247,6 +258,7 @@ def sample_euler(
     shift: float = 5.0,
     guidance: float = 5.0,
     trajectory_at: Sequence[int] = (),
+    start_sigma: float = 1.0,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The teacher's sampler: Euler on the flow ODE over `num_steps` shifted steps, classifier-free guidance.
 
@@ -254,12 +266,14 @@ def sample_euler(
     unconditional velocities are batched into one forward: v = v_u + guidance (v_c - v_u). Returns the
     final sample and the states x_t before step i for every i in `trajectory_at` (for ODE pairs; index
     `num_steps` is the final sample).
+    `start_sigma` < 1 runs only the schedule's steps from `partial_timesteps(num_steps, shift, start_sigma)[0]`
+    on: `noise` must then be a sample at that level (SDEdit); `trajectory_at` counts from there.
     """
-    ts = [*teacher_timesteps(num_steps, shift), 0.0]
+    ts = [*partial_timesteps(num_steps, shift, start_sigma), 0.0]
     x = noise
     saved = {}
     use_cfg = null_context is not None and guidance != 1.0
-    for i in range(num_steps):
+    for i in range(len(ts) - 1):
         if i in trajectory_at:
             saved[i] = x.clone()
         t = torch.full((x.shape[0],), ts[i], device=x.device)
@@ -271,6 +285,6 @@ def sample_euler(
         else:
             v = model(x, t, context)
         x = x + (ts[i + 1] - ts[i]) / NUM_TRAIN_TIMESTEPS * v  # sigma goes down: dt < 0
-    if num_steps in trajectory_at:
-        saved[num_steps] = x.clone()
+    if len(ts) - 1 in trajectory_at:
+        saved[len(ts) - 1] = x.clone()
     return x, saved
