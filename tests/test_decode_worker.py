@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from diagvid.decode_worker import DecodeWorker
+from diagvid.decode_worker import DecodeWorker, DecodeWorkerError
 from tests.conftest import make_tiny_pipeline
 
 PROMPT = "a red circle moves left"
@@ -118,6 +118,18 @@ def test_a_dead_worker_is_an_error_not_a_hang_and_the_pipeline_restarts_it(overl
     got, _ = pipe.generate(PROMPT, num_chunks=2, seed=2)  # a new worker starts
     np.testing.assert_array_equal(got, expected)
     assert pipe.decode_worker is not worker and not worker.alive
+
+
+def test_a_worker_killed_mid_stream_ends_the_stream_without_a_gap(overlapped):
+    pipe, _ = overlapped
+    received = []
+    with pytest.raises(DecodeWorkerError):
+        for chunk in pipe.stream(PROMPT, num_chunks=4, seed=4):
+            received.append(chunk.index)
+            if chunk.index == 0:
+                os.kill(pipe.decode_worker.pid, signal.SIGKILL)
+                pipe.decode_worker._process.wait(timeout=30)
+    assert received == [0]  # chunk 1 was lost with the worker, so nothing after it is handed out
 
 
 def test_close_stops_the_worker():

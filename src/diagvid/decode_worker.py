@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -55,6 +56,10 @@ class InlineDecode:
         return self._done.popleft()
 
 
+class DecodeWorkerError(RuntimeError):
+    """The decode worker failed on a chunk (its traceback is in the message) or is gone."""
+
+
 def _send(conn: Connection, message) -> None:
     # plain pickle (tensors by value): `Connection.send` would use torch's fd-sharing reductions, which
     # need a multiprocessing parent
@@ -67,13 +72,20 @@ def _recv(conn: Connection):
 
 def _serve(fd: int) -> None:
     """The worker process: receive the codec, then decode chunks of the current stream until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops this process
     conn = Connection(fd)
     codec, threads = _recv(conn)  # from the parent process that started this one, never from a file
     torch.set_num_threads(threads)
     _send(conn, ("ready", 0, 0, None))
     decoder, token = None, 0
     with torch.no_grad():
-        while (message := _recv(conn)) is not None:
+        while True:
+            try:
+                message = _recv(conn)
+            except EOFError:  # the parent is gone
+                return
+            if message is None:
+                return
             kind, token_in, seq, payload = message
             if kind == "begin":
                 decoder, token = codec.stream_decoder(), token_in
@@ -143,7 +155,7 @@ class DecodeWorker:
     def begin(self) -> WorkerStage:
         """A stage for one new stream; replies still due to an earlier, abandoned stream are dropped."""
         if not self.alive:
-            raise RuntimeError(f"the decode worker (pid {self.pid}) is not running; start a new one")
+            raise DecodeWorkerError(f"the decode worker (pid {self.pid}) is not running; start a new one")
         self._token += 1
         self._send(("begin", self._token, 0, None))
         return WorkerStage(self, self._token)
@@ -156,7 +168,7 @@ class DecodeWorker:
         try:
             _send(self._conn, message)
         except OSError as err:
-            raise RuntimeError(f"the decode worker (pid {self.pid}) is gone: {err}") from err
+            raise DecodeWorkerError(f"the decode worker (pid {self.pid}) is gone: {err}") from err
 
     def _receive(self, token: int, seq: int, timeout: float | None = None):
         """The reply for (token, seq), skipping stale ones; raises if the worker failed or died."""
@@ -165,7 +177,7 @@ class DecodeWorker:
             if not self._conn.poll(POLL_S):
                 waited += POLL_S
                 if not self.alive:
-                    raise RuntimeError(
+                    raise DecodeWorkerError(
                         f"the decode worker (pid {self.pid}) exited with code {self._process.returncode} "
                         f"before returning chunk {seq}"
                     )
@@ -177,13 +189,13 @@ class DecodeWorker:
             try:
                 kind, token_in, seq_in, payload = _recv(self._conn)
             except EOFError as err:
-                raise RuntimeError(f"the decode worker (pid {self.pid}) closed its end") from err
+                raise DecodeWorkerError(f"the decode worker (pid {self.pid}) closed its end") from err
             if token_in != token:
                 continue  # a chunk of a stream the caller stopped reading
             if kind == "error":
-                raise RuntimeError(f"the decode worker failed on chunk {seq_in}:\n{payload}")
+                raise DecodeWorkerError(f"the decode worker failed on chunk {seq_in}:\n{payload}")
             if seq_in != seq:
-                raise RuntimeError(f"decode worker replied with chunk {seq_in}, expected {seq}")
+                raise DecodeWorkerError(f"decode worker replied with chunk {seq_in}, expected {seq}")
             return payload
 
 

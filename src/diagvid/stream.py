@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diagvid.decode_worker import CudaStreamDecode, DecodeWorker, InlineDecode, WorkerStage
+from diagvid.decode_worker import CudaStreamDecode, DecodeWorker, DecodeWorkerError, InlineDecode, WorkerStage
 from diagvid.model.cache import KVCache
 from diagvid.model.dit import WanDiT
 from diagvid.model.vae import TEMPORAL_STRIDE, frames_to_tensor
@@ -497,9 +497,10 @@ class Pipeline:
                 hold = 1 if cfg.overlap_decode and index > 0 else 0
                 while len(pending) > hold:
                     yield _hand_out(pending.popleft(), decode)
-        except Exception:
+        except Exception as err:
             # chunks already denoised are handed out before the error, as an in-line decode would have
-            while pending:
+            # (unless the decode itself failed: then no later chunk follows the missing one)
+            while pending and not isinstance(err, DecodeWorkerError):
                 yield _hand_out(pending.popleft(), decode)
             raise
         while pending:
