@@ -196,6 +196,7 @@ def generate(
                     info=f"chunk {chunk.index + 1}/{num_chunks}  nfe {sum(c.nfe for c in chunks)}  "
                     f"{writer.frames_written / elapsed:.1f} fps",
                 )
+        total = time.perf_counter() - t0  # the file is complete; stopping a decode worker is not generation
     except (ValueError, FileNotFoundError, FloatingPointError, UnicodeDecodeError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
@@ -208,7 +209,6 @@ def generate(
     finally:
         if pipe is not None:
             pipe.close()  # the decode worker, if one was started
-    total = time.perf_counter() - t0
     figures = {
         "out": out,
         "frames": writer.frames_written,

@@ -129,7 +129,10 @@ class DecodeWorker:
         env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[1])  # importable even when not installed
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        code = "import sys; from diagvid.decode_worker import _serve; _serve(int(sys.argv[1]))"
+        # os._exit: nothing is left to flush, and a torch interpreter's normal teardown takes about a second
+        code = (
+            "import os, sys; from diagvid.decode_worker import _serve; _serve(int(sys.argv[1])); os._exit(0)"
+        )
         self._process = subprocess.Popen(
             [sys.executable, "-c", code, str(theirs.fileno())], pass_fds=(theirs.fileno(),), env=env
         )
