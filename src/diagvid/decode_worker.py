@@ -10,7 +10,7 @@ same order:
   the toy transformer's many small operations hold Python's lock often enough that a decode thread barely
   overlaps with it (eighth session, docs/benchmarks.md). The worker is a fresh interpreter holding a copy
   of the codec; latents go in and uint8 frames come back through a socket pair, a few kilobytes in and
-  about 150 out per toy chunk. Starting one takes a few seconds (it imports torch), so the pipeline keeps
+  about 150 out per toy chunk. Starting one takes a second or more (it imports torch), so the pipeline keeps
   it until `Pipeline.close`.
 - `CudaStreamDecode` (GPU): the codec's kernels are queued on a second CUDA stream behind the chunk's
   denoising, so they run beside the next chunk's, and the frames come back through pinned memory.
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diagvid.model.vae import tensor_to_frames, uint8_frames
+from diagvid.model.frames import tensor_to_frames, uint8_frames
 
 START_TIMEOUT_S = 300.0
 """how long a new worker may take to import torch and receive the codec"""
@@ -111,7 +111,8 @@ def _stop(process: subprocess.Popen, conn: Connection) -> None:
 
 class DecodeWorker:
     """A process that holds a copy of `codec` (anything with `stream_decoder()`, e.g. `WanVAE` or
-    `FastDecodeCodec`) and decodes latent chunks with `threads` intra-op threads.
+    `FastDecodeCodec`; of the latter only its tiny decoder, its `decoding_module`) and decodes latent chunks
+    with `threads` intra-op threads.
 
     The worker is a fresh interpreter (`python -c`), not a fork (never fork a process whose thread pools
     run) and not a multiprocessing spawn (that re-runs the caller's main script, which a script without
@@ -141,7 +142,7 @@ class DecodeWorker:
         self._finalizer = weakref.finalize(self, _stop, self._process, self._conn)
         self._token = 0
         try:
-            self._send((codec, threads))
+            self._send((getattr(codec, "decoding_module", codec), threads))  # the part that decodes
             self._receive(token=0, seq=0, timeout=START_TIMEOUT_S)
         except BaseException:
             self.close()

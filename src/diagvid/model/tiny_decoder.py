@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from diagvid.model.vae import TEMPORAL_STRIDE
+from diagvid.model.frames import TEMPORAL_STRIDE
 
 WEIGHTS_FILE = "decoder.safetensors"
 CONFIG_FILE = "decoder.json"
@@ -279,3 +279,8 @@ class FastDecodeCodec:
 
     def stream_decoder(self) -> TinyStreamingDecoder:
         return self.decoder.stream_decoder()
+
+    @property
+    def decoding_module(self) -> TinyDecoder:
+        """What decodes (`diagvid.decode_worker` sends only this to its process: no VAE, no diffusers)."""
+        return self.decoder

@@ -16,7 +16,6 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
@@ -24,7 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-TEMPORAL_STRIDE = 4
+# the frame conversions live in diagvid.model.frames (no diffusers there); imported from here too
+from diagvid.model.frames import TEMPORAL_STRIDE, frames_to_tensor, tensor_to_frames, uint8_frames  # noqa: F401
+
 WEIGHTS_FILE = "vae.safetensors"
 CONFIG_FILE = "vae.json"
 DIFFUSERS_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -612,36 +613,6 @@ class StreamingEncoder:
         # quant_conv is 1x1x1 (no cache needed); its channels are [posterior mean, log-variance]
         moments = vae.model.quant_conv(torch.cat(out, dim=2))
         return vae.normalize(moments.chunk(2, dim=1)[0])
-
-
-# ----- numpy <-> tensors -----------------------------------------------------------------------------------
-
-
-def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 frames [T, H, W, 3] (or [B, T, H, W, 3]) -> float32 video [3, T, H, W] (or [B, 3, ...]) in [-1, 1]."""
-    if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim not in (4, 5):
-        got = (getattr(frames, "shape", None), getattr(frames, "dtype", type(frames).__name__))
-        raise ValueError(
-            f"frames must be a uint8 array [T, H, W, 3] or [B, T, H, W, 3]; got shape/dtype {got}"
-        )
-    if frames.shape[-1] != 3:
-        raise ValueError(f"frames must be RGB (last axis 3); got shape {frames.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(frames)).float() / 127.5 - 1.0
-    return x.movedim(-1, -4)  # channels before time
-
-
-def uint8_frames(video: torch.Tensor) -> torch.Tensor:
-    """Video [3, T, H, W] (or [B, 3, T, H, W]) in [-1, 1] -> uint8 tensor [T, H, W, 3] (or [B, T, H, W, 3]) on
-    the video's device."""
-    if video.ndim not in (4, 5) or video.shape[-4] != 3:
-        raise ValueError(f"video must be [3, T, H, W] or [B, 3, T, H, W]; got shape {tuple(video.shape)}")
-    x = ((video.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return x.movedim(-4, -1)
-
-
-def tensor_to_frames(video: torch.Tensor) -> np.ndarray:
-    """Video [3, T, H, W] (or [B, 3, T, H, W]) in [-1, 1] -> uint8 frames [T, H, W, 3] (or [B, T, H, W, 3])."""
-    return uint8_frames(video).cpu().numpy()
 
 
 # ----- strict safetensors I/O (shared with diagvid.model.text) ----------------------------------------------
