@@ -379,7 +379,8 @@ def bench(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
     overlap = ", overlapped" if overlap_decode else ""
-    table = Table(title=f"suite {suite} on {report['machine']['device']}, {decoder} decoder{overlap}")
+    rounds = f", median of {repeats} rounds" if repeats > 1 else ""
+    table = Table(title=f"suite {suite} on {report['machine']['device']}, {decoder} decoder{overlap}{rounds}")
     for col in ("method", "nfe", "frames", "wall_s", "dit_s", "fps", "ttff_s", "peak_mem_mb"):
         table.add_column(col)
     for r in report["results"]:
