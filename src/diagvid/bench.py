@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from diagvid.decode_worker import check_overlap, threads_beside_worker
 from diagvid.model.dit import WanDiT, preset
 from diagvid.model.vae import WanVAE
 from diagvid.model.vae import preset as vae_preset
@@ -261,10 +262,7 @@ def run_bench(
     if not random_weights and suite_name != "toy":
         raise ValueError(f"suite {suite_name!r} ships no trained weights; time it with random weights")
     if overlap_decode:
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"overlap_decode runs on a CPU or a CUDA device; device is {dev}")
-        if isinstance(decode_threads, bool) or not isinstance(decode_threads, int) or decode_threads < 1:
-            raise ValueError(f"decode_threads={decode_threads!r} must be an int >= 1")
+        check_overlap(dev, decode_threads)
     suite = SUITES[suite_name]
 
     def ready(pipe: Pipeline) -> Pipeline:
@@ -277,7 +275,7 @@ def run_bench(
 
     threads_before = torch.get_num_threads()
     if overlap_decode and dev.type == "cpu":
-        torch.set_num_threads(max(1, threads_before - decode_threads))
+        torch.set_num_threads(threads_beside_worker(decode_threads))
     clock = Clock(dev)
     pipes: dict[str, Pipeline] = {}
     runs: dict[str, Callable[[], dict]] = {}

@@ -72,14 +72,13 @@ def _overlap_decode(pipe, decode_threads: int) -> None:
     """Turn on `overlap_decode`; on a CPU give the worker its threads, this process the rest, and start it."""
     import torch
 
-    if pipe.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--overlap-decode runs on a CPU or a CUDA device; the model is on {pipe.device}")
-    if decode_threads < 1:
-        raise ValueError(f"--decode-threads={decode_threads} must be >= 1")
+    from diagvid.decode_worker import check_overlap, threads_beside_worker
+
+    check_overlap(pipe.device, decode_threads, "--decode-threads")
     pipe.config.overlap_decode = True
     pipe.config.decode_threads = decode_threads
     if pipe.device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads() - decode_threads))
+        torch.set_num_threads(threads_beside_worker(decode_threads))
         pipe.start_decode_worker()
 
 

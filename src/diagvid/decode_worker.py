@@ -42,6 +42,20 @@ POLL_S = 0.5
 """how often a waiting `take` checks that the worker is still alive"""
 
 
+def check_overlap(device: torch.device, threads: int, name: str = "decode_threads") -> None:
+    """ValueError unless an overlapped decode can run on `device` with `threads` worker threads (named `name`
+    in the message); the one check behind the pipeline, the benchmark and the command line."""
+    if torch.device(device).type not in ("cpu", "cuda"):
+        raise ValueError(f"overlap_decode runs on a CPU or a CUDA device; device is {device}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"{name}={threads!r} must be >= 1 (an int)")
+
+
+def threads_beside_worker(threads: int) -> int:
+    """This process's intra-op threads once a CPU decode worker has taken `threads` of them (at least 1)."""
+    return max(1, torch.get_num_threads() - threads)
+
+
 class InlineDecode:
     """Decodes each chunk when it is submitted, in this process: the default stage."""
 
@@ -122,8 +136,7 @@ class DecodeWorker:
     """
 
     def __init__(self, codec, threads: int = 1) -> None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads={threads!r} must be an int >= 1")
+        check_overlap(torch.device("cpu"), threads, "threads")
         self.codec = codec
         self.threads = threads
         ours, theirs = socket.socketpair()

@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diagvid.decode_worker import CudaStreamDecode, DecodeWorker, DecodeWorkerError, InlineDecode, WorkerStage
+from diagvid.decode_worker import (
+    CudaStreamDecode,
+    DecodeWorker,
+    DecodeWorkerError,
+    InlineDecode,
+    WorkerStage,
+    check_overlap,
+)
 from diagvid.model.cache import KVCache
 from diagvid.model.dit import WanDiT
 from diagvid.model.vae import TEMPORAL_STRIDE, frames_to_tensor
@@ -340,10 +347,8 @@ class Pipeline:
         recache = cfg.recache if recache is None else recache
         if not isinstance(recache, bool):
             raise ValueError(f"recache={recache!r} must be True or False")
-        if cfg.overlap_decode and self.device.type not in ("cpu", "cuda"):
-            raise ValueError(
-                f"overlap_decode runs on a CPU or a CUDA device; this pipeline is on {self.device}"
-            )
+        if cfg.overlap_decode:
+            check_overlap(self.device, cfg.decode_threads)
         if sum(x is not None for x in (image, continue_from, video)) > 1:
             raise ValueError("give at most one of image, continue_from and video")
         if video is not None:
