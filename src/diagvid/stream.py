@@ -32,7 +32,7 @@ from diagvid.decode_worker import (
 )
 from diagvid.model.cache import KVCache
 from diagvid.model.dit import WanDiT
-from diagvid.model.vae import TEMPORAL_STRIDE, frames_to_tensor
+from diagvid.model.vae import TEMPORAL_STRIDE, frames_to_tensor, pixel_frames
 from diagvid.sampling import NUM_TRAIN_TIMESTEPS, FlowMatch, Schedule, get_schedule
 
 MAX_PROMPT_CHARS = 2000
@@ -188,11 +188,6 @@ class ChunkResult:
     prompt: str
     first_frame: int  # index of frames[0] in the whole video
     recache_nfe: int = 0  # forwards of a prompt re-cache before this chunk (included in nfe)
-
-
-def pixel_frames(latent_frames: int) -> int:
-    """Pixel frames decoded from a video's first `latent_frames` latent frames (1 + 4(n - 1), or 0)."""
-    return 0 if latent_frames == 0 else 1 + TEMPORAL_STRIDE * (latent_frames - 1)
 
 
 def _hand_out(result: ChunkResult, decode: InlineDecode | WorkerStage | CudaStreamDecode) -> ChunkResult:

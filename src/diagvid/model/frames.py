@@ -12,6 +12,11 @@ import torch
 TEMPORAL_STRIDE = 4
 
 
+def pixel_frames(f: int) -> int:
+    """Pixel frames T decoded from F latent frames: 1 + 4(F - 1), and none from none."""
+    return 0 if f == 0 else 1 + TEMPORAL_STRIDE * (f - 1)
+
+
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 frames [T, H, W, 3] (or [B, T, H, W, 3]) -> float32 video [3, T, H, W] (or [B, 3, ...]) in [-1, 1]."""
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim not in (4, 5):

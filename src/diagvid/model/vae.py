@@ -24,7 +24,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 # the frame conversions live in diagvid.model.frames (no diffusers there); imported from here too
-from diagvid.model.frames import TEMPORAL_STRIDE, frames_to_tensor, tensor_to_frames, uint8_frames  # noqa: F401
+from diagvid.model.frames import (  # noqa: F401
+    TEMPORAL_STRIDE,
+    frames_to_tensor,
+    pixel_frames,
+    tensor_to_frames,
+    uint8_frames,
+)
 
 WEIGHTS_FILE = "vae.safetensors"
 CONFIG_FILE = "vae.json"
@@ -164,11 +170,6 @@ def allowed_frame_counts(t: int) -> str:
 def latent_frames(t: int) -> int:
     """Latent frames F of a clip of T = 1 + 4k pixel frames."""
     return 1 + (t - 1) // TEMPORAL_STRIDE
-
-
-def pixel_frames(f: int) -> int:
-    """Pixel frames T decoded from F latent frames."""
-    return 1 + TEMPORAL_STRIDE * (f - 1)
 
 
 class WanVAE(nn.Module):
