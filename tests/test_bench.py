@@ -24,6 +24,15 @@ def test_tiny_suite_report():
         by["self-forcing"]["wall_s"] / by["diagonal"]["wall_s"], rel=1e-2
     )
     assert report["machine"]["torch"] and report["weights"].startswith("random")
+    assert report["machine"]["cpu"] and report["machine"]["cpu_capability"]  # named, for the record
+
+
+def test_bf16_weights_run_every_method():
+    # the GPU benchmark's default precision; on the CPU it is slower, but the same code must run
+    report = run_bench("tiny", device="cpu", dtype="bf16", warmup=False)
+    assert report["machine"]["dtype"] == "bfloat16"
+    assert [r["nfe"] for r in report["results"]] == [8, 16, 20, 12, 15]
+    assert all(r["frames"] == 1 + 4 * (4 * 2 - 1) for r in report["results"])
 
 
 def test_repeated_rounds_report_medians_and_each_rounds_ratio():

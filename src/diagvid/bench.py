@@ -327,9 +327,10 @@ def run_bench(
         "suite": suite_name,
         "geometry": {**asdict(suite), "latent_hw": list(suite.latent_hw)},
         "machine": {
-            "device": torch.cuda.get_device_name(dev)
-            if dev.type == "cuda"
-            else platform.processor() or "cpu",
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "cpu": cpu_name(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the widest vector code torch runs
+            "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
             "cpu_threads": main_threads,
             "torch": torch.__version__,
@@ -344,6 +345,15 @@ def run_bench(
         "ratios": ratios,
         "ratios_per_round": per_round,
     }
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo; elsewhere what `platform` knows)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def _summary(method: str, rounds: list[dict]) -> dict:

@@ -212,6 +212,16 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return out.transpose(1, 2)
 
 
+class FP32LayerNorm(nn.LayerNorm):
+    """A LayerNorm computed in fp32 whatever the dtype of its input and weights (bf16 models, as Wan's own
+    layer norm); returns the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
 class Block(nn.Module):
     """Wan block: modulated self-attention, cross-attention to text, modulated FFN, each residual."""
 
@@ -221,7 +231,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
         self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
         self.norm3 = (
-            nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+            FP32LayerNorm(d, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
         )
         self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps)
         self.norm2 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
@@ -243,7 +253,7 @@ class Block(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod
         h = modulate(self.norm1(x.float()), shift_sa, scale_sa).type_as(x)
         x = x + per_frame(self.self_attn(h, layer, attend).float(), gate_sa).type_as(x)
-        x = x + self.cross_attn(self.norm3(x.float()).type_as(x), text_kv)
+        x = x + self.cross_attn(self.norm3(x), text_kv)
         h = modulate(self.norm2(x.float()), shift_ff, scale_ff).type_as(x)
         x = x + per_frame(self.ffn(h).float(), gate_ff).type_as(x)
         return x
@@ -441,7 +451,8 @@ class WanDiT(nn.Module):
 
         # 2. embed patches, timesteps and text
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, L, D]
-        e = self.time_embedding(sinusoidal_embedding(t.flatten(), cfg.freq_dim)).unflatten(
+        freqs = sinusoidal_embedding(t.flatten(), cfg.freq_dim)  # fp32; the weights may be bf16 (GPU)
+        e = self.time_embedding(freqs.to(self.time_embedding[0].weight.dtype)).unflatten(
             0, (b, f)
         )  # [B, F, D]
         e0 = self.time_projection(e).unflatten(-1, (6, cfg.dim))  # [B, F, 6, D]
