@@ -3,8 +3,7 @@
 `Pipeline.stream` alternates two kinds of work: the transformer denoises chunk i, then the codec decodes it
 into pixels. The decode of chunk i needs nothing from chunk i + 1, so it can run while chunk i + 1 is being
 denoised. Three decode stages share one small interface, `submit(latents)` then `take() -> frames` in the
-same order. `submit(latents, alone=True)` says the caller will wait for this chunk with nothing else to do
-(a stream's first and last chunks): a worker then decodes it with every core, its own and the caller's.
+same order:
 
 - `InlineDecode` decodes at `submit`, in this thread (the default).
 - `DecodeWorker.begin()` (CPU): the codec in a second process with its own intra-op threads. Not a thread:
@@ -64,7 +63,7 @@ class InlineDecode:
         self._decoder = codec.stream_decoder()
         self._done: deque[np.ndarray] = deque()
 
-    def submit(self, latents: torch.Tensor, alone: bool = False) -> None:
+    def submit(self, latents: torch.Tensor) -> None:
         self._done.append(tensor_to_frames(self._decoder.decode(latents)[0]))
 
     def take(self) -> np.ndarray:
@@ -105,11 +104,8 @@ def _serve(fd: int) -> None:
             if kind == "begin":
                 decoder, token = codec.stream_decoder(), token_in
                 continue
-            array, chunk_threads = payload
-            if chunk_threads != threads:
-                torch.set_num_threads(threads := chunk_threads)
             try:
-                pixels = tensor_to_frames(decoder.decode(torch.from_numpy(array))[0])
+                pixels = tensor_to_frames(decoder.decode(torch.from_numpy(payload))[0])
                 _send(conn, ("frames", token, seq, pixels))
             except Exception:  # the stream fails in the parent with this traceback; the worker lives on
                 _send(conn, ("error", token, seq, traceback.format_exc()))
@@ -227,12 +223,9 @@ class WorkerStage:
         self._worker, self._token = worker, token
         self._sent = self._taken = 0
 
-    def submit(self, latents: torch.Tensor, alone: bool = False) -> None:
-        """Queue a chunk; `alone`: the caller waits for it idle, so the worker borrows this process's threads
-        too (the chunks after it go back to the worker's own)."""
+    def submit(self, latents: torch.Tensor) -> None:
         array = latents.detach().to("cpu", torch.float32).numpy()
-        threads = self._worker.threads + (torch.get_num_threads() if alone else 0)
-        self._worker._send(("decode", self._token, self._sent, (array, threads)))
+        self._worker._send(("decode", self._token, self._sent, array))
         self._sent += 1
 
     def take(self) -> np.ndarray:
@@ -254,7 +247,7 @@ class CudaStreamDecode:
         self._stream = torch.cuda.Stream(device)
         self._done: deque[tuple[torch.Tensor, torch.cuda.Event]] = deque()
 
-    def submit(self, latents: torch.Tensor, alone: bool = False) -> None:
+    def submit(self, latents: torch.Tensor) -> None:
         self._stream.wait_stream(torch.cuda.current_stream(latents.device))  # the latents are written
         with torch.cuda.stream(self._stream):
             frames = uint8_frames(self._decoder.decode(latents)[0])

@@ -417,7 +417,7 @@ class Pipeline:
                 t0 = torch.zeros(1, piece.shape[2], device=self.device)
                 self.generator(piece, t0, ctx, cache=cache, start_frame=a)
                 remember(a, piece, t0)
-            decode.submit(first_latents, alone=True)
+            decode.submit(first_latents)
             pixels = decode.take()
             nfe = math.ceil(prefix / k)
             elapsed = time.perf_counter() - start
@@ -477,11 +477,7 @@ class Pipeline:
                         f"chunk {index} produced NaN or Inf latents (prompt {current_prompt!r})"
                     )
                 dit_seconds = time.perf_counter() - start
-                # an overlapped decode hands chunk i out once chunk i + 1 is submitted, so that the worker
-                # decodes it while the next chunk is denoised; the first goes at once (time to first frame),
-                # and the first and last are waited for with nothing else to do
-                hold = 1 if cfg.overlap_decode and index > 0 else 0
-                decode.submit(latents, alone=index in (0, num_chunks - 1))
+                decode.submit(latents)
                 pending.append(
                     ChunkResult(
                         index=index,
@@ -496,6 +492,9 @@ class Pipeline:
                         recache_nfe=recache_nfe,
                     )
                 )
+                # an overlapped decode hands chunk i out once chunk i + 1 is submitted, so that the worker
+                # decodes it while the next chunk is denoised; the first goes at once (time to first frame)
+                hold = 1 if cfg.overlap_decode and index > 0 else 0
                 while len(pending) > hold:
                     yield _hand_out(pending.popleft(), decode)
         except Exception as err:
