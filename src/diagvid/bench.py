@@ -120,25 +120,45 @@ def _peak_mb(device: torch.device, pid: int | None = None) -> float | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def trained(method: str, device: torch.device, dtype: torch.dtype, decoder: str = "vae") -> Pipeline:
+def trained(
+    method: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    decoder: str = "vae",
+    decoder_dtype: str | None = None,
+) -> Pipeline:
     """The shipped toy models of a method: its distilled student, or the teacher in the bundled pipeline."""
     from diagvid.pretrained import DEFAULT_PIPELINE, load_pipeline, load_toy_student
 
     if method != "teacher":
-        return load_toy_student(method, device=device, dtype=dtype, decoder=decoder)[0]
+        return load_toy_student(
+            method, device=device, dtype=dtype, decoder=decoder, decoder_dtype=decoder_dtype
+        )[0]
     return load_pipeline(
-        DEFAULT_PIPELINE, generator="toy/teacher", device=device, dtype=dtype, decoder=decoder
+        DEFAULT_PIPELINE,
+        generator="toy/teacher",
+        device=device,
+        dtype=dtype,
+        decoder=decoder,
+        decoder_dtype=decoder_dtype,
     )
 
 
-def build(suite: Suite, device: torch.device, dtype: torch.dtype, decoder: str = "vae") -> Pipeline:
+def build(
+    suite: Suite,
+    device: torch.device,
+    dtype: torch.dtype,
+    decoder: str = "vae",
+    decoder_dtype: str | None = None,
+) -> Pipeline:
     """Random-weight models of the suite's geometry (speed does not depend on weight values); with
     decoder="tiny", the VAE decodes through a random tiny decoder of the suite's preset, with a tiny decoder
     folder through that decoder (its geometry must match the suite's latents). On a GPU
     the codec runs in the transformer's precision (bf16 by default), as the papers' demos run it; on a
-    CPU in fp32."""
+    CPU in fp32; `decoder_dtype` ("fp32", "bf16", "fp16") sets a tiny decoder's precision instead."""
     from diagvid.model.tiny_decoder import FastDecodeCodec, TinyDecoder
     from diagvid.model.tiny_decoder import preset as tiny_preset
+    from diagvid.model.weights import STORAGE_DTYPES
     from diagvid.pretrained import load_tiny_decoder
 
     torch.manual_seed(0)
@@ -147,10 +167,11 @@ def build(suite: Suite, device: torch.device, dtype: torch.dtype, decoder: str =
         dit = WanDiT(cfg).to(dtype).eval()
         codec_dtype = dtype if device.type == "cuda" else torch.float32
         vae = WanVAE(vae_preset(suite.vae)).to(device, codec_dtype).eval()
+        tiny_dtype = STORAGE_DTYPES[decoder_dtype] if decoder_dtype else codec_dtype
         if decoder == "tiny":
-            vae = FastDecodeCodec(vae, TinyDecoder(tiny_preset(suite.vae)).to(device, codec_dtype).eval())
+            vae = FastDecodeCodec(vae, TinyDecoder(tiny_preset(suite.vae)).to(device, tiny_dtype).eval())
         elif decoder != "vae":
-            vae = FastDecodeCodec(vae, load_tiny_decoder(decoder, device).to(codec_dtype))
+            vae = FastDecodeCodec(vae, load_tiny_decoder(decoder, device).to(tiny_dtype))
     text = PrecomputedText(cfg.text_len, cfg.text_dim, device, dtype)
     stream_cfg = StreamConfig(frames_per_chunk=suite.frames_per_chunk, latent_hw=suite.latent_hw)
     return Pipeline(dit, vae, text, stream_cfg)
@@ -213,6 +234,7 @@ def run_bench(
     compile_mode: str | None = None,
     random_weights: bool = True,
     decoder: str = "vae",
+    decoder_dtype: str | None = None,
     repeats: int = 1,
     overlap_decode: bool = False,
     decode_threads: int = 1,
@@ -227,7 +249,8 @@ def run_bench(
     distilled students of `diagvid.pretrained.TOY_STUDENT_METHODS`.
     `decoder`: "vae" (the Wan VAE's causal decoder), "tiny" (`diagvid.model.tiny_decoder`: the shipped toy
     one, or a random one of the suite's geometry) or a tiny decoder folder / bundled name, for every
-    method's decode.
+    method's decode. `decoder_dtype`: a tiny decoder's precision ("fp32", "bf16", "fp16"; default: the
+    transformer's on a GPU, fp32 on a CPU).
     `repeats`: timed rounds; each round runs every method once, in turn, so that a slow spell of a shared
     machine hits every method alike. Each method reports the median of its rounds (and every round's wall
     time), the ratios are taken between those medians, and `ratios_per_round` gives each round's own.
@@ -252,6 +275,15 @@ def run_bench(
             raise ValueError(
                 f"decoder {decoder!r}; allowed: {', '.join(DECODERS)} or a tiny decoder folder ({err})"
             ) from err
+    if decoder_dtype is not None:
+        from diagvid.model.weights import STORAGE_DTYPES
+
+        if decoder_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"decoder dtype {decoder_dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
+        if decoder == "vae":
+            raise ValueError(
+                f"decoder dtype {decoder_dtype!r} is for a tiny decoder (decoder='tiny' or a folder)"
+            )
     if compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -281,11 +313,11 @@ def run_bench(
     runs: dict[str, Callable[[], dict]] = {}
     rounds: dict[str, list[dict]] = {}
     try:
-        shared = ready(build(suite, dev, dt, decoder)) if random_weights else None
+        shared = ready(build(suite, dev, dt, decoder, decoder_dtype)) if random_weights else None
         for name, schedule, context in METHODS:
             if name not in chosen:
                 continue
-            pipe = pipes[name] = shared or ready(trained(name, dev, dt, decoder))
+            pipe = pipes[name] = shared or ready(trained(name, dev, dt, decoder, decoder_dtype))
             runs[name] = (
                 partial(_run_teacher, pipe, suite, clock, teacher_timed_steps)
                 if schedule is None
@@ -303,6 +335,8 @@ def run_bench(
                     r["decode_worker_peak_mem_mb"] = _peak_mb(dev, pipes[name].decode_worker.pid)
                 rounds[name].append(r)
         main_threads = torch.get_num_threads()
+        codec = next(iter(pipes.values())).vae
+        decoding_dtype = str(getattr(codec, "decoding_module", codec).dtype).removeprefix("torch.")
     finally:
         for pipe in {id(p): p for p in pipes.values()}.values():
             pipe.close()  # decode workers, if any
@@ -339,6 +373,7 @@ def run_bench(
         "weights": "random (speed does not depend on values)" if random_weights else "shipped toy models",
         "compile": compile_mode,
         "decoder": decoder,
+        "decoder_dtype": decoding_dtype,
         "overlap_decode": {"decode_threads": decode_threads} if overlap_decode else None,
         "repeats": repeats,
         "results": results,

@@ -86,6 +86,10 @@ DECODER_HELP = (
     "vae | tiny | a tiny decoder folder: tiny decodes with the pipeline's fast decoder (tiny-decoder/), "
     "~7x less decode time than the VAE's on the toy CPU; softer objects, jumpier motion."
 )
+DECODER_DTYPE_HELP = (
+    "fp32 | bf16 | fp16: the tiny decoder's precision (default fp32); bf16 decodes about 4x faster on a CPU "
+    "with AMX, 58-63 dB from fp32's pixels."
+)
 
 
 @app.command()
@@ -119,6 +123,7 @@ def generate(
     model: str = typer.Option("toy", "--model", help="Bundled name or pipeline folder."),
     generator: str | None = typer.Option(None, "--generator", help=GENERATOR_HELP),
     decoder: str = typer.Option("vae", "--decoder", help=DECODER_HELP),
+    decoder_dtype: str | None = typer.Option(None, "--decoder-dtype", help=DECODER_DTYPE_HELP),
     window: int | None = typer.Option(None, "--window", help="KV window in latent frames (endless video)."),
     sink: int | None = typer.Option(None, "--sink", help="Attention-sink frames kept when the window rolls."),
     recache: bool = typer.Option(
@@ -157,7 +162,9 @@ def generate(
         first = read_image(image) if image else None
         previous = read_video(continue_from) if continue_from else None
         source = read_video(video) if video else None
-        pipe = load_pipeline(model, generator=generator, device=device, decoder=decoder)
+        pipe = load_pipeline(
+            model, generator=generator, device=device, decoder=decoder, decoder_dtype=decoder_dtype
+        )
         if window is not None:
             pipe.config.window_frames = window
         if sink is not None:
@@ -338,6 +345,7 @@ def bench(
         "--decoder",
         help="vae | tiny | a tiny decoder folder: what decodes every method's latents (tiny: the bundled one).",
     ),
+    decoder_dtype: str | None = typer.Option(None, "--decoder-dtype", help=DECODER_DTYPE_HELP),
     repeats: int = typer.Option(
         1,
         "--repeats",
@@ -370,6 +378,7 @@ def bench(
             compile_mode=compile_mode,
             random_weights=random_weights,
             decoder=decoder,
+            decoder_dtype=decoder_dtype,
             repeats=repeats,
             overlap_decode=overlap_decode,
             decode_threads=decode_threads,
@@ -419,6 +428,7 @@ def eval_cmd(
         "--decoder",
         help="vae | tiny | a tiny decoder folder: what decodes every method's latents (tiny: the bundled one).",
     ),
+    decoder_dtype: str | None = typer.Option(None, "--decoder-dtype", help=DECODER_DTYPE_HELP),
     teacher: str | None = typer.Option(
         None,
         "--teacher",
@@ -481,7 +491,16 @@ def eval_cmd(
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
         runs = _eval_methods(
-            methods, vae, teacher, text, students, device, decoder, teacher_guidance, teacher_start_sigma
+            methods,
+            vae,
+            teacher,
+            text,
+            students,
+            device,
+            decoder,
+            teacher_guidance,
+            teacher_start_sigma,
+            decoder_dtype,
         )
     except (ValueError, FileNotFoundError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
@@ -490,6 +509,7 @@ def eval_cmd(
         runs, cfg, fixed_length=("teacher",), progress=lambda msg: console.print(f"[dim]{msg}[/dim]")
     )
     report["decoder"] = decoder
+    report["decoder_dtype"] = decoder_dtype or "fp32"
     if "teacher" in runs:
         report["teacher_guidance"] = teacher_guidance
         report["teacher_start_sigma"] = teacher_start_sigma
@@ -533,6 +553,7 @@ def _eval_methods(
     decoder: str = "vae",
     teacher_guidance: float = 5.0,
     teacher_start_sigma: float = 1.0,
+    decoder_dtype: str | None = None,
 ):
     """Build the evaluation methods the options ask for (errors name the bad option)."""
     from diagvid import evaluate as ev
@@ -582,7 +603,7 @@ def _eval_methods(
     runs: dict = {}
     codec = None
     if "vae" in builtin or "teacher" in builtin:
-        codec = with_decoder(load_vae(vae, device=device), toy_decoder, device=device)
+        codec = with_decoder(load_vae(vae, device=device), toy_decoder, device=device, dtype=decoder_dtype)
     for m in builtin:
         if m == "real":
             runs[m] = ev.real_method()
@@ -598,10 +619,15 @@ def _eval_methods(
                 start_sigma=teacher_start_sigma,
             )
         else:
-            runs[m] = ev.student_method(*load_toy_student(m, device=device, decoder=toy_decoder))
+            pipe_and_schedule = load_toy_student(
+                m, device=device, decoder=toy_decoder, decoder_dtype=decoder_dtype
+            )
+            runs[m] = ev.student_method(*pipe_and_schedule)
     for name, folder, schedule, context in parsed:
         runs[name] = ev.student_method(
-            load_pipeline(folder, device=device, decoder=decoder), schedule, context
+            load_pipeline(folder, device=device, decoder=decoder, decoder_dtype=decoder_dtype),
+            schedule,
+            context,
         )
     return runs
 
@@ -671,6 +697,7 @@ def serve(
     ),
     window: int | None = typer.Option(None, "--window", help="KV window in latent frames (long streams)."),
     decoder: str = typer.Option("vae", "--decoder", help=DECODER_HELP),
+    decoder_dtype: str | None = typer.Option(None, "--decoder-dtype", help=DECODER_DTYPE_HELP),
 ) -> None:
     """Serve a live web demo: prompt, watch the stream, switch prompts while it plays."""
     import ipaddress
@@ -697,7 +724,9 @@ def serve(
             allowed_origins=tuple(allow_origin),
             **({"schedules": chosen} if chosen else {}),
         )
-        pipe = load_pipeline(model, generator=generator, device=device, decoder=decoder)
+        pipe = load_pipeline(
+            model, generator=generator, device=device, decoder=decoder, decoder_dtype=decoder_dtype
+        )
         if window is not None:
             pipe.config.window_frames = window
     except (ValueError, FileNotFoundError) as err:

@@ -83,19 +83,33 @@ def load_vae(name_or_path: str | Path, device=None, dtype=None):
     return vae.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
 
 
-def load_tiny_decoder(name_or_path: str | Path, device=None):
-    """A tiny streaming decoder (diagvid.model.tiny_decoder) from a bundled name or a folder; fp32."""
+def load_tiny_decoder(name_or_path: str | Path, device=None, dtype: str | None = None):
+    """A tiny streaming decoder (diagvid.model.tiny_decoder) from a bundled name or a folder, computing in
+    `dtype` ("fp32", the default, "bf16" or "fp16")."""
     from diagvid.model.tiny_decoder import TinyDecoder
+    from diagvid.model.weights import STORAGE_DTYPES
 
-    return TinyDecoder.load(_resolve(name_or_path)).to(device or "cpu").eval()
+    if dtype is not None and dtype not in STORAGE_DTYPES:
+        raise ValueError(f"decoder dtype {dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
+    decoder = TinyDecoder.load(_resolve(name_or_path)).to(device or "cpu", STORAGE_DTYPES[dtype or "fp32"])
+    return decoder.eval()
 
 
-def with_decoder(vae, decoder: str | Path | None, pipeline: Path | None = None, device=None):
+def with_decoder(
+    vae, decoder: str | Path | None, pipeline: Path | None = None, device=None, dtype: str | None = None
+):
     """`vae` itself (decoder None or "vae"), or a codec that encodes with it and decodes with a tiny decoder:
-    "tiny" is the pipeline folder's own `tiny-decoder/`, anything else a bundled name or folder."""
+    "tiny" is the pipeline folder's own `tiny-decoder/`, anything else a bundled name or folder. `dtype`: the
+    tiny decoder's precision (`load_tiny_decoder`); bf16 decodes the toy stream about 4x faster on a CPU with
+    AMX (docs/benchmarks.md)."""
     from diagvid.model.tiny_decoder import FastDecodeCodec
 
     if decoder is None or str(decoder) == "vae":
+        if dtype is not None:
+            raise ValueError(
+                f"decoder dtype {dtype!r} is for a tiny decoder (decoder='tiny' or a folder); the VAE's own "
+                "decoder computes in the VAE's precision"
+            )
         return vae
     if str(decoder) == "tiny":
         if pipeline is None or not (pipeline / TINY_DECODER).is_dir():
@@ -104,7 +118,7 @@ def with_decoder(vae, decoder: str | Path | None, pipeline: Path | None = None, 
                 "folder instead (diagvid train tiny-decoder --export DIR) or decoder='vae'"
             )
         decoder = pipeline / TINY_DECODER
-    return FastDecodeCodec(vae, load_tiny_decoder(decoder, device or vae.device))
+    return FastDecodeCodec(vae, load_tiny_decoder(decoder, device or vae.device, dtype))
 
 
 def load_text_encoder(name_or_path: str | Path, device=None):
@@ -145,6 +159,7 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     config: str | None = None,
     decoder: str | Path | None = None,
+    decoder_dtype: str | None = None,
     **stream_overrides,
 ) -> Pipeline:
     """A ready streaming pipeline.
@@ -159,6 +174,8 @@ def load_pipeline(
         config: with `generator`, the DiT preset of a checkpoint that carries no config.
         decoder: "vae" (default: the VAE's own decoder), "tiny" (the pipeline folder's `tiny-decoder/`, about 7x
             less decode time on the toy CPU) or a tiny decoder folder / bundled name.
+        decoder_dtype: the tiny decoder's precision, "fp32" (default), "bf16" or "fp16" (bf16: about 4x faster
+            on a CPU with AMX, 58-63 dB from fp32's pixels on toy streams; see docs/benchmarks.md).
         stream_overrides: StreamConfig fields to change (e.g. latent_hw=(60, 104), window_frames=21).
     """
     from diagvid.model import text as umt5
@@ -217,18 +234,25 @@ def load_pipeline(
         )
     if stream_overrides:
         stream_cfg = from_dict(StreamConfig, {**asdict(stream_cfg), **stream_overrides})
-    vae = with_decoder(vae, decoder, path, device)
+    vae = with_decoder(vae, decoder, path, device, decoder_dtype)
     return Pipeline(dit.to(device=device, dtype=dtype), vae, text, stream_cfg)
 
 
 def load_toy_student(
-    method: str, device=None, dtype=None, decoder: str | None = None
+    method: str, device=None, dtype=None, decoder: str | None = None, decoder_dtype: str | None = None
 ) -> tuple[Pipeline, str, str | None]:
     """The bundled toy pipeline with a shipped student as its generator: (pipeline, schedule, context)."""
     if method not in TOY_STUDENT_METHODS:
         raise ValueError(f"unknown toy student {method!r}; allowed: {', '.join(TOY_STUDENT_METHODS)}")
     generator, schedule, context = TOY_STUDENT_METHODS[method]
-    pipe = load_pipeline(DEFAULT_PIPELINE, generator=generator, device=device, dtype=dtype, decoder=decoder)
+    pipe = load_pipeline(
+        DEFAULT_PIPELINE,
+        generator=generator,
+        device=device,
+        dtype=dtype,
+        decoder=decoder,
+        decoder_dtype=decoder_dtype,
+    )
     return pipe, schedule, context
 
 

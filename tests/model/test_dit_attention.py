@@ -242,7 +242,6 @@ def test_static_shape_cache_matches_the_dynamic_one_with_fixed_shapes(tiny_dit, 
     assert key_lengths == {6 * 6}  # always the whole buffer: 6 frames x 6 tokens
 
 
-
 @torch.no_grad()
 def test_bf16_weights_run_every_attention_mode_close_to_fp32(tiny_dit):
     # what the GPU benchmark does (`WanDiT(cfg).to(torch.bfloat16)`, bf16 inputs): every mode must run, give
@@ -251,7 +250,9 @@ def test_bf16_weights_run_every_attention_mode_close_to_fp32(tiny_dit):
     half = copy.deepcopy(tiny_dit).to(torch.bfloat16)
     xb, cb = x.to(torch.bfloat16), ctx.to(torch.bfloat16)
     cache = half.new_cache(batch_size=x.shape[0], latent_hw=tuple(x.shape[-2:]), capacity_frames=6)
-    chunks = [half(xb[:, :, a : a + K], t[:, a : a + K], cb, cache=cache, start_frame=a) for a in range(0, 6, K)]
+    chunks = [
+        half(xb[:, :, a : a + K], t[:, a : a + K], cb, cache=cache, start_frame=a) for a in range(0, 6, K)
+    ]
     causal = tiny_dit(x, t, ctx, attention="causal", frames_per_chunk=K)
     for mode, got, want in [
         ("full", half(xb, t, cb, attention="full"), tiny_dit(x, t, ctx, attention="full")),

@@ -175,9 +175,43 @@ def test_pipeline_decodes_with_its_tiny_decoder(tmp_path):
     assert np.array_equal(b, c)
 
 
+def test_bf16_tiny_decoder_stays_near_fp32_in_line_and_in_a_worker(tmp_path):
+    """decoder_dtype="bf16" decodes the same latents to nearly the same pixels, the worker's exactly as in line;
+    a precision for the VAE's own decoder or an unknown one is refused."""
+    pipe = make_tiny_pipeline()
+    pipe.vae = FastDecodeCodec(pipe.vae, _decoder())
+    save_pipeline(pipe, tmp_path / "fast")
+    kwargs = {"num_chunks": 3, "seed": 3}
+    a, runs_a = load_pipeline(tmp_path / "fast", device="cpu", decoder="tiny").generate(
+        "a red circle", **kwargs
+    )
+    half = load_pipeline(tmp_path / "fast", device="cpu", decoder="tiny", decoder_dtype="bf16")
+    assert half.vae.decoder.dtype == torch.bfloat16 and half.dtype == torch.float32  # the DiT stays fp32
+    b, runs_b = half.generate("a red circle", **kwargs)
+    assert all(torch.equal(x.latents, y.latents) for x, y in zip(runs_a, runs_b, strict=True))
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert diff.max() > 0 and diff.mean() < 1.0  # bf16 rounding, not another picture
+    with load_pipeline(
+        tmp_path / "fast", device="cpu", decoder="tiny", decoder_dtype="bf16", overlap_decode=True
+    ) as overlapped:
+        c, _ = overlapped.generate("a red circle", **kwargs)
+    np.testing.assert_array_equal(b, c)
+    with pytest.raises(ValueError, match="decoder dtype 'bf16' is for a tiny decoder"):
+        load_pipeline(tmp_path / "fast", device="cpu", decoder_dtype="bf16")
+    with pytest.raises(ValueError, match="decoder dtype 'int8'; allowed: fp32, fp16, bf16"):
+        load_pipeline(tmp_path / "fast", device="cpu", decoder="tiny", decoder_dtype="int8")
+
+
 def test_bench_times_the_tiny_decoder_and_says_so():
     report = run_bench("tiny", device="cpu", warmup=False, methods=("diagonal",), decoder="tiny")
     assert report["decoder"] == "tiny" and report["results"][0]["frames"] == 1 + 4 * (4 * 2 - 1)
+    assert report["decoder_dtype"] == "float32"
+    half = run_bench(
+        "tiny", device="cpu", warmup=False, methods=("diagonal",), decoder="tiny", decoder_dtype="bf16"
+    )
+    assert half["decoder_dtype"] == "bfloat16" and half["results"][0]["frames"] == 1 + 4 * (4 * 2 - 1)
+    with pytest.raises(ValueError, match="decoder dtype 'bf16' is for a tiny decoder"):
+        run_bench("tiny", device="cpu", decoder_dtype="bf16")
     with pytest.raises(ValueError, match="decoder 'fast'; allowed: vae, tiny"):
         run_bench("tiny", device="cpu", decoder="fast")
 
@@ -191,6 +225,10 @@ def test_generate_cli_with_the_tiny_decoder(tmp_path):
     result = CliRunner().invoke(app, [*args, "--decoder", "tiny", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 0
+    result = CliRunner().invoke(app, [*args, "--decoder", "tiny", "--decoder-dtype", "bf16", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, [*args, "--decoder-dtype", "bf16", "-o", str(out)])
+    assert result.exit_code == 2 and "is for a tiny decoder" in result.output.replace("\n", "")
     result = CliRunner().invoke(app, [*args, "--decoder", str(tmp_path / "nowhere"), "-o", str(out)])
     assert result.exit_code == 2 and "nowhere" in result.output.replace("\n", "")
 
@@ -198,9 +236,8 @@ def test_generate_cli_with_the_tiny_decoder(tmp_path):
 def test_eval_cli_decodes_with_the_tiny_decoder_and_records_it(tmp_path):
     out = tmp_path / "eval.json"
     args = ["eval", "--quick", "--methods", "vae", "--lengths", "1", "--features", "none", "--json", str(out)]
-    result = CliRunner().invoke(app, [*args, "--decoder", "tiny"])
+    result = CliRunner().invoke(app, [*args, "--decoder", "tiny", "--decoder-dtype", "bf16"])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert (
-        report["decoder"] == "tiny" and report["results"]["vae"]["1x"]["summary"]["colour_accuracy"]["n"] > 0
-    )
+    assert report["decoder"] == "tiny" and report["decoder_dtype"] == "bf16"
+    assert report["results"]["vae"]["1x"]["summary"]["colour_accuracy"]["n"] > 0
