@@ -25,6 +25,7 @@ def test_tiny_suite_report():
     )
     assert report["machine"]["torch"] and report["weights"].startswith("random")
     assert report["machine"]["cpu"] and report["machine"]["cpu_capability"]  # named, for the record
+    assert set(report["machine"]["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 
 
 def test_bf16_weights_run_every_method():

@@ -362,7 +362,7 @@ def run_bench(
         "geometry": {**asdict(suite), "latent_hw": list(suite.latent_hw)},
         "machine": {
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "cpu": cpu_name(),
+            **cpu_info(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the widest vector code torch runs
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
@@ -382,13 +382,23 @@ def run_bench(
     }
 
 
-def cpu_name() -> str:
-    """The processor's model name (Linux's /proc/cpuinfo; elsewhere what `platform` knows)."""
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+"""processor features that decide CPU speed here (bf16 convolutions are fast only with AMX or AVX512-BF16)"""
+
+
+def cpu_info() -> dict:
+    """The processor's model name and which of `CPU_FLAGS` it has (Linux's /proc/cpuinfo; elsewhere the name
+    `platform` knows and no flags)."""
+    name, flags = platform.processor() or platform.machine() or "unknown", set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    return platform.processor() or platform.machine() or "unknown"
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":  # after the first processor's name: the rest repeat it
+                flags = set(value.split())
+                break
+    return {"cpu": name, "cpu_flags": [f for f in CPU_FLAGS if f in flags]}
 
 
 def _summary(method: str, rounds: list[dict]) -> dict:
