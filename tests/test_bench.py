@@ -24,6 +24,14 @@ def test_tiny_suite_report():
         by["self-forcing"]["wall_s"] / by["diagonal"]["wall_s"], rel=1e-2
     )
     assert report["machine"]["torch"] and report["weights"].startswith("random")
+    for r in report["results"][1:]:  # the students' per-chunk latency: the first is the time to first frame
+        assert len(r["chunk_s"]) == len(r["chunk_dit_s"]) == 4
+        assert r["chunk_s"][0] == pytest.approx(r["ttff_s"], abs=1e-4)
+        assert sum(r["chunk_s"]) <= r["wall_s"] + 1e-3 and sum(r["chunk_dit_s"]) == pytest.approx(
+            r["dit_s"], abs=1e-3
+        )
+        assert all(c >= d > 0 for c, d in zip(r["chunk_s"], r["chunk_dit_s"], strict=True))
+    assert "chunk_s" not in report["results"][0]  # the teacher makes the clip at once
     assert report["machine"]["cpu"] and report["machine"]["cpu_capability"]  # named, for the record
     assert set(report["machine"]["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
 
