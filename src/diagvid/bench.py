@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from diagvid.decode_worker import check_overlap, threads_beside_worker
+from diagvid.machine import cpu_info
 from diagvid.model.dit import WanDiT, preset
 from diagvid.model.vae import WanVAE
 from diagvid.model.vae import preset as vae_preset
@@ -384,25 +385,6 @@ def run_bench(
         "ratios": ratios,
         "ratios_per_round": per_round,
     }
-
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-"""processor features that decide CPU speed here (bf16 convolutions are fast only with AMX or AVX512-BF16)"""
-
-
-def cpu_info() -> dict:
-    """The processor's model name and which of `CPU_FLAGS` it has (Linux's /proc/cpuinfo; elsewhere the name
-    `platform` knows and no flags)."""
-    name, flags = platform.processor() or platform.machine() or "unknown", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":  # after the first processor's name: the rest repeat it
-                flags = set(value.split())
-                break
-    return {"cpu": name, "cpu_flags": [f for f in CPU_FLAGS if f in flags]}
 
 
 def _summary(method: str, rounds: list[dict]) -> dict:

@@ -19,6 +19,7 @@ CausVid, LongLive, DD). Two layouts are read:
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -91,6 +92,15 @@ def load_tiny_decoder(name_or_path: str | Path, device=None, dtype: str | None =
 
     if dtype is not None and dtype not in STORAGE_DTYPES:
         raise ValueError(f"decoder dtype {dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
+    if dtype in ("bf16", "fp16") and torch.device(device or "cpu").type == "cpu":
+        from diagvid.machine import fast_bf16
+
+        if dtype == "fp16" or fast_bf16() is False:
+            warnings.warn(
+                f"decoder dtype {dtype}: this CPU has no native {dtype} convolutions (AMX or AVX512-BF16 for "
+                "bf16), so the decode may well be slower than in fp32",
+                stacklevel=2,
+            )
     decoder = TinyDecoder.load(_resolve(name_or_path)).to(device or "cpu", STORAGE_DTYPES[dtype or "fp32"])
     return decoder.eval()
 

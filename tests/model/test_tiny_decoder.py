@@ -211,6 +211,25 @@ def _bf16_decodes(tmp_path) -> None:
         load_pipeline(tmp_path / "fast", device="cpu", decoder="tiny", decoder_dtype="int8")
 
 
+def test_a_half_precision_decoder_warns_where_the_cpu_lacks_it(monkeypatch):
+    import warnings
+
+    import diagvid.machine
+    from diagvid.pretrained import load_tiny_decoder
+
+    monkeypatch.setattr(diagvid.machine, "fast_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16 convolutions"):
+        load_tiny_decoder("toy/tiny-decoder", dtype="bf16")
+    with pytest.warns(UserWarning, match="no native fp16 convolutions"):
+        load_tiny_decoder("toy/tiny-decoder", dtype="fp16")
+    for answer in (True, None):  # AMX or AVX512-BF16, or a machine that cannot tell: no warning
+        monkeypatch.setattr(diagvid.machine, "fast_bf16", lambda answer=answer: answer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert load_tiny_decoder("toy/tiny-decoder", dtype="bf16").dtype == torch.bfloat16
+            load_tiny_decoder("toy/tiny-decoder")
+
+
 def test_bench_times_the_tiny_decoder_and_says_so():
     report = run_bench("tiny", device="cpu", warmup=False, methods=("diagonal",), decoder="tiny")
     assert report["decoder"] == "tiny" and report["results"][0]["frames"] == 1 + 4 * (4 * 2 - 1)
