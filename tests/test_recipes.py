@@ -23,6 +23,7 @@ KINDS = {
     "vae-decoder-robust": VAETrainConfig,
     "teacher": TeacherConfig,
     "teacher-contrast": TeacherConfig,
+    "teacher-deep": TeacherConfig,
     "ode": OdeConfig,
     "init": InitConfig,
     "distill-diagonal": DistillConfig,

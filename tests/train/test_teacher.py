@@ -178,10 +178,43 @@ def test_validation_loss_is_logged_and_init_from_starts_from_given_weights(codec
     for name, tensor in load_dit(folder).state_dict().items():
         assert torch.equal(started[name], tensor), name
 
-    cfg.model_overrides = {"text_len": 16, "num_layers": 1}
+    cfg.model_overrides = {"text_len": 16, "num_layers": 4}  # twice as deep: grown from the folder's model
+    cfg.out_dir = str(tmp_path / "d")
+    started = load_checkpoint(train_teacher(cfg, progress=False) / "checkpoint.pt")["state"]["model"]
+    assert torch.equal(
+        started["blocks.2.ffn.0.weight"], load_dit(folder).state_dict()["blocks.1.ffn.0.weight"]
+    )
+    assert not started["blocks.3.ffn.2.weight"].any()
+
+    cfg.model_overrides = {"text_len": 16, "num_layers": 3}
     cfg.out_dir = str(tmp_path / "c")
     with pytest.raises(ValueError, match=r"init_from=.* is a .* model; this run trains"):
         train_teacher(cfg, progress=False)
+
+
+@torch.no_grad()
+def test_a_grown_model_computes_what_the_shallow_one_did():
+    from dataclasses import replace
+
+    from diagvid.model.dit import WanDiT, preset
+    from diagvid.train.teacher import grown
+    from tests.conftest import randomize, tiny_inputs
+
+    torch.manual_seed(0)
+    shallow = randomize(WanDiT(preset("tiny"))).eval()
+    deep = grown(shallow, replace(shallow.cfg, num_layers=3 * shallow.cfg.num_layers)).eval()
+    assert deep.cfg.num_layers == 6 and not deep.blocks[4].cross_attn.o.weight.any()
+    x, t, ctx = tiny_inputs(shallow)
+    for mode in ("full", "causal"):
+        torch.testing.assert_close(
+            deep(x, t, ctx, attention=mode, frames_per_chunk=2),
+            shallow(x, t, ctx, attention=mode, frames_per_chunk=2),
+            rtol=0,
+            atol=1e-6,
+        )
+    for bad in (replace(shallow.cfg, num_layers=3), replace(shallow.cfg, num_layers=4, dim=64)):
+        with pytest.raises(ValueError, match="only a depth that is a multiple of its own"):
+            grown(shallow, bad)
 
 
 def test_latent_cache_is_keyed_by_the_vae(codec_folders, tmp_path):

@@ -7,6 +7,7 @@ replaced by the empty prompt so that classifier-free guidance works at sampling 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from diagvid.config import to_dict
-from diagvid.model.dit import WanDiT, preset
+from diagvid.model.dit import DiTConfig, WanDiT, preset
 from diagvid.sampling import FlowMatch, shift_sigma
 from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, start_run
 
@@ -105,7 +106,8 @@ class TeacherConfig:
     val_clips: int = 32
     """latents held out of training for the validation loss (the last ones of the cache)"""
     init_from: str = ""
-    """a DiT folder (e.g. the shipped teacher) to start from when the run has no checkpoint yet"""
+    """a DiT folder or bundled name (e.g. "toy/teacher") to start from when the run has no checkpoint yet; a
+    model of half (a third ...) the run's depth is grown to it (`grown`)"""
 
     def __post_init__(self) -> None:
         if self.data.num_frames < 1 or (self.data.num_frames - 1) % 4:
@@ -260,6 +262,35 @@ def wrong_direction(caption: str, gen: torch.Generator | None = None) -> str | N
 
 
 @torch.no_grad()
+def grown(model: WanDiT, cfg: DiTConfig, where: str = "the model") -> WanDiT:
+    """`model` deepened to `cfg.num_layers` (a multiple of its own) without changing what it computes: each
+    block is followed by copies whose residual outputs (self-attention, cross-attention and FFN output
+    projections) are zero, so they add nothing until training moves them. The eleventh session grew the
+    6-layer toy teacher to 12 this way (docs/status.md). Any other difference of configuration is an error."""
+    from dataclasses import replace
+
+    n = model.cfg.num_layers
+    if replace(model.cfg, num_layers=cfg.num_layers) != cfg or cfg.num_layers % n:
+        raise ValueError(
+            f"{where} is a {model.cfg} model; this run trains {cfg} (only a depth that is a multiple of its own "
+            "can grow from it)"
+        )
+    deep = WanDiT(cfg)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.")}
+    for i, block in enumerate(model.blocks):
+        for j in range(cfg.num_layers // n):
+            twin = copy.deepcopy(block)
+            if j:
+                with torch.no_grad():
+                    for out in (twin.self_attn.o, twin.cross_attn.o, twin.ffn[2]):
+                        out.weight.zero_()
+                        out.bias.zero_()
+            index = i * (cfg.num_layers // n) + j
+            state.update({f"blocks.{index}.{k}": v for k, v in twin.state_dict().items()})
+    deep.load_state_dict(state)
+    return deep
+
+
 def validation_loss(
     model: WanDiT, x0: torch.Tensor, ctx: torch.Tensor, shift: float, batch: int = 8
 ) -> float:
@@ -348,13 +379,13 @@ def train_teacher(
         raise ValueError(f"model in_dim={dit_cfg.in_dim} but the VAE makes {vae.z_dim} latent channels")
     model = WanDiT(dit_cfg)
     if cfg.init_from and not (out / "checkpoint.pt").exists():
-        from diagvid.model.weights import load_dit
+        from diagvid.pretrained import load_dit_model  # a folder or a bundled name ("toy/teacher")
 
-        start = load_dit(cfg.init_from)
+        start = load_dit_model(cfg.init_from)
         if start.cfg != dit_cfg:
-            raise ValueError(f"init_from={cfg.init_from!r} is a {start.cfg} model; this run trains {dit_cfg}")
+            start = grown(start, dit_cfg, where=f"init_from={cfg.init_from!r}")
         model.load_state_dict(start.state_dict())
-        log.info("starting from the weights in %s", cfg.init_from)
+        log.info("starting from the weights in %s (%d layers)", cfg.init_from, start.cfg.num_layers)
     # encoding is the slow part of starting a run: every check above comes before it
     latents, captions = build_latent_cache(cfg.data, vae)
     ema = EMA(model, cfg.ema_decay)
