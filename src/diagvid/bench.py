@@ -285,7 +285,7 @@ def run_bench(
 
         if decoder_dtype not in STORAGE_DTYPES:
             raise ValueError(f"decoder dtype {decoder_dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
-        if decoder == "vae":
+        if decoder == "vae" and decoder_dtype != "fp32":
             raise ValueError(
                 f"decoder dtype {decoder_dtype!r} is for a tiny decoder (decoder='tiny' or a folder)"
             )

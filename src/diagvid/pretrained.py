@@ -115,7 +115,7 @@ def with_decoder(
     from diagvid.model.tiny_decoder import FastDecodeCodec
 
     if decoder is None or str(decoder) == "vae":
-        if dtype is not None:
+        if dtype not in (None, "fp32"):  # the VAE is loaded in fp32
             raise ValueError(
                 f"decoder dtype {dtype!r} is for a tiny decoder (decoder='tiny' or a folder); the VAE's own "
                 "decoder computes in the VAE's precision"

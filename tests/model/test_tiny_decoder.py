@@ -207,6 +207,7 @@ def _bf16_decodes(tmp_path) -> None:
     np.testing.assert_array_equal(b, c)
     with pytest.raises(ValueError, match="decoder dtype 'bf16' is for a tiny decoder"):
         load_pipeline(tmp_path / "fast", device="cpu", decoder_dtype="bf16")
+    assert load_pipeline(tmp_path / "fast", device="cpu", decoder_dtype="fp32").vae is not None  # as it is
     with pytest.raises(ValueError, match="decoder dtype 'int8'; allowed: fp32, fp16, bf16"):
         load_pipeline(tmp_path / "fast", device="cpu", decoder="tiny", decoder_dtype="int8")
 
