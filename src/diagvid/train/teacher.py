@@ -261,7 +261,6 @@ def wrong_direction(caption: str, gen: torch.Generator | None = None) -> str | N
     return " ".join(out)
 
 
-@torch.no_grad()
 def grown(model: WanDiT, cfg: DiTConfig, where: str = "the model") -> WanDiT:
     """`model` deepened to `cfg.num_layers` (a multiple of its own) without changing what it computes: each
     block is followed by copies whose residual outputs (self-attention, cross-attention and FFN output
@@ -291,6 +290,7 @@ def grown(model: WanDiT, cfg: DiTConfig, where: str = "the model") -> WanDiT:
     return deep
 
 
+@torch.no_grad()
 def validation_loss(
     model: WanDiT, x0: torch.Tensor, ctx: torch.Tensor, shift: float, batch: int = 8
 ) -> float:
