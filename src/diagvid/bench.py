@@ -280,15 +280,9 @@ def run_bench(
             raise ValueError(
                 f"decoder {decoder!r}; allowed: {', '.join(DECODERS)} or a tiny decoder folder ({err})"
             ) from err
-    if decoder_dtype is not None:
-        from diagvid.model.weights import STORAGE_DTYPES
+    from diagvid.pretrained import check_decoder_dtype
 
-        if decoder_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"decoder dtype {decoder_dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
-        if decoder == "vae" and decoder_dtype != "fp32":
-            raise ValueError(
-                f"decoder dtype {decoder_dtype!r} is for a tiny decoder (decoder='tiny' or a folder)"
-            )
+    check_decoder_dtype(decoder, decoder_dtype)
     if compile_mode is not None and compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:

@@ -84,14 +84,29 @@ def load_vae(name_or_path: str | Path, device=None, dtype=None):
     return vae.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
 
 
+def check_decoder_dtype(decoder: str | Path | None, dtype: str | None) -> None:
+    """ValueError unless `dtype` (None: the default) is a precision the decoder `decoder` can take: any of
+    `STORAGE_DTYPES` for a tiny decoder, only fp32 for the VAE's own (None or "vae"), which is loaded in fp32."""
+    from diagvid.model.weights import STORAGE_DTYPES
+
+    if dtype is None:
+        return
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"decoder dtype {dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
+    if (decoder is None or str(decoder) == "vae") and dtype != "fp32":
+        raise ValueError(
+            f"decoder dtype {dtype!r} is for a tiny decoder (decoder='tiny' or a folder); the VAE's own "
+            "decoder computes in the VAE's precision"
+        )
+
+
 def load_tiny_decoder(name_or_path: str | Path, device=None, dtype: str | None = None):
     """A tiny streaming decoder (diagvid.model.tiny_decoder) from a bundled name or a folder, computing in
     `dtype` ("fp32", the default, "bf16" or "fp16")."""
     from diagvid.model.tiny_decoder import TinyDecoder
     from diagvid.model.weights import STORAGE_DTYPES
 
-    if dtype is not None and dtype not in STORAGE_DTYPES:
-        raise ValueError(f"decoder dtype {dtype!r}; allowed: {', '.join(STORAGE_DTYPES)}")
+    check_decoder_dtype(name_or_path, dtype)
     if dtype in ("bf16", "fp16") and torch.device(device or "cpu").type == "cpu":
         from diagvid.machine import fast_bf16
 
@@ -114,12 +129,8 @@ def with_decoder(
     AMX (docs/benchmarks.md)."""
     from diagvid.model.tiny_decoder import FastDecodeCodec
 
+    check_decoder_dtype(decoder, dtype)
     if decoder is None or str(decoder) == "vae":
-        if dtype not in (None, "fp32"):  # the VAE is loaded in fp32
-            raise ValueError(
-                f"decoder dtype {dtype!r} is for a tiny decoder (decoder='tiny' or a folder); the VAE's own "
-                "decoder computes in the VAE's precision"
-            )
         return vae
     if str(decoder) == "tiny":
         if pipeline is None or not (pipeline / TINY_DECODER).is_dir():
