@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from diagvid import evaluate as ev
 from diagvid.cli import app
+from diagvid.world.metrics import READER_VERSION
 from tests.conftest import tiny_inputs
 
 SMALL = ev.EvalConfig(prompts="heldout-8", lengths=(1, 2), base_frames=33, n_boot=50)
@@ -35,6 +36,7 @@ def test_real_clips_are_read_back_perfectly_and_a_degraded_method_is_not():
     real, grey = report["results"]["real"], report["results"]["grey"]
     assert set(real) == set(grey) == {"1x", "2x"}
     assert report["config"]["frames"] == {"1x": 33, "2x": 65}
+    assert report["config"]["reader"] == READER_VERSION  # which read-back scored these numbers
     for length in ("1x", "2x"):
         s = real[length]["summary"]
         assert s["colour_accuracy"]["mean"] == s["direction_accuracy"]["mean"] == 1.0

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from diagvid.world import eval_prompts, eval_specs, render
-from diagvid.world.metrics import score_videos
+from diagvid.world.metrics import READER_VERSION, score_videos
 from diagvid.world.render import FPS
 
 Method = Callable[[Sequence[str], int, int], list[np.ndarray]]
@@ -273,6 +273,7 @@ def run_eval(
             "seed": cfg.seed,
             "n_boot": cfg.n_boot,
             "features": cfg.features,
+            "reader": READER_VERSION,
         },
         "fvd_world": _fvd_summary(fvd, cfg) if fvd else None,
         "results": results,

@@ -19,6 +19,11 @@ from scipy.stats import trim_mean
 from diagvid.world.captions import PromptObject, parse_caption
 from diagvid.world.render import COLOURS, DIRECTIONS, SPEEDS, scale
 
+READER_VERSION = 2
+"""Raised whenever a change moves what the read-back reports, so eval JSONs say which reader scored them.
+1: shapes told apart by how much of its bounding box a blob fills (eval JSONs before 2026-12-02, which do
+not record a version); 2: by how far its corners reach along the diagonals (see CORNERS_SQUARE_ABOVE)."""
+
 CHUNK_FRAMES = 12
 """Frames per chunk for the per-chunk drift and consistency numbers."""
 
@@ -31,12 +36,16 @@ FG_DISTANCE = 50.0
 MIN_OBJECT_CHROMA = 30.0
 MIN_AREA = 12.0
 """Smallest blob (pixels at 64 px) that counts as an object; smaller ones are noise."""
-# Triangles point up, so their pixels' y has a skewness near -0.57 (sharp: -0.45 to -0.58, blurred by
-# 4x down-and-up sampling: median -0.39) against |skew| < 0.07 sharp and < 0.12 blurred for circles and
-# squares. A square fills its bounding box (0.98 sharp, median 0.92 blurred), a circle about pi/4 of it
-# (0.73-0.86 sharp, median 0.78 blurred).
-SKEW_TRIANGLE_BELOW = -0.18
-FILL_SQUARE_ABOVE = 0.87
+# Shapes are read per frame from two numbers that survive the codec's softening (both thresholds are the
+# per-frame error minimum over 96 training-seed clips, sharp and through the toy VAE; docs/status.md):
+# - triangles point up, so their pixels' y has a skewness near -0.52 sharp (-0.26 median through the
+#   codec, 95 % below -0.09) against |skew| < 0.04 sharp for circles and squares (5 % below -0.11 coded);
+# - an axis-aligned square reaches sqrt(2) further along the diagonals than along the axes (1.28 sharp
+#   after the opening below trims its corner pixels, 1.12 median coded), a disc equally far (0.99 sharp,
+#   1.03 coded). How much of the bounding box a blob fills, the earlier reader, lost the coded squares'
+#   rounded corners: a quarter of them read as circles.
+SKEW_TRIANGLE_BELOW = -0.12
+CORNERS_SQUARE_ABOVE = 1.075
 STATIC_SPEED = 0.35
 """Median px/frame (at 64 px) below which an object counts as not moving."""
 SPEED_SPLIT = math.sqrt(SPEEDS["slow"] * SPEEDS["fast"])
@@ -139,6 +148,8 @@ class Blobs:
     """[N, 3] mean colour."""
     skew: np.ndarray
     """[N] skewness of the pixels' y: about -0.57 for the world's upward triangles, 0 for symmetric shapes."""
+    corners: np.ndarray
+    """[N] extent along the diagonals over extent along the axes: 1 for a disc, up to sqrt(2) for a square."""
 
 
 def _extent(lab: np.ndarray, coord: np.ndarray, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -195,16 +206,21 @@ def find_blobs(video: np.ndarray, mask: np.ndarray) -> Blobs:
     frame = np.rint(np.bincount(lab, weights=t, minlength=n + 1)[1:] / safe).astype(np.int64)
     height, width = video.shape[1:3]
     box = np.stack([*_extent(lab, x, n, width), *_extent(lab, y, n, height)], 1)[:, [0, 2, 1, 3]]
+    # x + y and x - y step by 1 per half diagonal pixel, so their extents over sqrt(2) are lengths in pixels
+    diagonal = [np.subtract(*_extent(lab, u, n, width + height)[::-1]) for u in (x + y, x - y + height)]
+    axes = (box[:, 2] - box[:, 0] + box[:, 3] - box[:, 1]) / 2
+    corners = (diagonal[0] + diagonal[1]) / (2 * math.sqrt(2)) / np.maximum(axes, 1.0)
     keep = area >= MIN_AREA * scale(width) ** 2
-    return Blobs(frame[keep], area[keep], np.stack([cx, cy], 1)[keep], box[keep], rgb[keep], skew[keep])
+    return Blobs(
+        frame[keep], area[keep], np.stack([cx, cy], 1)[keep], box[keep], rgb[keep], skew[keep], corners[keep]
+    )
 
 
-def classify_shape(area: float, box: np.ndarray, skew: float) -> str:
-    """Shape from the skewness of a blob's rows and how much of its bounding box [4] it fills."""
+def classify_shape(skew: float, corners: float) -> str:
+    """Shape from the skewness of a blob's rows and how far its corners reach along the diagonals."""
     if skew < SKEW_TRIANGLE_BELOW:
         return "triangle"
-    fill = area / max((box[2] - box[0]) * (box[3] - box[1]), 1.0)
-    return "square" if fill > FILL_SQUARE_ABOVE else "circle"
+    return "square" if corners > CORNERS_SQUARE_ABOVE else "circle"
 
 
 def classify_speed(px_per_frame: float, size: int) -> str:
@@ -229,6 +245,8 @@ class Track:
     """[T, 3] mean colour."""
     skew: np.ndarray
     """[T] skewness of the blob's y."""
+    corners: np.ndarray
+    """[T] diagonal over axis extent of the blob."""
 
 
 def track_objects(blobs: Blobs, num_frames: int, num_objects: int) -> list[Track]:
@@ -239,6 +257,7 @@ def track_objects(blobs: Blobs, num_frames: int, num_objects: int) -> list[Track
             np.full(num_frames, np.nan),
             np.full((num_frames, 4), np.nan),
             np.full((num_frames, 3), np.nan),
+            np.full(num_frames, np.nan),
             np.full(num_frames, np.nan),
         )
         for _ in range(num_objects)
@@ -267,7 +286,7 @@ def track_objects(blobs: Blobs, num_frames: int, num_objects: int) -> list[Track
             b = idx[c]
             tr = tracks[j]
             tr.xy[t], tr.area[t], tr.box[t] = blobs.xy[b], blobs.area[b], blobs.box[b]
-            tr.rgb[t], tr.skew[t] = blobs.rgb[b], blobs.skew[b]
+            tr.rgb[t], tr.skew[t], tr.corners[t] = blobs.rgb[b], blobs.skew[b], blobs.corners[b]
             last[j] = b
     return tracks
 
@@ -374,7 +393,7 @@ def read_object(track: Track, size: int) -> ObjectReadout:
     """Colour, shape, direction and speed of a tracked object."""
     seen = ~np.isnan(track.area)
     colours = [classify_colour(track.rgb[t]) for t in np.flatnonzero(seen)]
-    shapes = [classify_shape(track.area[t], track.box[t], track.skew[t]) for t in np.flatnonzero(seen)]
+    shapes = [classify_shape(track.skew[t], track.corners[t]) for t in np.flatnonzero(seen)]
     colour, colour_cons = _majority(colours)
     shape, shape_cons = _majority(shapes)
     d = np.diff(track.xy, axis=0)
