@@ -432,7 +432,10 @@ def eval_cmd(
     teacher: str | None = typer.Option(
         None,
         "--teacher",
-        help="Teacher DiT folder for the 50-step CFG method (default: the bundled toy teacher).",
+        help=(
+            "Teacher DiT (folder or bundled name) for the 50-step CFG method (default: toy/teacher, the "
+            "students' teacher; toy/teacher-deep is the better 12-layer one)."
+        ),
     ),
     text: str = typer.Option("toy/text", "--text", help="Text encoder for the teacher (name or folder)."),
     teacher_guidance: float = typer.Option(
