@@ -147,7 +147,7 @@ def test_wrong_shape_is_caught(heldout):
     assert _mean(scores, "colour_accuracy") >= 0.95
 
 
-def test_codec_reconstructions_read_back_like_real_clips(heldout):
+def test_codec_reconstructions_read_back_like_real_clips():
     # #4: the metrics score real clips through the toy VAE about as they score the raw ones. The codec
     # rounds squares' corners and softens triangles' points, which the shape reader has to see through:
     # on these clips the bounding-box fill it used before read 0.75 of the shapes right, this one 0.96.
