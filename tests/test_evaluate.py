@@ -140,6 +140,7 @@ def test_cli_eval_writes_the_report(tmp_path):
         (["--teacher-guidance", "-1"], "--teacher-guidance -1.0: the CFG scale must be a finite number >= 0"),
         (["--teacher-start-sigma", "0"], "--teacher-start-sigma 0.0: must be in (0, 1]"),
         (["--teacher-start-sigma", "1.5"], "--teacher-start-sigma 1.5: must be in (0, 1]"),
+        (["--teacher-boundary", "1"], "--teacher-boundary 1.0: must be a noise level in (0, 1)"),
     ],
 )
 def test_cli_eval_errors(args, message):
@@ -235,6 +236,22 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch):
         "teacher", "toy/vae", None, "toy/text", [], "cpu", teacher_guidance=2.0, teacher_start_sigma=0.5
     )
     assert seen == {"guidance": 2.0, "start_sigma": 0.5}
+
+
+def test_cli_teacher_high_splits_the_teacher_at_the_boundary(monkeypatch):
+    from diagvid import evaluate as ev_module
+    from diagvid.cli import _eval_methods
+    from diagvid.model.experts import NoiseExperts
+
+    seen = []
+    monkeypatch.setattr(ev_module, "teacher_method", lambda teacher, *a, **k: seen.append(teacher))
+    runs = _eval_methods(
+        None, "toy/vae", None, "toy/text", [], "cpu", teacher_high="toy/teacher-deep", teacher_boundary=0.6
+    )
+    assert list(runs) == ["real", "teacher"]  # --teacher-high alone asks for the teacher method
+    (model,) = seen
+    assert isinstance(model, NoiseExperts) and model.boundary == 0.6
+    assert model.high.cfg.num_layers == 12 and model.low.cfg.num_layers == 6  # the default teacher below
 
 
 def test_cli_methods_name_the_teacher_and_every_shipped_student(tmp_path):

@@ -449,6 +449,17 @@ def eval_cmd(
         help="A probe: below 1, the teacher starts from each held-out real clip noised to this level (SDEdit) "
         "instead of pure noise, to see what of its layout and motion it keeps.",
     ),
+    teacher_high: str | None = typer.Option(
+        None,
+        "--teacher-high",
+        help="A high-noise expert DiT (folder or bundled name, trained with sigma_min): it denoises the "
+        "teacher's steps at noise levels >= --teacher-boundary, the teacher the rest (Wan2.2's split).",
+    ),
+    teacher_boundary: float = typer.Option(
+        0.7,
+        "--teacher-boundary",
+        help="Noise level in (0, 1) where --teacher-high hands over to the teacher (its sigma_min).",
+    ),
     students: list[str] = typer.Option(
         [],
         "--student",
@@ -504,6 +515,8 @@ def eval_cmd(
             teacher_guidance,
             teacher_start_sigma,
             decoder_dtype,
+            teacher_high=teacher_high,
+            teacher_boundary=teacher_boundary,
         )
     except (ValueError, FileNotFoundError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
@@ -516,6 +529,8 @@ def eval_cmd(
     if "teacher" in runs:
         report["teacher_guidance"] = teacher_guidance
         report["teacher_start_sigma"] = teacher_start_sigma
+        if teacher_high:
+            report["teacher_high"] = {"model": teacher_high, "boundary": teacher_boundary}
     table = Table(title=f"{cfg.prompts}: means [95% CI]")
     keys = ("colour_accuracy", "shape_accuracy", "direction_accuracy", "speed_accuracy", "saturation_slope")
     for col in ("method", "length", *keys, "fvd_world"):
@@ -557,6 +572,9 @@ def _eval_methods(
     teacher_guidance: float = 5.0,
     teacher_start_sigma: float = 1.0,
     decoder_dtype: str | None = None,
+    *,
+    teacher_high: str | None = None,
+    teacher_boundary: float = 0.7,
 ):
     """Build the evaluation methods the options ask for (errors name the bad option)."""
     from diagvid import evaluate as ev
@@ -575,8 +593,10 @@ def _eval_methods(
         raise ValueError(f"--teacher-guidance {teacher_guidance}: the CFG scale must be a finite number >= 0")
     if not 0 < teacher_start_sigma <= 1:
         raise ValueError(f"--teacher-start-sigma {teacher_start_sigma}: must be in (0, 1]")
+    if not 0 < teacher_boundary < 1:
+        raise ValueError(f"--teacher-boundary {teacher_boundary}: must be a noise level in (0, 1)")
     if methods is None:
-        methods = "real" if (teacher or students) else "all"
+        methods = "real" if (teacher or teacher_high or students) else "all"
     builtin = [m.strip() for m in methods.split(",") if m.strip()]
     if builtin == ["all"]:
         builtin = list(allowed)
@@ -586,7 +606,7 @@ def _eval_methods(
                 f"--methods: unknown method {m!r}; allowed: all, {', '.join(allowed)} "
                 "(add your own models with --teacher/--student)"
             )
-    if teacher and "teacher" not in builtin:
+    if (teacher or teacher_high) and "teacher" not in builtin:
         builtin.append("teacher")
     parsed = []
     for spec in students:  # syntax first, before loading anything
@@ -614,6 +634,11 @@ def _eval_methods(
             runs[m] = ev.vae_method(codec)
         elif m == "teacher":  # the bundled toy teacher unless --teacher names another
             dit = load_dit_model(teacher or "toy/teacher", device=codec.device)
+            if teacher_high:
+                from diagvid.model.experts import NoiseExperts
+
+                high = load_dit_model(teacher_high, device=codec.device)
+                dit = NoiseExperts(high, dit, teacher_boundary)
             runs[m] = ev.teacher_method(
                 dit,
                 codec,

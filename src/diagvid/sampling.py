@@ -27,6 +27,11 @@ def shift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor | flo
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+def unshift_sigma(sigma: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """The inverse of `shift_sigma`: the unshifted level whose shifted level is `sigma`."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
 def training_table(shift: float, n: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
     """The shifted sigma table of the reference scheduler: n entries from 1 down to about shift/n/(...)."""
     base = 1.0 - torch.arange(n, dtype=torch.float64) / n  # linspace(1, 0, n+1) without the final 0

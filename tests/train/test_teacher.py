@@ -137,6 +137,29 @@ def test_frame_noise_noises_each_latent_frame_at_its_own_level(frame_noise):
     torch.testing.assert_close(std, sigma, atol=0.0, rtol=0.15)
 
 
+@pytest.mark.parametrize("frame_noise", [0.0, 1.0])
+def test_a_sigma_range_restricts_the_shifted_levels_to_it(frame_noise):
+    from diagvid.sampling import shift_sigma, unshift_sigma
+    from diagvid.train.teacher import noised_latents
+
+    u = torch.rand(100, dtype=torch.float64)
+    torch.testing.assert_close(unshift_sigma(shift_sigma(u, 3.0), 3.0), u)
+    x0 = torch.zeros(4000, 1, 2, 1, 1)
+    _, t, _ = noised_latents(x0, 3.0, torch.Generator().manual_seed(0), frame_noise, sigmas=(0.7, 0.9))
+    sigma = t / 1000
+    assert sigma.min() >= 0.7 - 1e-6 and sigma.max() <= 0.9 + 1e-6
+    # the shifted density restricted to the range: P(sigma <= 0.8 | 0.7 <= sigma <= 0.9) under shift 3
+    u = [unshift_sigma(s, 3.0) for s in (0.7, 0.8, 0.9)]
+    expected = (u[1] - u[0]) / (u[2] - u[0])
+    assert abs((sigma <= 0.8).float().mean().item() - expected) < 0.03
+    # the full range draws the very levels the default does (runs recorded before the option resume alike)
+    gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    full = noised_latents(x0[:8], 3.0, gen_a, frame_noise, sigmas=(0.0, 1.0))
+    default = noised_latents(x0[:8], 3.0, gen_b, frame_noise)
+    for a, b in zip(full, default, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_bad_recipes_fail_before_compute(codec_folders, tmp_path):
     with pytest.raises(ValueError, match="num_frames=6 must be 1 \\+ 4k"):
         from_dict(TeacherConfig, {"data": {"num_frames": 6}})
@@ -155,6 +178,10 @@ def test_bad_recipes_fail_before_compute(codec_folders, tmp_path):
         from_dict(TeacherConfig, {"direction_contrast": -1.0})
     with pytest.raises(ValueError, match=r"contrast_temperature=0.0 must be > 0"):
         from_dict(TeacherConfig, {"contrast_temperature": 0.0})
+    with pytest.raises(
+        ValueError, match=r"sigma_min=0.8, sigma_max=0.5: need 0 <= sigma_min < sigma_max <= 1"
+    ):
+        from_dict(TeacherConfig, {"sigma_min": 0.8, "sigma_max": 0.5})
     with pytest.raises(ValueError, match=r"val_clips=6 must be in \[0, 6\)"):
         from_dict(TeacherConfig, {"val_clips": 6, "data": {"num_clips": 6}})
 

@@ -18,7 +18,7 @@ import torch
 
 from diagvid.config import to_dict
 from diagvid.model.dit import DiTConfig, WanDiT, preset
-from diagvid.sampling import FlowMatch, shift_sigma
+from diagvid.sampling import FlowMatch, shift_sigma, unshift_sigma
 from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, start_run
 
 log = logging.getLogger("diagvid.train")
@@ -87,6 +87,11 @@ class TeacherConfig:
     caption_dropout: float = 0.1
     train_shift: float = 3.0
     """noise levels are shift(u), u ~ U(0, 1): more weight on high noise"""
+    sigma_min: float = 0.0
+    sigma_max: float = 1.0
+    """train (and validate) only at noise levels in [sigma_min, sigma_max], with the shifted density of the
+    full range restricted to it: an expert for one part of the trajectory (`diagvid.model.experts`), e.g.
+    a high-noise expert with sigma_min = 0.7 that lays out the clip, as Wan2.2 splits its denoiser"""
     frame_noise: float = 0.0
     """fraction of training clips noised with an independent level per latent frame (Diffusion Forcing);
     the others get one level for the whole clip, the state the sampler sees"""
@@ -114,6 +119,10 @@ class TeacherConfig:
             raise ValueError(f"data.num_frames={self.data.num_frames} must be 1 + 4k (Wan VAE)")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
+        if not 0 <= self.sigma_min < self.sigma_max <= 1:
+            raise ValueError(
+                f"sigma_min={self.sigma_min}, sigma_max={self.sigma_max}: need 0 <= sigma_min < sigma_max <= 1"
+            )
         if not 0 <= self.frame_noise <= 1:
             raise ValueError(f"frame_noise={self.frame_noise} must be in [0, 1]")
         if self.direction_contrast < 0:
@@ -185,23 +194,37 @@ def flow_matching_loss(
     shift: float,
     gen: torch.Generator | None = None,
     frame_noise: float = 0.0,
+    sigmas: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
-    """MSE between predicted and true velocity at shifted-uniform noise levels: one per sample, or, for a
-    `frame_noise` fraction of the samples, one per latent frame."""
-    x_t, t, target = noised_latents(x0, shift, gen, frame_noise)
+    """MSE between predicted and true velocity at shifted-uniform noise levels in the range `sigmas`: one
+    per sample, or, for a `frame_noise` fraction of the samples, one per latent frame."""
+    x_t, t, target = noised_latents(x0, shift, gen, frame_noise, sigmas)
     v = model(x_t, t, ctx, attention="full")
     return torch.nn.functional.mse_loss(v.float(), target.float())
 
 
 def noised_latents(
-    x0: torch.Tensor, shift: float, gen: torch.Generator | None = None, frame_noise: float = 0.0
+    x0: torch.Tensor,
+    shift: float,
+    gen: torch.Generator | None = None,
+    frame_noise: float = 0.0,
+    sigmas: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The flow-matching training input: (x_t, timesteps [B] or [B, F], velocity target) for latents x0."""
+    """The flow-matching training input: (x_t, timesteps [B] or [B, F], velocity target) for latents x0.
+
+    Noise levels are shift(u), u uniform over the u whose shifted level lies in `sigmas` (all of [0, 1] by
+    default): a narrower range keeps the shifted density, restricted to it.
+    """
     b, f = x0.shape[0], x0.shape[2]
-    u = torch.rand(b, generator=gen)
+    lo, hi = (unshift_sigma(s, shift) for s in sigmas)
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+    u = uniform(b)
     if frame_noise > 0:
         per_frame = torch.rand(b, generator=gen) < frame_noise
-        u = torch.where(per_frame[:, None], torch.rand(b, f, generator=gen), u[:, None])
+        u = torch.where(per_frame[:, None], uniform(b, f), u[:, None])
     sigma = shift_sigma(u, shift).to(x0.device)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     fm = FlowMatch(shift=1.0, sigma_mode="exact")  # sigma is already shifted; t = 1000 sigma exactly
@@ -218,6 +241,7 @@ def direction_contrast_loss(
     shift: float,
     temperature: float,
     frame_noise: float = 0.0,
+    sigmas: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flow matching plus a contrast that makes the model read the direction words.
 
@@ -230,7 +254,7 @@ def direction_contrast_loss(
 
     Returns (flow-matching loss over the batch, contrast loss over the contrasted clips, their mean gap g).
     """
-    x_t, t, target = noised_latents(x0, shift, frame_noise=frame_noise)
+    x_t, t, target = noised_latents(x0, shift, frame_noise=frame_noise, sigmas=sigmas)
     sel = contrasted.nonzero().flatten()
     both_ctx = torch.cat([ctx, wrong_ctx[sel]])
     v = model(torch.cat([x_t, x_t[sel]]), torch.cat([t, t[sel]]), both_ctx, attention="full")
@@ -292,7 +316,12 @@ def grown(model: WanDiT, cfg: DiTConfig, where: str = "the model") -> WanDiT:
 
 @torch.no_grad()
 def validation_loss(
-    model: WanDiT, x0: torch.Tensor, ctx: torch.Tensor, shift: float, batch: int = 8
+    model: WanDiT,
+    x0: torch.Tensor,
+    ctx: torch.Tensor,
+    shift: float,
+    batch: int = 8,
+    sigmas: tuple[float, float] = (0.0, 1.0),
 ) -> float:
     """Flow-matching loss on fixed latents at fixed noise levels and noise: comparable across steps and runs.
 
@@ -304,7 +333,8 @@ def validation_loss(
     total = 0.0
     for a in range(0, len(x0), batch):
         part = x0[a : a + batch]
-        total += flow_matching_loss(model, part, ctx[a : a + batch], shift, gen).item() * len(part)
+        loss = flow_matching_loss(model, part, ctx[a : a + batch], shift, gen, sigmas=sigmas)
+        total += loss.item() * len(part)
     model.train(was_training)
     return total / len(x0)
 
@@ -402,6 +432,7 @@ def train_teacher(
         return text_cache[caption]
 
     n = latents.shape[0] - cfg.val_clips
+    sigmas = (cfg.sigma_min, cfg.sigma_max)
     val_latents, val_captions = latents[n:], captions[n:]
 
     perms: dict[int, torch.Tensor] = {}
@@ -441,11 +472,14 @@ def train_teacher(
                 cfg.train_shift,
                 cfg.contrast_temperature,
                 cfg.frame_noise,
+                sigmas,
             )
             loss = fm_loss + cfg.direction_contrast * contrast
             logged = {"fm_loss": fm_loss.item(), "contrast": contrast.item(), "direction_gap": gap.item()}
         else:
-            loss = flow_matching_loss(model, x0, ctx, cfg.train_shift, frame_noise=cfg.frame_noise)
+            loss = flow_matching_loss(
+                model, x0, ctx, cfg.train_shift, frame_noise=cfg.frame_noise, sigmas=sigmas
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -463,7 +497,8 @@ def train_teacher(
         if not cfg.val_clips:
             return {}
         ctx = torch.cat([embed(c) for c in val_captions])
-        return {"val_loss": round(validation_loss(ema.model, val_latents, ctx, cfg.train_shift), 5)}
+        loss = validation_loss(ema.model, val_latents, ctx, cfg.train_shift, sigmas=sigmas)
+        return {"val_loss": round(loss, 5)}
 
     run_loop(
         out_dir=out,

@@ -1,0 +1,60 @@
+"""NoiseExperts: each sample goes to the expert of its noise level, whatever the batch mixes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from diagvid.model.dit import WanDiT, preset
+from diagvid.model.experts import NoiseExperts
+from diagvid.sampling import sample_euler, teacher_timesteps
+from tests.conftest import randomize, tiny_inputs
+
+
+def _pair() -> tuple[WanDiT, WanDiT]:
+    torch.manual_seed(0)
+    return randomize(WanDiT(preset("tiny")), seed=1).eval(), randomize(WanDiT(preset("tiny")), seed=2).eval()
+
+
+@torch.no_grad()
+def test_each_sample_is_denoised_by_the_expert_of_its_level():
+    high, low = _pair()
+    experts = NoiseExperts(high, low, boundary=0.7)
+    x, _, ctx = tiny_inputs(low, batch=3, frames=3)
+    t = torch.tensor([900.0, 700.0, 699.0])  # the boundary level itself is the high expert's
+    got = experts(x, t, ctx)
+    for i, model in enumerate((high, high, low)):
+        torch.testing.assert_close(got[i : i + 1], model(x[i : i + 1], t[i : i + 1], ctx[i : i + 1]))
+    assert not torch.allclose(high(x[2:], t[2:], ctx[2:]), got[2:])  # the experts really differ
+    # per-frame timesteps: a sample goes by its noisiest frame
+    t_frames = torch.tensor([[100.0, 800.0, 100.0], [100.0, 200.0, 300.0], [750.0] * 3])
+    got = experts(x, t_frames, ctx)
+    for i, model in enumerate((high, low, high)):
+        torch.testing.assert_close(got[i : i + 1], model(x[i : i + 1], t_frames[i : i + 1], ctx[i : i + 1]))
+
+
+@torch.no_grad()
+def test_a_sampler_hands_over_at_the_boundary():
+    high, low = _pair()
+    x, _, ctx = tiny_inputs(low, batch=1, frames=3)
+    null = torch.zeros_like(ctx)
+    steps = dict(num_steps=6, shift=3.0, guidance=2.0)
+    got, _ = sample_euler(NoiseExperts(high, low, 0.5), x, ctx, null, **steps)
+    # the same trajectory by hand: the high expert above sigma 0.5, then the low one from where it stopped
+    ts = teacher_timesteps(6, 3.0)
+    n_high = sum(t >= 500 for t in ts)
+    assert 0 < n_high < 6
+    _, mid = sample_euler(high, x, ctx, null, **steps, trajectory_at=(n_high,))
+    want, _ = sample_euler(low, mid[n_high], ctx, null, **steps, start_sigma=ts[n_high] / 1000)
+    torch.testing.assert_close(got, want)
+
+
+def test_experts_must_share_the_latent_space_and_a_boundary_inside_the_trajectory():
+    high, low = _pair()
+    with pytest.raises(ValueError, match="the experts disagree on in_dim: high-noise 8, low-noise 4"):
+        NoiseExperts(WanDiT(replace(low.cfg, in_dim=8, out_dim=8)), low, 0.7)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=f"boundary={bad} must be a noise level in \\(0, 1\\)"):
+            NoiseExperts(high, low, bad)
