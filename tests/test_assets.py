@@ -10,7 +10,7 @@ from diagvid.pretrained import TOY_STUDENT_METHODS, load_dit_model, load_text_en
 from diagvid.sampling import get_schedule
 
 MAX_MB = 8.0
-"""A few MB a file: the 12-layer toy teacher is the largest, 6.7 MB in fp16."""
+"""A few MB a file: the 12-layer toy teacher and its high-noise expert are the largest, 6.7 MB in fp16."""
 
 
 @pytest.mark.parametrize("weights", sorted(ASSETS.rglob("*.safetensors")), ids=lambda p: p.parent.name)
@@ -21,7 +21,9 @@ def test_shipped_weights_are_small_and_readable_by_all(weights):
         assert len(f.keys()) > 0
 
 
-@pytest.mark.parametrize(("name", "layers"), [("toy/teacher", 6), ("toy/teacher-deep", 12)])
+@pytest.mark.parametrize(
+    ("name", "layers"), [("toy/teacher", 6), ("toy/teacher-deep", 12), ("toy/teacher-high", 12)]
+)
 def test_the_toy_teachers_fit_the_toy_codec_and_text_encoder(name, layers):
     teacher = load_dit_model(name)
     vae, text = load_vae("toy/vae"), load_text_encoder("toy/text")

@@ -246,7 +246,7 @@ def test_cli_teacher_high_splits_the_teacher_at_the_boundary(monkeypatch):
     seen = []
     monkeypatch.setattr(ev_module, "teacher_method", lambda teacher, *a, **k: seen.append(teacher))
     runs = _eval_methods(
-        None, "toy/vae", None, "toy/text", [], "cpu", teacher_high="toy/teacher-deep", teacher_boundary=0.6
+        None, "toy/vae", None, "toy/text", [], "cpu", teacher_high="toy/teacher-high", teacher_boundary=0.6
     )
     assert list(runs) == ["real", "teacher"]  # --teacher-high alone asks for the teacher method
     (model,) = seen

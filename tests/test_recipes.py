@@ -24,6 +24,7 @@ KINDS = {
     "teacher": TeacherConfig,
     "teacher-contrast": TeacherConfig,
     "teacher-deep": TeacherConfig,
+    "teacher-high": TeacherConfig,
     "ode": OdeConfig,
     "init": InitConfig,
     "distill-diagonal": DistillConfig,

@@ -453,7 +453,8 @@ def eval_cmd(
         None,
         "--teacher-high",
         help="A high-noise expert DiT (folder or bundled name, trained with sigma_min): it denoises the "
-        "teacher's steps at noise levels >= --teacher-boundary, the teacher the rest (Wan2.2's split).",
+        "teacher's steps at noise levels >= --teacher-boundary, the teacher the rest (Wan2.2's split); "
+        "toy/teacher-high is toy/teacher-deep's, trained at 0.7 and up.",
     ),
     teacher_boundary: float = typer.Option(
         0.7,
