@@ -140,7 +140,11 @@ def test_cli_eval_writes_the_report(tmp_path):
         (["--teacher-guidance", "-1"], "--teacher-guidance -1.0: the CFG scale must be a finite number >= 0"),
         (["--teacher-start-sigma", "0"], "--teacher-start-sigma 0.0: must be in (0, 1]"),
         (["--teacher-start-sigma", "1.5"], "--teacher-start-sigma 1.5: must be in (0, 1]"),
-        (["--teacher-boundary", "1"], "--teacher-boundary 1.0: must be a noise level in (0, 1)"),
+        (
+            ["--teacher-high", "toy/teacher-high", "--teacher-boundary", "1"],
+            "--teacher-boundary 1.0: must be a noise level in (0, 1)",
+        ),
+        (["--teacher-boundary", "0.6"], "--teacher-boundary 0.6: only means something with --teacher-high"),
     ],
 )
 def test_cli_eval_errors(args, message):

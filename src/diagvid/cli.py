@@ -456,10 +456,10 @@ def eval_cmd(
         "teacher's steps at noise levels >= --teacher-boundary, the teacher the rest (Wan2.2's split); "
         "toy/teacher-high is toy/teacher-deep's, trained at 0.7 and up.",
     ),
-    teacher_boundary: float = typer.Option(
-        0.7,
+    teacher_boundary: float | None = typer.Option(
+        None,
         "--teacher-boundary",
-        help="Noise level in (0, 1) where --teacher-high hands over to the teacher (its sigma_min).",
+        help="Noise level in (0, 1) where --teacher-high hands over to the teacher (its sigma_min; default 0.7).",
     ),
     students: list[str] = typer.Option(
         [],
@@ -531,7 +531,10 @@ def eval_cmd(
         report["teacher_guidance"] = teacher_guidance
         report["teacher_start_sigma"] = teacher_start_sigma
         if teacher_high:
-            report["teacher_high"] = {"model": teacher_high, "boundary": teacher_boundary}
+            from diagvid.model.experts import TOY_BOUNDARY
+
+            boundary = TOY_BOUNDARY if teacher_boundary is None else teacher_boundary
+            report["teacher_high"] = {"model": teacher_high, "boundary": boundary}
     table = Table(title=f"{cfg.prompts}: means [95% CI]")
     keys = ("colour_accuracy", "shape_accuracy", "direction_accuracy", "speed_accuracy", "saturation_slope")
     for col in ("method", "length", *keys, "fvd_world"):
@@ -575,7 +578,7 @@ def _eval_methods(
     decoder_dtype: str | None = None,
     *,
     teacher_high: str | None = None,
-    teacher_boundary: float = 0.7,
+    teacher_boundary: float | None = None,
 ):
     """Build the evaluation methods the options ask for (errors name the bad option)."""
     from diagvid import evaluate as ev
@@ -594,7 +597,9 @@ def _eval_methods(
         raise ValueError(f"--teacher-guidance {teacher_guidance}: the CFG scale must be a finite number >= 0")
     if not 0 < teacher_start_sigma <= 1:
         raise ValueError(f"--teacher-start-sigma {teacher_start_sigma}: must be in (0, 1]")
-    if not 0 < teacher_boundary < 1:
+    if teacher_boundary is not None and not teacher_high:
+        raise ValueError(f"--teacher-boundary {teacher_boundary}: only means something with --teacher-high")
+    if teacher_boundary is not None and not 0 < teacher_boundary < 1:
         raise ValueError(f"--teacher-boundary {teacher_boundary}: must be a noise level in (0, 1)")
     if methods is None:
         methods = "real" if (teacher or teacher_high or students) else "all"
@@ -636,10 +641,10 @@ def _eval_methods(
         elif m == "teacher":  # the bundled toy teacher unless --teacher names another
             dit = load_dit_model(teacher or "toy/teacher", device=codec.device)
             if teacher_high:
-                from diagvid.model.experts import NoiseExperts
+                from diagvid.model.experts import TOY_BOUNDARY, NoiseExperts
 
                 high = load_dit_model(teacher_high, device=codec.device)
-                dit = NoiseExperts(high, dit, teacher_boundary)
+                dit = NoiseExperts(high, dit, TOY_BOUNDARY if teacher_boundary is None else teacher_boundary)
             runs[m] = ev.teacher_method(
                 dit,
                 codec,

@@ -14,6 +14,9 @@ from torch import nn
 from diagvid.model.dit import WanDiT
 from diagvid.sampling import NUM_TRAIN_TIMESTEPS
 
+TOY_BOUNDARY = 0.7
+"""the noise level the bundled high-noise expert `toy/teacher-high` was trained from (its sigma_min)"""
+
 
 class NoiseExperts(nn.Module):
     """`high` denoises samples whose noise level is >= `boundary` (a sigma in (0, 1)), `low` the rest."""
