@@ -145,6 +145,14 @@ def test_cli_eval_writes_the_report(tmp_path):
             "--teacher-boundary 1.0: must be a noise level in (0, 1)",
         ),
         (["--teacher-boundary", "0.6"], "--teacher-boundary 0.6: only means something with --teacher-high"),
+        (
+            ["--teacher-high-guidance", "3"],
+            "--teacher-high-guidance 3.0: only means something with --teacher-high",
+        ),
+        (
+            ["--teacher-high", "toy/teacher-high", "--teacher-high-guidance", "inf"],
+            "--teacher-high-guidance inf: the CFG scale must be a finite number >= 0",
+        ),
     ],
 )
 def test_cli_eval_errors(args, message):
@@ -248,14 +256,29 @@ def test_cli_teacher_high_splits_the_teacher_at_the_boundary(monkeypatch):
     from diagvid.model.experts import NoiseExperts
 
     seen = []
-    monkeypatch.setattr(ev_module, "teacher_method", lambda teacher, *a, **k: seen.append(teacher))
+    monkeypatch.setattr(ev_module, "teacher_method", lambda teacher, *a, **k: seen.append((teacher, k)))
     runs = _eval_methods(
         None, "toy/vae", None, "toy/text", [], "cpu", teacher_high="toy/teacher-high", teacher_boundary=0.6
     )
     assert list(runs) == ["real", "teacher"]  # --teacher-high alone asks for the teacher method
-    (model,) = seen
+    ((model, kwargs),) = seen
     assert isinstance(model, NoiseExperts) and model.boundary == 0.6
     assert model.high.cfg.num_layers == 12 and model.low.cfg.num_layers == 6  # the default teacher below
+    assert kwargs["guidance_above"] is None  # one scale for both experts unless asked
+    seen.clear()
+    _eval_methods(
+        None,
+        "toy/vae",
+        None,
+        "toy/text",
+        [],
+        "cpu",
+        teacher_guidance=2.0,
+        teacher_high="toy/teacher-high",
+        teacher_high_guidance=4.0,
+    )
+    ((model, kwargs),) = seen  # the expert's own scale from the experts' boundary (the default, 0.7) up
+    assert model.boundary == 0.7 and kwargs["guidance_above"] == (0.7, 4.0) and kwargs["guidance"] == 2.0
 
 
 def test_cli_methods_name_the_teacher_and_every_shipped_student(tmp_path):

@@ -143,3 +143,22 @@ def test_euler_sampler_applies_guidance():
     out, _ = sample_euler(field, noise, cond, null, num_steps=4, guidance=3.0)
     # v = 1 + 3 * (2 - 1) = 4 everywhere, integrated over sigma 1 -> 0
     assert torch.allclose(out, torch.full_like(out, -4.0), atol=1e-5)
+
+
+def test_euler_sampler_can_guide_the_high_noise_steps_with_their_own_scale():
+    from diagvid.sampling import sample_euler, teacher_timesteps
+
+    def field(x, t, ctx):  # velocity = the context value, per sample
+        return ctx.view(-1, 1, 1, 1, 1).expand_as(x)
+
+    noise = torch.zeros(1, 1, 1, 2, 2)
+    cond, null = torch.full((1, 1), 2.0), torch.full((1, 1), 1.0)
+    steps = dict(num_steps=6, shift=3.0, guidance=3.0)
+    out, _ = sample_euler(field, noise, cond, null, **steps, guidance_above=(0.5, 1.0))
+    # v = 2 (the scale-1 velocity, v_c) at levels >= 0.5 and 1 + 3 * (2 - 1) = 4 below: integrate by hand
+    ts = [*teacher_timesteps(6, 3.0), 0.0]
+    want = sum((b - a) / 1000 * (2.0 if a >= 500 else 4.0) for a, b in itertools.pairwise(ts))
+    assert 0 < sum(a >= 500 for a in ts) < 6  # both scales are used
+    assert torch.allclose(out, torch.full_like(out, want), atol=1e-5)
+    with pytest.raises(ValueError, match=r"guidance_above=\(1.0, 2.0\): its noise level must be in \(0, 1\)"):
+        sample_euler(field, noise, cond, null, **steps, guidance_above=(1.0, 2.0))

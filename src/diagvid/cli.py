@@ -461,6 +461,12 @@ def eval_cmd(
         "--teacher-boundary",
         help="Noise level in (0, 1) where --teacher-high hands over to the teacher (its sigma_min; default 0.7).",
     ),
+    teacher_high_guidance: float | None = typer.Option(
+        None,
+        "--teacher-high-guidance",
+        help="The CFG scale of --teacher-high's steps, as Wan2.2 guides its two experts apart (default: "
+        "--teacher-guidance).",
+    ),
     students: list[str] = typer.Option(
         [],
         "--student",
@@ -518,6 +524,7 @@ def eval_cmd(
             decoder_dtype,
             teacher_high=teacher_high,
             teacher_boundary=teacher_boundary,
+            teacher_high_guidance=teacher_high_guidance,
         )
     except (ValueError, FileNotFoundError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
@@ -534,7 +541,8 @@ def eval_cmd(
             from diagvid.model.experts import TOY_BOUNDARY
 
             boundary = TOY_BOUNDARY if teacher_boundary is None else teacher_boundary
-            report["teacher_high"] = {"model": teacher_high, "boundary": boundary}
+            high_guidance = teacher_guidance if teacher_high_guidance is None else teacher_high_guidance
+            report["teacher_high"] = {"model": teacher_high, "boundary": boundary, "guidance": high_guidance}
     table = Table(title=f"{cfg.prompts}: means [95% CI]")
     keys = ("colour_accuracy", "shape_accuracy", "direction_accuracy", "speed_accuracy", "saturation_slope")
     for col in ("method", "length", *keys, "fvd_world"):
@@ -579,6 +587,7 @@ def _eval_methods(
     *,
     teacher_high: str | None = None,
     teacher_boundary: float | None = None,
+    teacher_high_guidance: float | None = None,
 ):
     """Build the evaluation methods the options ask for (errors name the bad option)."""
     from diagvid import evaluate as ev
@@ -601,6 +610,16 @@ def _eval_methods(
         raise ValueError(f"--teacher-boundary {teacher_boundary}: only means something with --teacher-high")
     if teacher_boundary is not None and not 0 < teacher_boundary < 1:
         raise ValueError(f"--teacher-boundary {teacher_boundary}: must be a noise level in (0, 1)")
+    if teacher_high_guidance is not None and not teacher_high:
+        raise ValueError(
+            f"--teacher-high-guidance {teacher_high_guidance}: only means something with --teacher-high"
+        )
+    if teacher_high_guidance is not None and not (
+        math.isfinite(teacher_high_guidance) and teacher_high_guidance >= 0
+    ):
+        raise ValueError(
+            f"--teacher-high-guidance {teacher_high_guidance}: the CFG scale must be a finite number >= 0"
+        )
     if methods is None:
         methods = "real" if (teacher or teacher_high or students) else "all"
     builtin = [m.strip() for m in methods.split(",") if m.strip()]
@@ -640,17 +659,22 @@ def _eval_methods(
             runs[m] = ev.vae_method(codec)
         elif m == "teacher":  # the bundled toy teacher unless --teacher names another
             dit = load_dit_model(teacher or "toy/teacher", device=codec.device)
+            guidance_above = None
             if teacher_high:
                 from diagvid.model.experts import TOY_BOUNDARY, NoiseExperts
 
                 high = load_dit_model(teacher_high, device=codec.device)
-                dit = NoiseExperts(high, dit, TOY_BOUNDARY if teacher_boundary is None else teacher_boundary)
+                boundary = TOY_BOUNDARY if teacher_boundary is None else teacher_boundary
+                dit = NoiseExperts(high, dit, boundary)
+                if teacher_high_guidance is not None:
+                    guidance_above = (boundary, teacher_high_guidance)
             runs[m] = ev.teacher_method(
                 dit,
                 codec,
                 load_text_encoder(text),
                 guidance=teacher_guidance,
                 start_sigma=teacher_start_sigma,
+                guidance_above=guidance_above,
             )
         else:
             pipe_and_schedule = load_toy_student(

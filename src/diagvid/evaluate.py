@@ -128,6 +128,7 @@ def teacher_method(
     shift: float = 5.0,
     guidance: float = 5.0,
     start_sigma: float = 1.0,
+    guidance_above: tuple[float, float] | None = None,
 ) -> Method:
     """The undistilled teacher: full attention over the whole clip, Euler + CFG, then one decode to
     `size` x `size` pixels.
@@ -136,6 +137,7 @@ def teacher_method(
     noised to the first step of the schedule at or below that level with the prompt's seeded noise, and run
     the remaining steps (SDEdit). It tells how much of a real clip's layout and motion the teacher keeps
     from a given noise level on; at 1 the start is the noise alone, the plain sampler.
+    `guidance_above=(sigma, w)`: the CFG scale w at noise levels >= sigma (a high-noise expert's own scale).
     """
     from diagvid.model.vae import frames_to_tensor, latent_frames, tensor_to_frames
     from diagvid.sampling import NUM_TRAIN_TIMESTEPS, partial_timesteps, sample_euler
@@ -167,6 +169,7 @@ def teacher_method(
                 shift=shift,
                 guidance=guidance,
                 start_sigma=start_sigma,
+                guidance_above=guidance_above,
             )
             out.append(tensor_to_frames(vae.decode(x0)[0]))
         return out

@@ -264,6 +264,7 @@ def sample_euler(
     guidance: float = 5.0,
     trajectory_at: Sequence[int] = (),
     start_sigma: float = 1.0,
+    guidance_above: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The teacher's sampler: Euler on the flow ODE over `num_steps` shifted steps, classifier-free guidance.
 
@@ -273,20 +274,26 @@ def sample_euler(
     `num_steps` is the final sample).
     `start_sigma` < 1 runs only the schedule's steps from `partial_timesteps(num_steps, shift, start_sigma)[0]`
     on: `noise` must then be a sample at that level (SDEdit); `trajectory_at` counts from there.
+    `guidance_above=(sigma, w)` uses the scale w instead at the steps whose noise level is >= sigma, as Wan2.2
+    gives its high-noise expert its own scale (`NoiseExperts`; pass the same boundary).
     """
+    if guidance_above is not None and not 0 < guidance_above[0] < 1:
+        raise ValueError(f"guidance_above={guidance_above}: its noise level must be in (0, 1)")
     ts = [*partial_timesteps(num_steps, shift, start_sigma), 0.0]
     x = noise
     saved = {}
-    use_cfg = null_context is not None and guidance != 1.0
     for i in range(len(ts) - 1):
         if i in trajectory_at:
             saved[i] = x.clone()
         t = torch.full((x.shape[0],), ts[i], device=x.device)
-        if use_cfg:
+        w = guidance
+        if guidance_above is not None and ts[i] >= guidance_above[0] * NUM_TRAIN_TIMESTEPS:
+            w = guidance_above[1]
+        if null_context is not None and w != 1.0:
             v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, null_context])).chunk(
                 2
             )
-            v = v_u + guidance * (v_c - v_u)
+            v = v_u + w * (v_c - v_u)
         else:
             v = model(x, t, context)
         x = x + (ts[i + 1] - ts[i]) / NUM_TRAIN_TIMESTEPS * v  # sigma goes down: dt < 0
