@@ -247,7 +247,7 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch):
     _eval_methods(
         "teacher", "toy/vae", None, "toy/text", [], "cpu", teacher_guidance=2.0, teacher_start_sigma=0.5
     )
-    assert seen == {"guidance": 2.0, "start_sigma": 0.5}
+    assert seen == {"guidance": 2.0, "start_sigma": 0.5, "guidance_above": None}
 
 
 def test_cli_teacher_high_splits_the_teacher_at_the_boundary(monkeypatch):
