@@ -123,6 +123,47 @@ def test_endless_stream_holds_no_more_tensors_after_many_window_wraps():
     assert abs(mb_last - mb_first) < 0.05, report
 
 
+def test_cli_stream_seconds_reports_memory_inside_one_rolling_stream(tmp_path):
+    """diagvid bench --stream-seconds: one diagonal stream through a rolling window, its report in JSON (the
+    GPU run's "memory flat over a 60 s stream"); flags that belong to the method suite are refused."""
+    from diagvid.cli import app
+
+    out = tmp_path / "stream.json"
+    args = ["bench", "--suite", "tiny", "--device", "cpu", "--stream-seconds", "5", "--window-frames", "6"]
+    result = CliRunner().invoke(app, [*args, "--sink-frames", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["window_frames"] == 6 and report["sink_frames"] == 2 and report["dtype"] == "float32"
+    assert report["frames"] >= 5 * 16 and report["chunks"] >= 10  # 16 fps, every frame of 5 s
+    assert report["probed_chunks_first_last"] == [1, 10 * (report["chunks"] // 10)]
+    assert report["live_tensors_first_last"][0] == report["live_tensors_first_last"][1]
+    mixed = CliRunner().invoke(app, [*args, "--methods", "diagonal", "--repeats", "3"])
+    assert mixed.exit_code == 2 and "drop --methods, --repeats" in " ".join(mixed.output.split())
+    sink = CliRunner().invoke(app, [*args, "--sink-frames", "6"])
+    assert sink.exit_code == 2 and "sink_frames=6" in " ".join(sink.output.split())
+
+
+def test_bench_names_an_unknown_dtype_and_a_missing_gpu():
+    from diagvid.bench import stream_memory
+
+    with pytest.raises(ValueError, match="dtype 'int8'; allowed: bf16, fp16, fp32"):
+        run_bench("tiny", device="cpu", dtype="int8", random_weights=True)
+    with pytest.raises(ValueError, match="seconds=0 must be > 0"):
+        stream_memory("tiny", 0, window_frames=6)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="this torch sees no CUDA device"):
+            stream_memory("tiny", 1, window_frames=6, device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stream_memory_on_gpu_holds_the_same_allocation_after_the_window_wraps():
+    from diagvid.bench import stream_memory
+
+    report = stream_memory("tiny", 10, window_frames=6, device="cuda")
+    per_probe = list(report["gpu_allocated_mb_per_probe"].values())
+    assert len(per_probe) >= 3 and max(per_probe[1:]) - min(per_probe[1:]) < 1.0, report
+
+
 def test_unknown_compile_mode_is_refused_before_any_model_is_built():
     with pytest.raises(ValueError, match="compile mode 'fast'; allowed: default, reduce-overhead"):
         run_bench("tiny", device="cpu", warmup=False, compile_mode="fast")

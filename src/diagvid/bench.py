@@ -145,6 +145,20 @@ def trained(
     )
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """The run's device (default: cuda if present) and weight precision (default: bf16 on GPU, fp32 on CPU)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch sees no CUDA device")
+    default = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, DTYPES[dtype] if dtype else default
+
+
 def build(
     suite: Suite,
     device: torch.device,
@@ -287,9 +301,7 @@ def run_bench(
         raise ValueError(f"compile mode {compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats={repeats!r} must be an int >= 1")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
-    dt = dt or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dev, dt = _device_and_dtype(device, dtype)
     if not random_weights and suite_name != "toy":
         raise ValueError(f"suite {suite_name!r} ships no trained weights; time it with random weights")
     if overlap_decode:
@@ -440,16 +452,39 @@ def _retained_rss_mb() -> float | None:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def stream_memory(suite_name: str, seconds: float, window_frames: int, sink_frames: int = 3) -> dict:
+def _allocated_mb(device: torch.device) -> float | None:
+    """Memory the CUDA caching allocator has handed out to live tensors now (None on a CPU)."""
+    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def stream_memory(
+    suite_name: str,
+    seconds: float,
+    window_frames: int,
+    sink_frames: int = 3,
+    device: str | None = "cpu",
+    dtype: str | None = None,
+) -> dict:
     """Memory of one endless-style stream with a rolling window (run once per process to compare lengths).
 
     Peak RSS includes whatever the allocator keeps cached, so it rises a little with the number of chunks
     even when nothing leaks; the live tensors and the trimmed RSS after the first and the last chunk tell a
-    leak (they grow) from allocator slack (they do not).
+    leak (they grow) from allocator slack (they do not). On CUDA the peak is the GPU's
+    (`max_memory_allocated`) and every probe also records the GPU memory held by live tensors, which a
+    flat stream keeps constant from the first probe on. `device=None` takes CUDA if present.
     """
+    if suite_name not in SUITES:
+        raise ValueError(f"unknown suite {suite_name!r}; allowed: {sorted(SUITES)}")
+    if not seconds > 0:
+        raise ValueError(f"seconds={seconds} must be > 0")
+    if window_frames < 1 or not 0 <= sink_frames < window_frames:
+        raise ValueError(
+            f"window_frames={window_frames}, sink_frames={sink_frames}: need window_frames >= 1 and "
+            "0 <= sink_frames < window_frames"
+        )
+    dev, dt = _device_and_dtype(device, dtype)
     suite = SUITES[suite_name]
-    dev = torch.device("cpu")
-    pipe = build(suite, dev, torch.float32)
+    pipe = build(suite, dev, dt)
     pipe.config.window_frames, pipe.config.sink_frames, pipe.config.rope = window_frames, sink_frames, "cache"
     _reset_peak(dev)
     frames = chunks = 0
@@ -461,18 +496,31 @@ def stream_memory(suite_name: str, seconds: float, window_frames: int, sink_fram
         chunks += 1
         if chunks == 1 or chunks % 10 == 0:
             t = time.perf_counter()
-            probes.append({"chunk": chunks, "tensors": _live_tensors(), "rss": _retained_rss_mb()})
+            probes.append(
+                {
+                    "chunk": chunks,
+                    "tensors": _live_tensors(),
+                    "rss": _retained_rss_mb(),
+                    "gpu": _allocated_mb(dev),
+                }
+            )
             measuring += time.perf_counter() - t
     wall = time.perf_counter() - t0 - measuring
     peak = _peak_mb(dev)
     first, last = probes[0], probes[-1]
-    return {
+    report = {
+        "suite": suite_name,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dtype": str(dt).removeprefix("torch."),
+        "torch": torch.__version__,
         "seconds": seconds,
         "frames": frames,
         "chunks": chunks,
         "window_frames": window_frames,
+        "sink_frames": sink_frames,
         "wall_s": round(wall, 2),
-        "peak_rss_mb": round(peak, 1),
+        "fps": round(frames / wall, 2) if wall > 0 else None,
+        "peak_mem_mb" if dev.type == "cuda" else "peak_rss_mb": round(peak, 1) if peak is not None else None,
         "probed_chunks_first_last": [first["chunk"], last["chunk"]],
         "live_tensors_first_last": [first["tensors"][0], last["tensors"][0]],
         "live_tensor_mb_first_last": [round(first["tensors"][1], 2), round(last["tensors"][1], 2)],
@@ -480,3 +528,6 @@ def stream_memory(suite_name: str, seconds: float, window_frames: int, sink_fram
             None if v is None else round(v, 1) for v in (first["rss"], last["rss"])
         ],
     }
+    if dev.type == "cuda":
+        report["gpu_allocated_mb_per_probe"] = {p["chunk"]: round(p["gpu"], 1) for p in probes}
+    return report

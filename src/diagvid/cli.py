@@ -354,17 +354,56 @@ def bench(
     ),
     overlap_decode: bool = typer.Option(False, "--overlap-decode", help=OVERLAP_HELP),
     decode_threads: int = typer.Option(1, "--decode-threads", help=DECODE_THREADS_HELP),
+    stream_seconds: float | None = typer.Option(
+        None,
+        "--stream-seconds",
+        help="Instead of the methods: one diagonal stream this long with a rolling KV window (random weights), "
+        "reporting memory inside the stream (flat means no leak).",
+    ),
+    window_frames: int = typer.Option(
+        21, "--window-frames", help="With --stream-seconds: latent frames the rolling KV window keeps."
+    ),
+    sink_frames: int = typer.Option(
+        3, "--sink-frames", help="With --stream-seconds: first latent frames the window always keeps."
+    ),
 ) -> None:
     """Time every method in one process: NFE, FPS (DiT-only and end to end), time to first frame, memory."""
     from pathlib import Path
 
     from rich.table import Table
 
-    from diagvid.bench import run_bench
+    from diagvid.bench import run_bench, stream_memory
 
     try:
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)  # fail on an unwritable path before timing
+        if stream_seconds is not None:
+            ignored = [
+                flag
+                for flag, used in (
+                    ("--methods", methods is not None),
+                    ("--compile", compile_mode is not None),
+                    ("--decoder", decoder != "vae"),
+                    ("--decoder-dtype", decoder_dtype is not None),
+                    ("--repeats", repeats != 1),
+                    ("--overlap-decode", overlap_decode),
+                    ("--quick", quick),
+                    ("--teacher-timed-steps", teacher_steps is not None),
+                )
+                if used
+            ]
+            if ignored:
+                raise ValueError(
+                    f"--stream-seconds runs one plain diagonal stream; drop {', '.join(ignored)}"
+                )
+            report = stream_memory(
+                suite, stream_seconds, window_frames, sink_frames, device=device, dtype=dtype
+            )
+            console.print_json(data=report)
+            if out:
+                Path(out).write_text(json.dumps(report, indent=2) + "\n")
+                console.print(f"wrote {out}")
+            return
         chosen = tuple(m.strip() for m in methods.split(",")) if methods else None
         if teacher_steps is not None and teacher_steps < 1:
             raise ValueError(f"--teacher-timed-steps={teacher_steps} must be >= 1")
