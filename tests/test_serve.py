@@ -468,6 +468,55 @@ def test_cli_serve_warns_when_exposed(pipe, tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "frame_format='gif'" in bad.output
 
 
+def test_overlapped_decode_serves_the_same_frames_and_stops_its_worker_with_the_server(pipe):
+    """A pipeline that decodes in a worker process (serve --overlap-decode) sends exactly the in-line
+    frames, a stream stopped half-way leaves nothing behind for the next one, and shutting the app down
+    stops the worker."""
+    expected, _ = pipe.generate(PROMPT, num_chunks=3, seed=5, schedule="diagonal")
+    pipe.config.overlap_decode = True
+    worker = pipe.start_decode_worker()
+    with serving(pipe) as (client, app):
+        with client.websocket_connect("/ws") as ws:
+            hello(ws)
+            start(ws, seconds=2, seed=9)
+            assert ws.receive_json()["type"] == "started"
+            first = ws.receive_json()
+            [ws.receive_bytes() for _ in range(first["frames"])]
+            ws.send_json({"type": "stop"})  # abandoned with a chunk still in the worker
+            read_until_done(ws)
+            start(ws, seconds=1, seed=5, schedule="diagonal")
+            messages, frames = read_until_done(ws)
+        wait_idle(app)
+        assert pipe._worker is worker and worker.alive  # one worker for every stream
+    assert messages[-1]["reason"] == "finished"
+    assert np.array_equal(decode(frames), expected)
+    assert pipe._worker is None and not worker.alive
+
+
+def test_cli_serve_overlap_decode_starts_the_worker_and_stops_it_on_exit(pipe, tmp_path, monkeypatch):
+    import uvicorn
+
+    from diagvid.cli import app
+    from diagvid.pretrained import save_pipeline
+
+    seen = []
+
+    def run(app, **kw):
+        pipeline = app.state.runner.pipeline
+        seen.append((pipeline, pipeline._worker, pipeline._worker.alive))
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    folder = save_pipeline(pipe, tmp_path / "tiny")
+    args = ["serve", "--model", str(folder), "--device", "cpu", "--overlap-decode"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ((served, worker, alive_while_serving),) = seen
+    assert served.config.overlap_decode and alive_while_serving  # started before the first client
+    assert served._worker is None and not worker.alive  # and stopped with the server
+    bad = CliRunner().invoke(app, [*args, "--decode-threads", "0"])
+    assert bad.exit_code == 2 and "--decode-threads=0 must be >= 1" in bad.output
+
+
 # ----- backpressure ------------------------------------------------------------------------------------------
 
 

@@ -795,6 +795,10 @@ def serve(
     window: int | None = typer.Option(None, "--window", help="KV window in latent frames (long streams)."),
     decoder: str = typer.Option("vae", "--decoder", help=DECODER_HELP),
     decoder_dtype: str | None = typer.Option(None, "--decoder-dtype", help=DECODER_DTYPE_HELP),
+    overlap_decode: bool = typer.Option(
+        False, "--overlap-decode", help=OVERLAP_HELP + " A prompt switch shows one chunk later."
+    ),
+    decode_threads: int = typer.Option(1, "--decode-threads", help=DECODE_THREADS_HELP),
 ) -> None:
     """Serve a live web demo: prompt, watch the stream, switch prompts while it plays."""
     import ipaddress
@@ -826,6 +830,8 @@ def serve(
         )
         if window is not None:
             pipe.config.window_frames = window
+        if overlap_decode:
+            _overlap_decode(pipe, decode_threads)  # the worker starts now, not in the first client's stream
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
@@ -842,7 +848,12 @@ def serve(
     console.print(f"serving {model} on http://{host}:{port}/ (Ctrl-C stops)")
     # a message a little over the limit still gets the server's error reply; far larger ones are cut off
     ws_max_size = max(65536, 4 * settings.max_message_bytes)
-    uvicorn.run(create_app(pipe, settings), host=host, port=port, ws_max_size=ws_max_size, log_level="info")
+    try:
+        uvicorn.run(
+            create_app(pipe, settings), host=host, port=port, ws_max_size=ws_max_size, log_level="info"
+        )
+    finally:
+        pipe.close()  # a decode worker must not outlive the server, however it stopped
 
 
 train_app = typer.Typer(help="Train the toy world models and distilled students.", no_args_is_help=True)

@@ -81,6 +81,7 @@ def create_app(pipeline: Pipeline, settings: ServeSettings | None = None) -> Fas
         yield
         runner.close()
         store.close()
+        pipeline.close()  # the decode worker of --overlap-decode, if one runs
 
     app = FastAPI(title="diagvid serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runner = runner
