@@ -137,8 +137,8 @@ def test_cli_stream_seconds_reports_memory_inside_one_rolling_stream(tmp_path):
     assert report["frames"] >= 5 * 16 and report["chunks"] >= 10  # 16 fps, every frame of 5 s
     assert report["probed_chunks_first_last"] == [1, 10 * (report["chunks"] // 10)]
     assert report["live_tensors_first_last"][0] == report["live_tensors_first_last"][1]
-    mixed = CliRunner().invoke(app, [*args, "--methods", "diagonal", "--repeats", "3"])
-    assert mixed.exit_code == 2 and "drop --methods, --repeats" in " ".join(mixed.output.split())
+    mixed = CliRunner().invoke(app, [*args, "--methods", "diagonal", "--repeats", "3", "--fp8"])
+    assert mixed.exit_code == 2 and "drop --methods, --repeats, --fp8" in " ".join(mixed.output.split())
     sink = CliRunner().invoke(app, [*args, "--sink-frames", "6"])
     assert sink.exit_code == 2 and "sink_frames=6" in " ".join(sink.output.split())
 
@@ -162,6 +162,24 @@ def test_stream_memory_on_gpu_holds_the_same_allocation_after_the_window_wraps()
     report = stream_memory("tiny", 10, window_frames=6, device="cuda")
     per_probe = list(report["gpu_allocated_mb_per_probe"].values())
     assert len(per_probe) >= 3 and max(per_probe[1:]) - min(per_probe[1:]) < 1.0, report
+
+
+def test_fp8_bench_runs_the_blocks_in_float8_with_the_same_forwards():
+    from diagvid.model.fp8 import FP8Linear
+
+    plain = run_bench(
+        "tiny", device="cpu", warmup=False, methods=("diagonal", "teacher"), teacher_timed_steps=2
+    )
+    fp8 = run_bench(
+        "tiny", device="cpu", warmup=False, methods=("diagonal", "teacher"), teacher_timed_steps=2, fp8=True
+    )
+    assert plain["fp8"] is None and fp8["fp8"].startswith("e4m3")
+    assert [r["nfe"] for r in fp8["results"]] == [r["nfe"] for r in plain["results"]]
+    assert [r["frames"] for r in fp8["results"]] == [r["frames"] for r in plain["results"]]
+    from diagvid.bench import SUITES, build
+
+    pipe = build(SUITES["tiny"], torch.device("cpu"), torch.float32)
+    assert not any(isinstance(m, FP8Linear) for m in pipe.generator.modules())  # only when asked
 
 
 def test_unknown_compile_mode_is_refused_before_any_model_is_built():

@@ -288,3 +288,24 @@ def test_a_bundled_folder_without_a_generator_names_what_is_missing(tmp_path, mo
     assert result.exit_code == 2
     assert "no trained generator yet" in " ".join(result.output.split())
     assert not (tmp_path / "c.mp4").exists()
+
+
+def test_generate_fp8_writes_a_close_but_different_video(tiny_folder, tmp_path):
+    """--fp8: the same frame count, frames near the full-precision ones (the rounding shows, a little)."""
+    base = ["generate", "--model", str(tiny_folder), "--device", "cpu", "-p", "a red circle moves left"]
+    videos = []
+    for extra, name in (([], "full"), (["--fp8"], "fp8")):
+        out = tmp_path / name
+        result = runner.invoke(app, [*base, *extra, "--seconds", "1", "--seed", "4", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        videos.append(np.stack([np.asarray(read_image_frame(p)) for p in sorted(out.glob("*.png"))]))
+    full, fp8 = videos
+    assert full.shape == fp8.shape and len(full) > 0
+    diff = np.abs(full.astype(int) - fp8.astype(int))
+    assert 0 < diff.mean() < 10, diff.mean()
+
+
+def read_image_frame(path):
+    from PIL import Image
+
+    return Image.open(path).convert("RGB")

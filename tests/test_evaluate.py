@@ -250,6 +250,26 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch):
     assert seen == {"guidance": 2.0, "start_sigma": 0.5, "guidance_above": None}
 
 
+def test_cli_fp8_puts_every_generator_in_float8(monkeypatch):
+    from diagvid import evaluate as ev_module
+    from diagvid.cli import _eval_methods
+    from diagvid.model.fp8 import FP8Linear
+
+    def fp8_layers(model) -> int:
+        return sum(isinstance(m, FP8Linear) for m in model.modules())
+
+    seen = {}
+    monkeypatch.setattr(ev_module, "teacher_method", lambda teacher, *a, **k: seen.update(teacher=teacher))
+    monkeypatch.setattr(ev_module, "student_method", lambda pipe, *a: seen.update(student=pipe.generator))
+    _eval_methods("teacher,diagonal", "toy/vae", None, "toy/text", [], "cpu", fp8=True)
+    assert fp8_layers(seen["teacher"]) == 6 * 10  # 6 blocks: q, k, v, o twice and the FFN's two
+    assert fp8_layers(seen["student"]) > 0
+    _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu")
+    assert fp8_layers(seen["teacher"]) == 0
+    _eval_methods(None, "toy/vae", None, "toy/text", [], "cpu", teacher_high="toy/teacher-high", fp8=True)
+    assert fp8_layers(seen["teacher"].high) == 12 * 10 and fp8_layers(seen["teacher"].low) == 6 * 10
+
+
 def test_cli_teacher_high_splits_the_teacher_at_the_boundary(monkeypatch):
     from diagvid import evaluate as ev_module
     from diagvid.cli import _eval_methods

@@ -24,6 +24,7 @@ import torch
 from diagvid.decode_worker import check_overlap, threads_beside_worker
 from diagvid.machine import cpu_info
 from diagvid.model.dit import WanDiT, preset
+from diagvid.model.fp8 import check_fp8_device, quantize_fp8
 from diagvid.model.vae import WanVAE
 from diagvid.model.vae import preset as vae_preset
 from diagvid.sampling import get_schedule, sample_euler
@@ -257,11 +258,14 @@ def run_bench(
     repeats: int = 1,
     overlap_decode: bool = False,
     decode_threads: int = 1,
+    fp8: bool = False,
 ) -> dict:
     """Benchmark every method on one suite in this process; returns the JSON-ready report.
 
     `teacher_timed_steps`: time only that many teacher steps and scale to the full count (the report says
     so in `extrapolated_from_steps`); the quick mode and the GPU suite use it.
+    `fp8`: the transformer blocks' linear layers run in float8 e4m3 with row-wise scales
+    (`diagvid.model.fp8`; CUDA of compute capability 8.9 and up, or a CPU, where it is only a numerics check).
     `compile_mode`: `torch.compile` the transformer's forward in that mode (`WanDiT.compile_forward`) and
     run the students against fixed-shape KV buffers (`static_shapes`); the warm-up run pays the compile.
     `random_weights=False` (toy suite only) times each method on its own shipped model: the teacher and the
@@ -306,11 +310,15 @@ def run_bench(
         raise ValueError(f"suite {suite_name!r} ships no trained weights; time it with random weights")
     if overlap_decode:
         check_overlap(dev, decode_threads)
+    if fp8:
+        check_fp8_device(dev)
     suite = SUITES[suite_name]
 
     def ready(pipe: Pipeline) -> Pipeline:
         pipe.config.overlap_decode = overlap_decode
         pipe.config.decode_threads = decode_threads
+        if fp8:
+            quantize_fp8(pipe.generator)
         if compile_mode is not None:
             pipe.config.static_shapes = True  # one shape per chunk forward: what a compiled graph needs
             pipe.generator.compile_forward(mode=compile_mode)
@@ -383,6 +391,7 @@ def run_bench(
         },
         "weights": "random (speed does not depend on values)" if random_weights else "shipped toy models",
         "compile": compile_mode,
+        "fp8": "e4m3, row-wise scales, transformer blocks' linear layers" if fp8 else None,
         "decoder": decoder,
         "decoder_dtype": decoding_dtype,
         "overlap_decode": {"decode_threads": decode_threads} if overlap_decode else None,

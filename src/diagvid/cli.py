@@ -65,6 +65,10 @@ OVERLAP_HELP = (
     "Decode each chunk while the next one is denoised (frames arrive one chunk later): on a CPU in a worker "
     "process that takes a few seconds to start (this process keeps the other cores), on CUDA on a second stream."
 )
+FP8_HELP = (
+    "Run the transformer blocks' linear layers in float8 e4m3 with row-wise scales (CUDA compute capability "
+    ">= 8.9; on a CPU slower, for measuring the quality cost)."
+)
 DECODE_THREADS_HELP = "With --overlap-decode: the worker's threads (this process gets the rest, at least 1)."
 
 
@@ -135,6 +139,7 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="Print the run's figures as JSON on stdout."),
     overlap_decode: bool = typer.Option(False, "--overlap-decode", help=OVERLAP_HELP),
     decode_threads: int = typer.Option(1, "--decode-threads", help=DECODE_THREADS_HELP),
+    fp8: bool = typer.Option(False, "--fp8", help=FP8_HELP),
 ) -> None:
     """Generate a video, writing frames as each chunk is ready."""
     import time
@@ -169,6 +174,10 @@ def generate(
             pipe.config.window_frames = window
         if sink is not None:
             pipe.config.sink_frames = sink
+        if fp8:
+            from diagvid.model.fp8 import quantize_fp8
+
+            quantize_fp8(pipe.generator)
         if overlap_decode:
             _overlap_decode(pipe, decode_threads)
         length = {} if source is not None else {"num_chunks": pipe.num_chunks(seconds)}
@@ -354,6 +363,7 @@ def bench(
     ),
     overlap_decode: bool = typer.Option(False, "--overlap-decode", help=OVERLAP_HELP),
     decode_threads: int = typer.Option(1, "--decode-threads", help=DECODE_THREADS_HELP),
+    fp8: bool = typer.Option(False, "--fp8", help=FP8_HELP),
     stream_seconds: float | None = typer.Option(
         None,
         "--stream-seconds",
@@ -389,6 +399,7 @@ def bench(
                     ("--overlap-decode", overlap_decode),
                     ("--quick", quick),
                     ("--teacher-timed-steps", teacher_steps is not None),
+                    ("--fp8", fp8),
                 )
                 if used
             ]
@@ -421,13 +432,17 @@ def bench(
             repeats=repeats,
             overlap_decode=overlap_decode,
             decode_threads=decode_threads,
+            fp8=fp8,
         )
     except (ValueError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
     overlap = ", overlapped" if overlap_decode else ""
     rounds = f", median of {repeats} rounds" if repeats > 1 else ""
-    table = Table(title=f"suite {suite} on {report['machine']['device']}, {decoder} decoder{overlap}{rounds}")
+    precision = ", fp8 blocks" if fp8 else ""
+    table = Table(
+        title=f"suite {suite} on {report['machine']['device']}, {decoder} decoder{overlap}{rounds}{precision}"
+    )
     for col in ("method", "nfe", "frames", "wall_s", "dit_s", "fps", "ttff_s", "peak_mem_mb"):
         table.add_column(col)
     for r in report["results"]:
@@ -492,8 +507,8 @@ def eval_cmd(
         None,
         "--teacher-high",
         help="A high-noise expert DiT (folder or bundled name, trained with sigma_min): it denoises the "
-        "teacher's steps at noise levels >= --teacher-boundary, the teacher the rest (Wan2.2's split); "
-        "toy/teacher-high is toy/teacher-deep's, trained at 0.7 and up.",
+        "teacher's steps at noise levels >= --teacher-boundary, --teacher (default toy/teacher) the rest "
+        "(Wan2.2's split); toy/teacher-high is toy/teacher-deep's, trained at 0.7 and up, so pair the two.",
     ),
     teacher_boundary: float | None = typer.Option(
         None,
@@ -505,6 +520,11 @@ def eval_cmd(
         "--teacher-high-guidance",
         help="The CFG scale of --teacher-high's steps, as Wan2.2 guides its two experts apart (default: "
         "--teacher-guidance).",
+    ),
+    fp8: bool = typer.Option(
+        False,
+        "--fp8",
+        help="Every generator's transformer blocks in float8 e4m3 with row-wise scales: fp8's quality cost.",
     ),
     students: list[str] = typer.Option(
         [],
@@ -564,6 +584,7 @@ def eval_cmd(
             teacher_high=teacher_high,
             teacher_boundary=teacher_boundary,
             teacher_high_guidance=teacher_high_guidance,
+            fp8=fp8,
         )
     except (ValueError, FileNotFoundError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
@@ -573,6 +594,7 @@ def eval_cmd(
     )
     report["decoder"] = decoder
     report["decoder_dtype"] = decoder_dtype or "fp32"
+    report["fp8"] = fp8  # the generators' transformer blocks in float8 (the teacher's and every student's)
     if "teacher" in runs:
         report["teacher_guidance"] = teacher_guidance
         report["teacher_start_sigma"] = teacher_start_sigma
@@ -627,6 +649,7 @@ def _eval_methods(
     teacher_high: str | None = None,
     teacher_boundary: float | None = None,
     teacher_high_guidance: float | None = None,
+    fp8: bool = False,
 ):
     """Build the evaluation methods the options ask for (errors name the bad option)."""
     from diagvid import evaluate as ev
@@ -685,6 +708,13 @@ def _eval_methods(
     if not builtin and not parsed:
         raise ValueError("nothing to evaluate: give --methods, --teacher or --student")
 
+    def fp8_if_asked(dit):
+        if fp8:
+            from diagvid.model.fp8 import quantize_fp8
+
+            quantize_fp8(dit)
+        return dit
+
     # "tiny" for the bundled models is the toy pipeline's; a pipeline of --student uses its own
     toy_decoder = "toy/tiny-decoder" if decoder == "tiny" else decoder
     runs: dict = {}
@@ -697,12 +727,12 @@ def _eval_methods(
         elif m == "vae":
             runs[m] = ev.vae_method(codec)
         elif m == "teacher":  # the bundled toy teacher unless --teacher names another
-            dit = load_dit_model(teacher or "toy/teacher", device=codec.device)
+            dit = fp8_if_asked(load_dit_model(teacher or "toy/teacher", device=codec.device))
             guidance_above = None
             if teacher_high:
                 from diagvid.model.experts import TOY_BOUNDARY, NoiseExperts
 
-                high = load_dit_model(teacher_high, device=codec.device)
+                high = fp8_if_asked(load_dit_model(teacher_high, device=codec.device))
                 boundary = TOY_BOUNDARY if teacher_boundary is None else teacher_boundary
                 dit = NoiseExperts(high, dit, boundary)
                 if teacher_high_guidance is not None:
@@ -716,16 +746,15 @@ def _eval_methods(
                 guidance_above=guidance_above,
             )
         else:
-            pipe_and_schedule = load_toy_student(
+            pipe, schedule, context = load_toy_student(
                 m, device=device, decoder=toy_decoder, decoder_dtype=decoder_dtype
             )
-            runs[m] = ev.student_method(*pipe_and_schedule)
+            fp8_if_asked(pipe.generator)
+            runs[m] = ev.student_method(pipe, schedule, context)
     for name, folder, schedule, context in parsed:
-        runs[name] = ev.student_method(
-            load_pipeline(folder, device=device, decoder=decoder, decoder_dtype=decoder_dtype),
-            schedule,
-            context,
-        )
+        pipe = load_pipeline(folder, device=device, decoder=decoder, decoder_dtype=decoder_dtype)
+        fp8_if_asked(pipe.generator)
+        runs[name] = ev.student_method(pipe, schedule, context)
     return runs
 
 
