@@ -226,3 +226,21 @@ def test_toy_suite_times_each_method_on_its_shipped_model():
     assert by["diagonal"]["nfe"] == 18 and by["self-forcing"]["nfe"] == 35
     assert all(r["frames"] == 81 for r in by.values())
     assert report["weights"] == "shipped toy models" and report["ratios"]["diagonal_vs_self_forcing"] > 0
+
+
+def test_the_gpu_check_script_parses_and_uses_only_existing_bench_options():
+    """scripts/gpu_check.sh runs once per GPU session, where a typo costs device time: it must parse, and
+    every option it gives `diagvid bench` must exist."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for script in ("gpu_check.sh", "gpu_wheels.sh"):
+        subprocess.run(["bash", "-n", str(root / "scripts" / script)], check=True)
+    text = (root / "scripts" / "gpu_check.sh").read_text()
+    used = set(re.findall(r"(--[a-z][a-z0-9-]+)", text)) - {"--no-index", "--no-deps", "--no-compile"}
+    used -= {"--no-cache-dir", "--upgrade", "--target", "--query-gpu", "--format"}  # pip's and nvidia-smi's
+    help_text = " ".join(CliRunner().invoke(app, ["bench", "--help"], terminal_width=200).output.split())
+    missing = sorted(flag for flag in used if flag not in help_text)
+    assert not missing, missing

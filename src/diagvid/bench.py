@@ -480,7 +480,7 @@ def stream_memory(
     even when nothing leaks; the live tensors and the trimmed RSS after the first and the last chunk tell a
     leak (they grow) from allocator slack (they do not). On CUDA the peak is the GPU's
     (`max_memory_allocated`) and every probe also records the GPU memory held by live tensors, which a
-    flat stream keeps constant from the first probe on. `device=None` takes CUDA if present.
+    flat stream keeps constant once its window has filled. `device=None` takes CUDA if present.
     """
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite {suite_name!r}; allowed: {sorted(SUITES)}")
