@@ -497,6 +497,7 @@ def test_cli_serve_overlap_decode_starts_the_worker_and_stops_it_on_exit(pipe, t
     import uvicorn
 
     from diagvid.cli import app
+    from diagvid.model.fp8 import FP8Linear
     from diagvid.pretrained import save_pipeline
 
     seen = []
@@ -513,6 +514,11 @@ def test_cli_serve_overlap_decode_starts_the_worker_and_stops_it_on_exit(pipe, t
     ((served, worker, alive_while_serving),) = seen
     assert served.config.overlap_decode and alive_while_serving  # started before the first client
     assert served._worker is None and not worker.alive  # and stopped with the server
+    assert not any(isinstance(m, FP8Linear) for m in served.generator.modules())
+    seen.clear()
+    assert CliRunner().invoke(app, [*args, "--fp8"]).exit_code == 0
+    ((served, _, _),) = seen
+    assert any(isinstance(m, FP8Linear) for m in served.generator.modules())  # --fp8: float8 blocks
     bad = CliRunner().invoke(app, [*args, "--decode-threads", "0"])
     assert bad.exit_code == 2 and "--decode-threads=0 must be >= 1" in bad.output
 

@@ -828,6 +828,7 @@ def serve(
         False, "--overlap-decode", help=OVERLAP_HELP + " A prompt switch shows one chunk later."
     ),
     decode_threads: int = typer.Option(1, "--decode-threads", help=DECODE_THREADS_HELP),
+    fp8: bool = typer.Option(False, "--fp8", help=FP8_HELP),
 ) -> None:
     """Serve a live web demo: prompt, watch the stream, switch prompts while it plays."""
     import ipaddress
@@ -859,6 +860,10 @@ def serve(
         )
         if window is not None:
             pipe.config.window_frames = window
+        if fp8:
+            from diagvid.model.fp8 import quantize_fp8
+
+            quantize_fp8(pipe.generator)
         if overlap_decode:
             _overlap_decode(pipe, decode_threads)  # the worker starts now, not in the first client's stream
     except (ValueError, FileNotFoundError) as err:
