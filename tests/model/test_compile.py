@@ -51,3 +51,27 @@ def test_cached_chunk_forward_compiles_to_full_graphs_that_stop_recompiling():
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     torch._dynamo.reset()
+
+
+def test_fp8_blocks_compile_to_full_graphs_with_the_same_numbers():
+    """--fp8 with --compile, the GPU run's likely pair: the row-wise rounding and `_scaled_mm` trace with
+    no graph break, and the compiled stream equals the eager fp8 one."""
+    from diagvid.model.fp8 import quantize_fp8
+
+    torch._dynamo.reset()
+    model = randomize(WanDiT(preset("tiny"))).eval()
+    quantize_fp8(model)
+    ctx = torch.randn(1, model.cfg.text_len, model.cfg.text_dim, generator=torch.Generator().manual_seed(0))
+    eager = _stream(model, ctx, num_chunks=3)
+    graphs = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model.compile_forward(backend=counting_backend, fullgraph=True)
+    compiled = _stream(model, ctx, num_chunks=3)
+    assert graphs and any("_scaled_mm" in str(gm.graph) for gm in graphs)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    torch._dynamo.reset()
