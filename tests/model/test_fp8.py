@@ -51,6 +51,18 @@ def test_fp8_linear_is_the_product_of_the_rounded_operands():
 
 
 @torch.no_grad()
+def test_a_dtype_cast_after_quantizing_keeps_the_float8_weight_and_its_scales():
+    layer = FP8Linear(nn.Linear(32, 48))
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
+    before = layer(x)
+    layer.to(torch.bfloat16)
+    assert layer.weight.dtype == E4M3 and layer.weight_scale.dtype == torch.float32
+    assert layer.bias.dtype == torch.bfloat16  # the bias follows the model's precision
+    assert torch.allclose(layer(x), before, atol=1e-2)  # only the bias was rounded
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+@torch.no_grad()
 def test_quantize_replaces_the_block_linears_only_and_stays_close(tiny_dit):
     reference = copy.deepcopy(tiny_dit)
     in_blocks = sum(isinstance(m, nn.Linear) for m in tiny_dit.blocks.modules())

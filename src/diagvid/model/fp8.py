@@ -41,6 +41,17 @@ class FP8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         self.register_buffer("bias", bias)
 
+    def _apply(self, fn, recurse: bool = True):
+        # `model.to(torch.bfloat16)` casts every floating buffer, float8 ones too: the weight and its float32
+        # scales keep their dtypes (a bf16 scale would lose bits for good) and move with the device alone
+        kept = {"weight": self.weight, "weight_scale": self.weight_scale}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         values, scale = to_e4m3_rowwise(rows)
