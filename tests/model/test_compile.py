@@ -28,6 +28,16 @@ def _stream(model: WanDiT, ctx: torch.Tensor, num_chunks: int) -> list[torch.Ten
     return outs
 
 
+def _counting(graphs: list):
+    """A torch.compile backend that records each graph it is given and runs it as traced (no code)."""
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
 def test_cached_chunk_forward_compiles_to_full_graphs_that_stop_recompiling():
     torch._dynamo.reset()
     model = randomize(WanDiT(preset("tiny"))).eval()
@@ -36,11 +46,7 @@ def test_cached_chunk_forward_compiles_to_full_graphs_that_stop_recompiling():
 
     graphs = []
 
-    def counting_backend(gm: torch.fx.GraphModule, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    model.compile_forward(backend=counting_backend, fullgraph=True)  # fullgraph: a graph break raises
+    model.compile_forward(backend=_counting(graphs), fullgraph=True)  # fullgraph: a graph break raises
     before = model.stats.forwards
     compiled = _stream(model, ctx, num_chunks=5)
     after_five = len(graphs)
@@ -65,11 +71,7 @@ def test_fp8_blocks_compile_to_full_graphs_with_the_same_numbers():
     eager = _stream(model, ctx, num_chunks=3)
     graphs = []
 
-    def counting_backend(gm: torch.fx.GraphModule, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    model.compile_forward(backend=counting_backend, fullgraph=True)
+    model.compile_forward(backend=_counting(graphs), fullgraph=True)
     compiled = _stream(model, ctx, num_chunks=3)
     assert graphs and any("_scaled_mm" in str(gm.graph) for gm in graphs)
     for a, b in zip(eager, compiled, strict=True):
