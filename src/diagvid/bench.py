@@ -27,6 +27,7 @@ from diagvid.model.dit import WanDiT, preset
 from diagvid.model.fp8 import check_fp8_device, quantize_fp8
 from diagvid.model.vae import WanVAE
 from diagvid.model.vae import preset as vae_preset
+from diagvid.model.weights import STORAGE_DTYPES
 from diagvid.sampling import get_schedule, sample_euler
 from diagvid.stream import Pipeline, StreamConfig
 
@@ -146,18 +147,21 @@ def trained(
     )
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+def _suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; allowed: {sorted(SUITES)}")
+    return SUITES[name]
 
 
 def _device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     """The run's device (default: cuda if present) and weight precision (default: bf16 on GPU, fp32 on CPU)."""
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(sorted(STORAGE_DTYPES))}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but this torch sees no CUDA device")
     default = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, DTYPES[dtype] if dtype else default
+    return dev, STORAGE_DTYPES[dtype] if dtype else default
 
 
 def build(
@@ -174,7 +178,6 @@ def build(
     CPU in fp32; `decoder_dtype` ("fp32", "bf16", "fp16") sets a tiny decoder's precision instead."""
     from diagvid.model.tiny_decoder import FastDecodeCodec, TinyDecoder
     from diagvid.model.tiny_decoder import preset as tiny_preset
-    from diagvid.model.weights import STORAGE_DTYPES
     from diagvid.pretrained import load_tiny_decoder
 
     torch.manual_seed(0)
@@ -282,8 +285,7 @@ def run_bench(
     least one) while the benchmark runs; on CUDA on a second stream. The teacher decodes its whole video at
     the end, in line.
     """
-    if suite_name not in SUITES:
-        raise ValueError(f"unknown suite {suite_name!r}; allowed: {sorted(SUITES)}")
+    suite = _suite(suite_name)
     known = [m[0] for m in METHODS]
     chosen = methods or tuple(known)
     unknown = sorted(set(chosen) - set(known))
@@ -312,7 +314,6 @@ def run_bench(
         check_overlap(dev, decode_threads)
     if fp8:
         check_fp8_device(dev)
-    suite = SUITES[suite_name]
 
     def ready(pipe: Pipeline) -> Pipeline:
         pipe.config.overlap_decode = overlap_decode
@@ -482,8 +483,7 @@ def stream_memory(
     (`max_memory_allocated`) and every probe also records the GPU memory held by live tensors, which a
     flat stream keeps constant once its window has filled. `device=None` takes CUDA if present.
     """
-    if suite_name not in SUITES:
-        raise ValueError(f"unknown suite {suite_name!r}; allowed: {sorted(SUITES)}")
+    suite = _suite(suite_name)
     if not seconds > 0:
         raise ValueError(f"seconds={seconds} must be > 0")
     if window_frames < 1 or not 0 <= sink_frames < window_frames:
@@ -492,7 +492,6 @@ def stream_memory(
             "0 <= sink_frames < window_frames"
         )
     dev, dt = _device_and_dtype(device, dtype)
-    suite = SUITES[suite_name]
     pipe = build(suite, dev, dt)
     pipe.config.window_frames, pipe.config.sink_frames, pipe.config.rope = window_frames, sink_frames, "cache"
     _reset_peak(dev)

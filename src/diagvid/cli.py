@@ -69,6 +69,16 @@ FP8_HELP = (
     "Run the transformer blocks' linear layers in float8 e4m3 with row-wise scales (CUDA compute capability "
     ">= 8.9; on a CPU slower, for measuring the quality cost)."
 )
+
+
+def _fp8(dit):
+    """`--fp8`: the DiT's block linears in float8, in place (diagvid.model.fp8); returns the DiT."""
+    from diagvid.model.fp8 import quantize_fp8
+
+    quantize_fp8(dit)
+    return dit
+
+
 DECODE_THREADS_HELP = "With --overlap-decode: the worker's threads (this process gets the rest, at least 1)."
 
 
@@ -175,9 +185,7 @@ def generate(
         if sink is not None:
             pipe.config.sink_frames = sink
         if fp8:
-            from diagvid.model.fp8 import quantize_fp8
-
-            quantize_fp8(pipe.generator)
+            _fp8(pipe.generator)
         if overlap_decode:
             _overlap_decode(pipe, decode_threads)
         length = {} if source is not None else {"num_chunks": pipe.num_chunks(seconds)}
@@ -709,11 +717,7 @@ def _eval_methods(
         raise ValueError("nothing to evaluate: give --methods, --teacher or --student")
 
     def fp8_if_asked(dit):
-        if fp8:
-            from diagvid.model.fp8 import quantize_fp8
-
-            quantize_fp8(dit)
-        return dit
+        return _fp8(dit) if fp8 else dit
 
     # "tiny" for the bundled models is the toy pipeline's; a pipeline of --student uses its own
     toy_decoder = "toy/tiny-decoder" if decoder == "tiny" else decoder
@@ -861,9 +865,7 @@ def serve(
         if window is not None:
             pipe.config.window_frames = window
         if fp8:
-            from diagvid.model.fp8 import quantize_fp8
-
-            quantize_fp8(pipe.generator)
+            _fp8(pipe.generator)
         if overlap_decode:
             _overlap_decode(pipe, decode_threads)  # the worker starts now, not in the first client's stream
     except (ValueError, FileNotFoundError) as err:
