@@ -141,7 +141,14 @@ def test_cli_eval_writes_the_report(tmp_path):
         (["--teacher-start-sigma", "0"], "--teacher-start-sigma 0.0: must be in (0, 1]"),
         (["--teacher-start-sigma", "1.5"], "--teacher-start-sigma 1.5: must be in (0, 1]"),
         (
-            ["--teacher-high", "toy/teacher-high", "--teacher-boundary", "1"],
+            [
+                "--teacher",
+                "toy/teacher-deep",
+                "--teacher-high",
+                "toy/teacher-high",
+                "--teacher-boundary",
+                "1",
+            ],
             "--teacher-boundary 1.0: must be a noise level in (0, 1)",
         ),
         (["--teacher-boundary", "0.6"], "--teacher-boundary 0.6: only means something with --teacher-high"),
@@ -150,8 +157,19 @@ def test_cli_eval_writes_the_report(tmp_path):
             "--teacher-high-guidance 3.0: only means something with --teacher-high",
         ),
         (
-            ["--teacher-high", "toy/teacher-high", "--teacher-high-guidance", "inf"],
+            [
+                "--teacher",
+                "toy/teacher-deep",
+                "--teacher-high",
+                "toy/teacher-high",
+                "--teacher-high-guidance",
+                "inf",
+            ],
             "--teacher-high-guidance inf: the CFG scale must be a finite number >= 0",
+        ),
+        (
+            ["--teacher-high", "toy/teacher-high"],
+            "--teacher-high toy/teacher-high: name the teacher below the boundary with --teacher",
         ),
     ],
 )
@@ -266,7 +284,9 @@ def test_cli_fp8_puts_every_generator_in_float8(monkeypatch):
     assert fp8_layers(seen["student"]) > 0
     _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu")
     assert fp8_layers(seen["teacher"]) == 0
-    _eval_methods(None, "toy/vae", None, "toy/text", [], "cpu", teacher_high="toy/teacher-high", fp8=True)
+    _eval_methods(
+        None, "toy/vae", "toy/teacher", "toy/text", [], "cpu", teacher_high="toy/teacher-high", fp8=True
+    )
     assert fp8_layers(seen["teacher"].high) == 12 * 10 and fp8_layers(seen["teacher"].low) == 6 * 10
 
 
@@ -278,18 +298,25 @@ def test_cli_teacher_high_splits_the_teacher_at_the_boundary(monkeypatch):
     seen = []
     monkeypatch.setattr(ev_module, "teacher_method", lambda teacher, *a, **k: seen.append((teacher, k)))
     runs = _eval_methods(
-        None, "toy/vae", None, "toy/text", [], "cpu", teacher_high="toy/teacher-high", teacher_boundary=0.6
+        None,
+        "toy/vae",
+        "toy/teacher",
+        "toy/text",
+        [],
+        "cpu",
+        teacher_high="toy/teacher-high",
+        teacher_boundary=0.6,
     )
-    assert list(runs) == ["real", "teacher"]  # --teacher-high alone asks for the teacher method
+    assert list(runs) == ["real", "teacher"]  # the teacher pair alone asks for the teacher method
     ((model, kwargs),) = seen
     assert isinstance(model, NoiseExperts) and model.boundary == 0.6
-    assert model.high.cfg.num_layers == 12 and model.low.cfg.num_layers == 6  # the default teacher below
+    assert model.high.cfg.num_layers == 12 and model.low.cfg.num_layers == 6  # --teacher below
     assert kwargs["guidance_above"] is None  # one scale for both experts unless asked
     seen.clear()
     _eval_methods(
         None,
         "toy/vae",
-        None,
+        "toy/teacher",
         "toy/text",
         [],
         "cpu",

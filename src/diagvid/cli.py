@@ -515,7 +515,7 @@ def eval_cmd(
         None,
         "--teacher-high",
         help="A high-noise expert DiT (folder or bundled name, trained with sigma_min): it denoises the "
-        "teacher's steps at noise levels >= --teacher-boundary, --teacher (default toy/teacher) the rest "
+        "teacher's steps at noise levels >= --teacher-boundary, --teacher (required with it) the rest "
         "(Wan2.2's split); toy/teacher-high is toy/teacher-deep's, trained at 0.7 and up, so pair the two.",
     ),
     teacher_boundary: float | None = typer.Option(
@@ -604,6 +604,7 @@ def eval_cmd(
     report["decoder_dtype"] = decoder_dtype or "fp32"
     report["fp8"] = fp8  # the generators' transformer blocks in float8 (the teacher's and every student's)
     if "teacher" in runs:
+        report["teacher"] = teacher or "toy/teacher"
         report["teacher_guidance"] = teacher_guidance
         report["teacher_start_sigma"] = teacher_start_sigma
         if teacher_high:
@@ -676,6 +677,11 @@ def _eval_methods(
         raise ValueError(f"--teacher-guidance {teacher_guidance}: the CFG scale must be a finite number >= 0")
     if not 0 < teacher_start_sigma <= 1:
         raise ValueError(f"--teacher-start-sigma {teacher_start_sigma}: must be in (0, 1]")
+    if teacher_high and not teacher:
+        raise ValueError(
+            f"--teacher-high {teacher_high}: name the teacher below the boundary with --teacher "
+            "(toy/teacher-high was fine-tuned from toy/teacher-deep: --teacher toy/teacher-deep)"
+        )
     if teacher_boundary is not None and not teacher_high:
         raise ValueError(f"--teacher-boundary {teacher_boundary}: only means something with --teacher-high")
     if teacher_boundary is not None and not 0 < teacher_boundary < 1:
