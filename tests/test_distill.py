@@ -135,6 +135,25 @@ def test_bad_recipes_are_refused_at_load(root, tmp_path, changes, error):
         from_dict(DistillConfig, distill_recipe(root, tmp_path, **changes))
 
 
+def test_a_pair_of_noise_experts_is_the_real_score(root, tmp_path):
+    from tests.distill_setup import tiny_dit_folder
+
+    def generator_after_one_step(out, **changes):
+        run(root, out, "self-forcing", max_steps=1, **changes)
+        return state(out)["generator"]
+
+    alone = generator_after_one_step(tmp_path / "alone")
+    # the teacher as its own expert routes every level to the same weights: the same run, bit for bit
+    same = generator_after_one_step(tmp_path / "same", teacher_high=str(root / "teacher"))
+    assert all(torch.equal(v, same[k]) for k, v in alone.items())
+    # another expert above 0.5 changes the real score, so the generator's update
+    other = tiny_dit_folder(tmp_path / "high", seed=7)
+    paired = generator_after_one_step(tmp_path / "pair", teacher_high=str(other), teacher_boundary=0.5)
+    assert any(not torch.equal(v, paired[k]) for k, v in alone.items())
+    with pytest.raises(ValueError, match=r"teacher_boundary=0\.5 only means something with teacher_high"):
+        from_dict(DistillConfig, distill_recipe(root, tmp_path, teacher_boundary=0.5))
+
+
 def test_bad_shapes_are_refused_before_compute(root, tmp_path):
     with pytest.raises(ValueError, match=r'rollout="causvid" trains on ground truth: set ode_dir'):
         from_dict(DistillConfig, distill_recipe(root, tmp_path, "causvid", ode_dir=None))

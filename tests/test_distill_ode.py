@@ -118,3 +118,40 @@ def test_bad_recipes_fail_before_compute(root, tmp_path):
     )
     with pytest.raises(ValueError, match="holds ODE pairs of another recipe"):
         write_ode_pairs(from_dict(OdeConfig, ode_recipe(root, out_dir=str(tmp_path), seed=1)), progress=False)
+
+
+def test_a_pair_of_noise_experts_writes_the_pairs_of_its_sampler(root, tmp_path):
+    from diagvid.model.experts import NoiseExperts
+    from diagvid.model.weights import load_dit
+    from diagvid.pretrained import load_text_encoder
+    from diagvid.sampling import sample_euler
+    from tests.distill_setup import tiny_dit_folder
+
+    high = tiny_dit_folder(tmp_path / "high", seed=7)
+    recipe = ode_recipe(root, out_dir=str(tmp_path / "pair"), num_samples=2, teacher_high=str(high))
+    traj, ctx = OdeShards(write_ode_pairs(from_dict(OdeConfig, recipe), progress=False)).get([1])
+    pair = NoiseExperts(load_dit(high), load_dit(root / "teacher"), 0.7)  # the toy expert's boundary
+    noise = torch.randn((4, 4, 4, 4), generator=ode.seeded(0, "noise", 1))[None]
+    null = load_text_encoder(root / "text").encode([""])[0]
+    final, _ = sample_euler(pair, noise, ctx, null, num_steps=4, shift=3.0, guidance=2.0)
+    assert torch.allclose(traj[0, -1], final[0], atol=1e-5)
+    alone, _ = sample_euler(
+        load_dit(root / "teacher"), noise, ctx, null, num_steps=4, shift=3.0, guidance=2.0
+    )
+    assert not torch.allclose(final, alone, atol=1e-3)  # the expert took the noisy steps
+
+
+def test_the_expert_fields_keep_old_recipes_and_are_checked(root):
+    # the fingerprint of a one-teacher recipe is the one written before the experts existed (folders of
+    # ODE pairs made then stay valid); the default boundary and its value are one recipe
+    assert OdeConfig().recipe_hash() == "6a84248600d100d1"
+    assert OdeConfig(teacher="toy/teacher-deep", guidance=2.0).recipe_hash() == "78eadaeb6e136ecf"
+    pair = OdeConfig(teacher_high="toy/teacher-high")
+    assert (
+        pair.recipe_hash() == OdeConfig(teacher_high="toy/teacher-high", teacher_boundary=0.7).recipe_hash()
+    )
+    assert pair.recipe_hash() not in (OdeConfig().recipe_hash(), OdeConfig(teacher_high="x").recipe_hash())
+    with pytest.raises(ValueError, match=r"teacher_boundary=0\.6 only means something with teacher_high"):
+        from_dict(OdeConfig, ode_recipe(root, teacher_boundary=0.6))
+    with pytest.raises(ValueError, match=r"teacher_boundary=1.0 must be a noise level in \(0, 1\)"):
+        from_dict(OdeConfig, ode_recipe(root, teacher_high="toy/teacher-high", teacher_boundary=1.0))

@@ -26,6 +26,7 @@ KINDS = {
     "teacher-deep": TeacherConfig,
     "teacher-high": TeacherConfig,
     "ode": OdeConfig,
+    "ode-pair": OdeConfig,
     "init": InitConfig,
     "distill-diagonal": DistillConfig,
     "distill-self-forcing": DistillConfig,

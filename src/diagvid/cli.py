@@ -72,10 +72,13 @@ FP8_HELP = (
 
 
 def _fp8(dit):
-    """`--fp8`: the DiT's block linears in float8, in place (diagvid.model.fp8); returns the DiT."""
+    """`--fp8`: the DiT's block linears in float8, in place (diagvid.model.fp8), each expert's for a pair of
+    noise experts; returns the DiT."""
+    from diagvid.model.experts import NoiseExperts
     from diagvid.model.fp8 import quantize_fp8
 
-    quantize_fp8(dit)
+    for part in (dit.high, dit.low) if isinstance(dit, NoiseExperts) else (dit,):
+        quantize_fp8(part)
     return dit
 
 
@@ -664,8 +667,8 @@ def _eval_methods(
     from diagvid import evaluate as ev
     from diagvid.pretrained import (
         TOY_STUDENT_METHODS,
-        load_dit_model,
         load_pipeline,
+        load_teacher,
         load_text_encoder,
         load_toy_student,
         load_vae,
@@ -737,16 +740,11 @@ def _eval_methods(
         elif m == "vae":
             runs[m] = ev.vae_method(codec)
         elif m == "teacher":  # the bundled toy teacher unless --teacher names another
-            dit = fp8_if_asked(load_dit_model(teacher or "toy/teacher", device=codec.device))
+            dit = load_teacher(teacher or "toy/teacher", teacher_high, teacher_boundary, device=codec.device)
+            fp8_if_asked(dit)  # both experts' blocks when it is a pair
             guidance_above = None
-            if teacher_high:
-                from diagvid.model.experts import TOY_BOUNDARY, NoiseExperts
-
-                high = fp8_if_asked(load_dit_model(teacher_high, device=codec.device))
-                boundary = TOY_BOUNDARY if teacher_boundary is None else teacher_boundary
-                dit = NoiseExperts(high, dit, boundary)
-                if teacher_high_guidance is not None:
-                    guidance_above = (boundary, teacher_high_guidance)
+            if teacher_high_guidance is not None:
+                guidance_above = (dit.boundary, teacher_high_guidance)
             runs[m] = ev.teacher_method(
                 dit,
                 codec,

@@ -172,6 +172,27 @@ def load_dit_model(name_or_path: str | Path, device=None, dtype=None):
     return load_dit(_resolve(name_or_path), device=device, dtype=dtype or torch.float32)
 
 
+def load_teacher(
+    name_or_path: str | Path,
+    high: str | Path | None = None,
+    boundary: float | None = None,
+    device=None,
+    dtype=None,
+):
+    """A teacher DiT, or with `high` a pair of noise experts called like one (`NoiseExperts`, Wan2.2's
+    split): `high` denoises the levels >= `boundary` (default: the toy expert's 0.7), `name_or_path` the
+    rest. What eval, the ODE pairs and the DMD real score load as "the teacher"."""
+    from diagvid.model.experts import TOY_BOUNDARY, NoiseExperts
+
+    if boundary is not None and high is None:
+        raise ValueError(f"teacher boundary {boundary}: only means something with a high-noise expert")
+    low = load_dit_model(name_or_path, device=device, dtype=dtype)
+    if high is None:
+        return low
+    expert = load_dit_model(high, device=device, dtype=dtype)
+    return NoiseExperts(expert, low, TOY_BOUNDARY if boundary is None else boundary)
+
+
 def load_pipeline(
     name_or_path: str | Path | None = None,
     *,

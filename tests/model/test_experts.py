@@ -58,3 +58,27 @@ def test_experts_must_share_the_latent_space_and_a_boundary_inside_the_trajector
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match=f"boundary={bad} must be a noise level in \\(0, 1\\)"):
             NoiseExperts(high, low, bad)
+
+
+def test_load_teacher_builds_one_teacher_or_a_pair(tmp_path):
+    from diagvid.model.weights import save_dit
+    from diagvid.pretrained import load_teacher
+
+    high, low = _pair()
+    save_dit(high, tmp_path / "high")
+    save_dit(low, tmp_path / "low")
+    alone = load_teacher(tmp_path / "low")
+    assert isinstance(alone, WanDiT)
+    assert all(
+        torch.equal(a, b) for a, b in zip(alone.state_dict().values(), low.state_dict().values(), strict=True)
+    )
+    pair = load_teacher(tmp_path / "low", tmp_path / "high")
+    assert isinstance(pair, NoiseExperts) and pair.boundary == 0.7  # the toy expert's sigma_min
+    assert torch.equal(pair.high.blocks[0].ffn[0].weight, high.blocks[0].ffn[0].weight)
+    assert torch.equal(pair.low.blocks[0].ffn[0].weight, low.blocks[0].ffn[0].weight)
+    assert load_teacher(tmp_path / "low", tmp_path / "high", 0.4).boundary == 0.4
+    assert pair.token_grid(3, 4, 4) == low.token_grid(3, 4, 4)
+    with pytest.raises(
+        ValueError, match=r"teacher boundary 0\.4: only means something with a high-noise expert"
+    ):
+        load_teacher(tmp_path / "low", None, 0.4)

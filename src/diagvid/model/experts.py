@@ -32,6 +32,11 @@ class NoiseExperts(nn.Module):
         self.high, self.low, self.boundary = high, low, boundary
         self.cfg = low.cfg  # what callers read (latent channels, patching) is the same for both
 
+    def token_grid(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """`WanDiT.token_grid`, checked against both experts."""
+        self.high.token_grid(frames, height, width)
+        return self.low.token_grid(frames, height, width)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **kwargs) -> torch.Tensor:
         """`WanDiT.forward`; a sample with per-frame timesteps [B, F] goes by its noisiest frame."""
         level = t.reshape(len(t), -1).amax(1) if t.ndim > 1 else t.expand(len(x))

@@ -28,6 +28,7 @@ import torch
 
 from diagvid.config import to_dict
 from diagvid.model.dit import WanDiT
+from diagvid.model.experts import NoiseExperts
 from diagvid.sampling import NUM_TRAIN_TIMESTEPS, SIGMA_MODES, FlowMatch, Schedule, get_schedule
 from diagvid.train.distributed import (
     ModelState,
@@ -40,7 +41,7 @@ from diagvid.train.distributed import (
 )
 from diagvid.train.dmd import DMDSettings, critic_update_loss, generator_loss
 from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, seeded, start_run, write_model_config
-from diagvid.train.ode import OdeShards, Shuffle, read_prompts, sample_prompt
+from diagvid.train.ode import OdeShards, Shuffle, check_experts, read_prompts, sample_prompt
 from diagvid.train.rollout import ROLLOUTS, rollout, teacher_forced
 from diagvid.train.teacher import OptimConfig
 
@@ -70,6 +71,11 @@ class DistillConfig:
     """bundled name or folder of the generator's starting weights (the init stage's export, or the teacher)"""
     teacher: str = "toy/teacher"
     """the real score: a bidirectional DiT, frozen"""
+    teacher_high: str | None = None
+    """a high-noise expert that is the real score at levels >= teacher_boundary, the teacher below
+    (`NoiseExperts`): toy/teacher-high with teacher = "toy/teacher-deep"; None: one teacher"""
+    teacher_boundary: float | None = None
+    """the noise level in (0, 1) where teacher_high hands over (None: the toy expert's 0.7)"""
     critic: str | None = None
     """the fake score's starting weights (None: the teacher's)"""
     text: str = "toy/text"
@@ -130,6 +136,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.rollout not in ROLLOUT_MODES:
             raise ValueError(f"rollout={self.rollout!r}; allowed: {ROLLOUT_MODES}")
+        check_experts(self.teacher_high, self.teacher_boundary)
         for name in ("frames_per_chunk", "num_chunks", "steps", "batch_size", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -205,7 +212,7 @@ class Conditioning:
 def check_models(
     cfg: DistillConfig,
     generator: WanDiT,
-    teacher: WanDiT,
+    teacher: WanDiT | NoiseExperts,
     critic: WanDiT,
     text: TextEncoder,
     data: OdeShards | None,
@@ -236,13 +243,14 @@ def train_distill(
     cfg: DistillConfig, *, resume: bool = True, max_steps: int | None = None, progress: bool = True
 ) -> Path:
     """Run (or continue) DMD distillation; returns the run folder (`checkpoint.pt`, `log.jsonl`, `model.json`)."""
-    from diagvid.pretrained import load_dit_model, load_text_encoder
+    from diagvid.pretrained import load_dit_model, load_teacher, load_text_encoder
 
     rt = setup(cfg.parallel)
     try:
         # 1. load and check everything before the first forward
         generator = load_dit_model(cfg.generator).float().train()
-        teacher = load_dit_model(cfg.teacher, device=rt.device).float().eval().requires_grad_(False)
+        teacher = load_teacher(cfg.teacher, cfg.teacher_high, cfg.teacher_boundary, device=rt.device)
+        teacher.float().eval().requires_grad_(False)
         critic = load_dit_model(cfg.critic or cfg.teacher).float().train()
         text = load_text_encoder(cfg.text, rt.device)
         data = OdeShards(cfg.ode_dir) if cfg.rollout == "causvid" and cfg.ode_dir else None

@@ -25,6 +25,7 @@ import torch
 
 from diagvid.config import to_dict
 from diagvid.model.dit import WanDiT
+from diagvid.model.experts import TOY_BOUNDARY
 from diagvid.sampling import NUM_TRAIN_TIMESTEPS, FlowMatch, sample_euler, teacher_timesteps
 from diagvid.train.loop import seeded
 
@@ -117,6 +118,11 @@ class OdeConfig:
 
     teacher: str = "toy/teacher"
     """bundled name or folder of the bidirectional teacher DiT"""
+    teacher_high: str | None = None
+    """a high-noise expert that takes the sampler's steps at levels >= teacher_boundary, the teacher the rest
+    (Wan2.2's split, `NoiseExperts`): toy/teacher-high with teacher = "toy/teacher-deep"; None: one teacher"""
+    teacher_boundary: float | None = None
+    """the noise level in (0, 1) where teacher_high hands over (None: the toy expert's 0.7)"""
     text: str = "toy/text"
     """bundled name or folder of the text encoder"""
     out_dir: str = "data/toy-ode"
@@ -164,6 +170,7 @@ class OdeConfig:
             raise ValueError(f"shift={self.shift} must be > 0 and guidance={self.guidance} >= 0")
         if not 0 <= self.p_two <= 1:
             raise ValueError(f"p_two={self.p_two} must be in [0, 1]")
+        check_experts(self.teacher_high, self.teacher_boundary)
         steps = list(self.student_steps)
         if not steps or any(not 0 < t <= NUM_TRAIN_TIMESTEPS for t in steps):
             raise ValueError(f"student_steps={steps} must be non-empty, each in (0, {NUM_TRAIN_TIMESTEPS}]")
@@ -176,12 +183,21 @@ class OdeConfig:
 
     def recipe_hash(self) -> str:
         """Fingerprint of everything that decides the samples (not their number, batching or device)."""
-        fields = {
-            k: v
-            for k, v in to_dict(self).items()
-            if k not in ("out_dir", "num_samples", "batch_size", "device")
-        }
+        skip = ("out_dir", "num_samples", "batch_size", "device")
+        if self.teacher_high is None:  # one teacher: the fingerprint of the recipes from before the experts
+            skip += ("teacher_high", "teacher_boundary")
+        fields = {k: v for k, v in to_dict(self).items() if k not in skip}
+        if self.teacher_high is not None and self.teacher_boundary is None:
+            fields["teacher_boundary"] = TOY_BOUNDARY  # the default and its value are the same recipe
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_experts(high: str | None, boundary: float | None) -> None:
+    """A recipe's teacher_high / teacher_boundary pair makes sense (errors name the field)."""
+    if boundary is not None and high is None:
+        raise ValueError(f"teacher_boundary={boundary} only means something with teacher_high")
+    if boundary is not None and not 0 < boundary < 1:
+        raise ValueError(f"teacher_boundary={boundary} must be a noise level in (0, 1)")
 
 
 def shard_name(index: int) -> str:
@@ -237,7 +253,7 @@ def _check_manifest(out: Path, cfg: OdeConfig) -> None:
 
 def write_ode_pairs(cfg: OdeConfig, *, progress: bool = True) -> Path:
     """Write the ODE-pair shards of `cfg` (skipping complete ones) and the manifest; returns the folder."""
-    from diagvid.pretrained import load_dit_model, load_text_encoder
+    from diagvid.pretrained import load_teacher, load_text_encoder
     from diagvid.train.checkpoint import save_tensors_atomic, write_text_atomic
     from diagvid.train.distributed import ParallelConfig, setup
 
@@ -245,7 +261,8 @@ def write_ode_pairs(cfg: OdeConfig, *, progress: bool = True) -> Path:
     try:
         out = Path(cfg.out_dir)
         # 1. validate everything against the models before any teacher forward
-        teacher = load_dit_model(cfg.teacher, device=rt.device).eval().requires_grad_(False)
+        teacher = load_teacher(cfg.teacher, cfg.teacher_high, cfg.teacher_boundary, device=rt.device)
+        teacher.eval().requires_grad_(False)
         text = load_text_encoder(cfg.text, rt.device)
         teacher.token_grid(cfg.latent_frames, *cfg.latent_hw)
         if text.dim != teacher.cfg.text_dim:
