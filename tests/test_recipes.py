@@ -28,6 +28,7 @@ KINDS = {
     "ode": OdeConfig,
     "ode-pair": OdeConfig,
     "init": InitConfig,
+    "init-pair": InitConfig,
     "distill-diagonal": DistillConfig,
     "distill-self-forcing": DistillConfig,
     "distill-causvid": DistillConfig,
