@@ -34,6 +34,7 @@ KINDS = {
     "distill-causvid": DistillConfig,
     "distill-diagonal-noflow": DistillConfig,
     "distill-diagonal-nodf": DistillConfig,
+    "distill-diagonal-nodf-pair": DistillConfig,
     "distill-schedule-only": DistillConfig,
     "features": FeaturesTrainConfig,
     "tiny-decoder": TinyDecoderTrainConfig,
