@@ -18,6 +18,14 @@ TOY_BOUNDARY = 0.7
 """the noise level the bundled high-noise expert `toy/teacher-high` was trained from (its sigma_min)"""
 
 
+def check_experts(high: str | None, boundary: float | None) -> None:
+    """A recipe's teacher_high / teacher_boundary pair makes sense (errors name the field)."""
+    if boundary is not None and high is None:
+        raise ValueError(f"teacher_boundary={boundary} only means something with teacher_high")
+    if boundary is not None and not 0 < boundary < 1:
+        raise ValueError(f"teacher_boundary={boundary} must be a noise level in (0, 1)")
+
+
 class NoiseExperts(nn.Module):
     """`high` denoises samples whose noise level is >= `boundary` (a sigma in (0, 1)), `low` the rest."""
 

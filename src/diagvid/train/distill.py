@@ -28,7 +28,7 @@ import torch
 
 from diagvid.config import to_dict
 from diagvid.model.dit import WanDiT
-from diagvid.model.experts import NoiseExperts
+from diagvid.model.experts import NoiseExperts, check_experts
 from diagvid.sampling import NUM_TRAIN_TIMESTEPS, SIGMA_MODES, FlowMatch, Schedule, get_schedule
 from diagvid.train.distributed import (
     ModelState,
@@ -41,7 +41,7 @@ from diagvid.train.distributed import (
 )
 from diagvid.train.dmd import DMDSettings, critic_update_loss, generator_loss
 from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, seeded, start_run, write_model_config
-from diagvid.train.ode import OdeShards, Shuffle, check_experts, read_prompts, sample_prompt
+from diagvid.train.ode import OdeShards, Shuffle, read_prompts, sample_prompt
 from diagvid.train.rollout import ROLLOUTS, rollout, teacher_forced
 from diagvid.train.teacher import OptimConfig
 

@@ -25,7 +25,7 @@ import torch
 
 from diagvid.config import to_dict
 from diagvid.model.dit import WanDiT
-from diagvid.model.experts import TOY_BOUNDARY
+from diagvid.model.experts import TOY_BOUNDARY, check_experts
 from diagvid.sampling import NUM_TRAIN_TIMESTEPS, FlowMatch, sample_euler, teacher_timesteps
 from diagvid.train.loop import seeded
 
@@ -190,14 +190,6 @@ class OdeConfig:
         if self.teacher_high is not None and self.teacher_boundary is None:
             fields["teacher_boundary"] = TOY_BOUNDARY  # the default and its value are the same recipe
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def check_experts(high: str | None, boundary: float | None) -> None:
-    """A recipe's teacher_high / teacher_boundary pair makes sense (errors name the field)."""
-    if boundary is not None and high is None:
-        raise ValueError(f"teacher_boundary={boundary} only means something with teacher_high")
-    if boundary is not None and not 0 < boundary < 1:
-        raise ValueError(f"teacher_boundary={boundary} must be a noise level in (0, 1)")
 
 
 def shard_name(index: int) -> str:
