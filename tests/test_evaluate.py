@@ -140,6 +140,8 @@ def test_cli_eval_writes_the_report(tmp_path):
         (["--teacher-guidance", "-1"], "--teacher-guidance -1.0: the CFG scale must be a finite number >= 0"),
         (["--teacher-start-sigma", "0"], "--teacher-start-sigma 0.0: must be in (0, 1]"),
         (["--teacher-start-sigma", "1.5"], "--teacher-start-sigma 1.5: must be in (0, 1]"),
+        (["--teacher-eta", "1.5"], "--teacher-eta 1.5: must be in [0, 1]"),
+        (["--teacher-eta", "nan"], "--teacher-eta nan: must be in [0, 1]"),
         (
             [
                 "--teacher",
@@ -263,9 +265,17 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch):
 
     monkeypatch.setattr(ev_module, "teacher_method", spy)
     _eval_methods(
-        "teacher", "toy/vae", None, "toy/text", [], "cpu", teacher_guidance=2.0, teacher_start_sigma=0.5
+        "teacher",
+        "toy/vae",
+        None,
+        "toy/text",
+        [],
+        "cpu",
+        teacher_guidance=2.0,
+        teacher_start_sigma=0.5,
+        teacher_eta=0.5,
     )
-    assert seen == {"guidance": 2.0, "start_sigma": 0.5, "guidance_above": None}
+    assert seen == {"guidance": 2.0, "start_sigma": 0.5, "guidance_above": None, "eta": 0.5}
 
 
 def test_cli_fp8_puts_every_generator_in_float8(monkeypatch):

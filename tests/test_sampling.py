@@ -162,3 +162,68 @@ def test_euler_sampler_can_guide_the_high_noise_steps_with_their_own_scale():
     assert torch.allclose(out, torch.full_like(out, want), atol=1e-5)
     with pytest.raises(ValueError, match=r"guidance_above=\(1.0, 2.0\): its noise level must be in \(0, 1\)"):
         sample_euler(field, noise, cond, null, **steps, guidance_above=(1.0, 2.0))
+
+
+def test_stochastic_steps_sample_the_forward_process_posterior():
+    """eta = 1 draws x at the next level from q(x_next | x, x0): the Gaussian posterior of the flow's
+    forward process x = a x_next + b xi (a = (1 - sigma) / (1 - sigma_next), b^2 = sigma^2 - a^2 sigma_next^2),
+    worked out by Bayes' rule here rather than by the sampler's snr form."""
+    from diagvid.sampling import sample_euler, teacher_timesteps
+
+    torch.manual_seed(0)
+    n = 400_000
+    x0 = torch.tensor(0.7)
+
+    def towards_x0(x, t, ctx):  # the exact velocity of a model sure that the data is x0
+        sigma = (t / 1000).view(-1, 1, 1, 1, 1)
+        return (x - x0) / sigma
+
+    ts = teacher_timesteps(3, 3.0)
+    sigma, sigma_next = ts[1] / 1000, ts[2] / 1000
+    x = torch.full((1, 1, 1, 1, n), 0.3)
+    gen = torch.Generator().manual_seed(1)
+    # start at the second level: run the 3-step schedule from there (SDEdit), one stochastic step and the last
+    out, traj = sample_euler(
+        towards_x0,
+        x,
+        torch.zeros(1, 1),
+        None,
+        num_steps=3,
+        shift=3.0,
+        start_sigma=sigma,
+        eta=1.0,
+        generator=gen,
+        trajectory_at=(1,),
+    )
+    a = (1 - sigma) / (1 - sigma_next)
+    b2 = sigma**2 - a**2 * sigma_next**2
+    var = 1 / (1 / sigma_next**2 + a**2 / b2)
+    mean = var * ((1 - sigma_next) * x0 / sigma_next**2 + a * 0.3 / b2)
+    got = traj[1].flatten()
+    assert abs(got.mean().item() - mean) < 5 * (var / n) ** 0.5
+    assert got.var().item() == pytest.approx(var, rel=0.01)
+    assert torch.allclose(out, x0.expand_as(out), atol=1e-5)  # the last step lands on x0 without noise
+
+
+def test_stochastic_steps_are_seeded_and_eta_zero_is_the_ode():
+    from diagvid.sampling import sample_euler
+
+    def field(x, t, ctx):
+        return torch.sin(3 * x) + ctx.view(-1, 1, 1, 1, 1)
+
+    noise = torch.randn(2, 1, 3, 2, 2)
+    ctx = torch.tensor([[0.5], [-0.5]])
+
+    def run(eta, seed):
+        return sample_euler(
+            field, noise, ctx, None, num_steps=6, eta=eta, generator=torch.Generator().manual_seed(seed)
+        )[0]
+
+    ode = sample_euler(field, noise, ctx, None, num_steps=6)[0]
+    assert torch.equal(run(0.0, 0), ode)
+    assert torch.equal(run(0.5, 3), run(0.5, 3))
+    assert not torch.allclose(run(0.5, 3), run(0.5, 4))
+    assert not torch.allclose(run(0.5, 3), ode)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="must be in \\[0, 1\\]"):
+            sample_euler(field, noise, ctx, None, num_steps=6, eta=bad)

@@ -532,6 +532,12 @@ def eval_cmd(
         help="The CFG scale of --teacher-high's steps, as Wan2.2 guides its two experts apart (default: "
         "--teacher-guidance).",
     ),
+    teacher_eta: float = typer.Option(
+        0.0,
+        "--teacher-eta",
+        help="Stochastic teacher steps in [0, 1] (DDIM's eta: 0 is the Euler ODE sampler, 1 DDPM's "
+        "ancestral one, fresh noise in each step).",
+    ),
     fp8: bool = typer.Option(
         False,
         "--fp8",
@@ -595,6 +601,7 @@ def eval_cmd(
             teacher_high=teacher_high,
             teacher_boundary=teacher_boundary,
             teacher_high_guidance=teacher_high_guidance,
+            teacher_eta=teacher_eta,
             fp8=fp8,
         )
     except (ValueError, FileNotFoundError, OSError) as err:
@@ -610,6 +617,7 @@ def eval_cmd(
         report["teacher"] = teacher or "toy/teacher"
         report["teacher_guidance"] = teacher_guidance
         report["teacher_start_sigma"] = teacher_start_sigma
+        report["teacher_eta"] = teacher_eta
         if teacher_high:
             from diagvid.model.experts import TOY_BOUNDARY
 
@@ -661,6 +669,7 @@ def _eval_methods(
     teacher_high: str | None = None,
     teacher_boundary: float | None = None,
     teacher_high_guidance: float | None = None,
+    teacher_eta: float = 0.0,
     fp8: bool = False,
 ):
     """Build the evaluation methods the options ask for (errors name the bad option)."""
@@ -680,6 +689,8 @@ def _eval_methods(
         raise ValueError(f"--teacher-guidance {teacher_guidance}: the CFG scale must be a finite number >= 0")
     if not 0 < teacher_start_sigma <= 1:
         raise ValueError(f"--teacher-start-sigma {teacher_start_sigma}: must be in (0, 1]")
+    if not 0 <= teacher_eta <= 1:
+        raise ValueError(f"--teacher-eta {teacher_eta}: must be in [0, 1] (0: Euler, 1: DDPM ancestral)")
     if teacher_high and not teacher:
         raise ValueError(
             f"--teacher-high {teacher_high}: name the teacher below the boundary with --teacher "
@@ -752,6 +763,7 @@ def _eval_methods(
                 guidance=teacher_guidance,
                 start_sigma=teacher_start_sigma,
                 guidance_above=guidance_above,
+                eta=teacher_eta,
             )
         else:
             pipe, schedule, context = load_toy_student(

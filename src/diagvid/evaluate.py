@@ -129,6 +129,7 @@ def teacher_method(
     guidance: float = 5.0,
     start_sigma: float = 1.0,
     guidance_above: tuple[float, float] | None = None,
+    eta: float = 0.0,
 ) -> Method:
     """The undistilled teacher: full attention over the whole clip, Euler + CFG, then one decode to
     `size` x `size` pixels.
@@ -138,6 +139,8 @@ def teacher_method(
     the remaining steps (SDEdit). It tells how much of a real clip's layout and motion the teacher keeps
     from a given noise level on; at 1 the start is the noise alone, the plain sampler.
     `guidance_above=(sigma, w)`: the CFG scale w at noise levels >= sigma (a high-noise expert's own scale).
+    `eta` > 0: stochastic steps (`sample_euler`'s eta), their fresh noise drawn after the prompt's start noise
+    from the same seeded generator.
     """
     from diagvid.model.vae import frames_to_tensor, latent_frames, tensor_to_frames
     from diagvid.sampling import NUM_TRAIN_TIMESTEPS, partial_timesteps, sample_euler
@@ -170,6 +173,8 @@ def teacher_method(
                 guidance=guidance,
                 start_sigma=start_sigma,
                 guidance_above=guidance_above,
+                eta=eta,
+                generator=gen,
             )
             out.append(tensor_to_frames(vae.decode(x0)[0]))
         return out

@@ -252,6 +252,21 @@ def get_schedule(name_or_steps: str | Schedule, context: str | None = None) -> S
 # ----- the undistilled sampler ----------------------------------------------------------------------------
 
 
+def _stochastic_step(
+    x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, eta: float, generator
+) -> torch.Tensor:
+    """One step of `sample_euler` with eta > 0: x0 and eps from v, eps partly refreshed, renoised."""
+    x0 = x - sigma * v
+    if sigma_next <= 0:
+        return x0
+    eps = x + (1 - sigma) * v
+    snr_ratio = ((1 - sigma) * sigma_next / (sigma * (1 - sigma_next))) ** 2  # snr / snr_next, < 1
+    fresh = eta**2 * (1 - snr_ratio)
+    z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    eps = (1 - fresh) ** 0.5 * eps + fresh**0.5 * z
+    return (1 - sigma_next) * x0 + sigma_next * eps
+
+
 @torch.no_grad()
 def sample_euler(
     model: torch.nn.Module,
@@ -265,6 +280,8 @@ def sample_euler(
     trajectory_at: Sequence[int] = (),
     start_sigma: float = 1.0,
     guidance_above: tuple[float, float] | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The teacher's sampler: Euler on the flow ODE over `num_steps` shifted steps, classifier-free guidance.
 
@@ -276,9 +293,15 @@ def sample_euler(
     on: `noise` must then be a sample at that level (SDEdit); `trajectory_at` counts from there.
     `guidance_above=(sigma, w)` uses the scale w instead at the steps whose noise level is >= sigma, as Wan2.2
     gives its high-noise expert its own scale (`NoiseExperts`; pass the same boundary).
+    `eta` > 0 makes each step stochastic, DDIM's eta for the flow: the step predicts x0 and the noise
+    eps = x + (1 - sigma) v, then renoises x0 to the next level with eps partly replaced by fresh noise
+    from `generator` (CPU): a fraction eta^2 (1 - snr / snr_next) of its variance, snr = ((1 - sigma) /
+    sigma)^2. eta = 1 is DDPM's ancestral sampler; eta = 0 is the Euler step above, bit for bit.
     """
     if guidance_above is not None and not 0 < guidance_above[0] < 1:
         raise ValueError(f"guidance_above={guidance_above}: its noise level must be in (0, 1)")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta={eta}: must be in [0, 1] (0: the ODE, 1: DDPM's ancestral sampler)")
     ts = [*partial_timesteps(num_steps, shift, start_sigma), 0.0]
     x = noise
     saved = {}
@@ -296,7 +319,12 @@ def sample_euler(
             v = v_u + w * (v_c - v_u)
         else:
             v = model(x, t, context)
-        x = x + (ts[i + 1] - ts[i]) / NUM_TRAIN_TIMESTEPS * v  # sigma goes down: dt < 0
+        if eta > 0:
+            x = _stochastic_step(
+                x, v, ts[i] / NUM_TRAIN_TIMESTEPS, ts[i + 1] / NUM_TRAIN_TIMESTEPS, eta, generator
+            )
+        else:
+            x = x + (ts[i + 1] - ts[i]) / NUM_TRAIN_TIMESTEPS * v  # sigma goes down: dt < 0
     if len(ts) - 1 in trajectory_at:
         saved[len(ts) - 1] = x.clone()
     return x, saved
