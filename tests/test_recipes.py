@@ -25,6 +25,7 @@ KINDS = {
     "teacher-contrast": TeacherConfig,
     "teacher-deep": TeacherConfig,
     "teacher-high": TeacherConfig,
+    "teacher-high-contrast": TeacherConfig,
     "ode": OdeConfig,
     "ode-pair": OdeConfig,
     "init": InitConfig,
