@@ -58,13 +58,13 @@ def tiny_recipe(codec_folders, out_dir) -> TeacherConfig:
     )
 
 
-@pytest.mark.parametrize("contrast", [0.0, 0.5])
-def test_resume_is_bit_identical(codec_folders, tmp_path, contrast):
+@pytest.mark.parametrize(("contrast", "contrast_with"), [(0.0, "other"), (0.5, "other"), (0.5, "opposite")])
+def test_resume_is_bit_identical(codec_folders, tmp_path, contrast, contrast_with):
     straight = tiny_recipe(codec_folders, tmp_path / "a")
-    straight.direction_contrast = contrast
+    straight.direction_contrast, straight.contrast_with = contrast, contrast_with
     train_teacher(straight, progress=False)
     resumed = tiny_recipe(codec_folders, tmp_path / "b")
-    resumed.direction_contrast = contrast
+    resumed.direction_contrast, resumed.contrast_with = contrast, contrast_with
     train_teacher(resumed, max_steps=2, progress=False)
     assert load_checkpoint(tmp_path / "b/run/checkpoint.pt")["step"] == 2
     train_teacher(resumed, progress=False)
@@ -178,6 +178,8 @@ def test_bad_recipes_fail_before_compute(codec_folders, tmp_path):
         from_dict(TeacherConfig, {"direction_contrast": -1.0})
     with pytest.raises(ValueError, match=r"contrast_temperature=0.0 must be > 0"):
         from_dict(TeacherConfig, {"contrast_temperature": 0.0})
+    with pytest.raises(ValueError, match=r"contrast_with='reverse'; allowed: \('other', 'opposite'\)"):
+        from_dict(TeacherConfig, {"contrast_with": "reverse"})
     with pytest.raises(
         ValueError, match=r"sigma_min=0.8, sigma_max=0.5: need 0 <= sigma_min < sigma_max <= 1"
     ):
@@ -301,6 +303,21 @@ def test_wrong_direction_changes_every_direction_word_and_nothing_else():
         seen.add(out[4])
     assert len(seen) == len(DIRECTIONS) - 1  # every other direction is drawn
     assert wrong_direction("a red circle", gen) is None
+
+
+def test_the_opposite_direction_reverses_every_motion():
+    from diagvid.train.teacher import wrong_direction
+    from diagvid.world import DIRECTIONS
+
+    for first in DIRECTIONS:
+        for second in DIRECTIONS:
+            cap = f"a red circle moves {first} fast and a blue square moves {second} slowly"
+            out = wrong_direction(cap, opposite=True).split()
+            words = cap.split()
+            assert out[:4] == words[:4] and out[5:11] == words[5:11] and out[12:] == words[12:]
+            for old, new in ((first, out[4]), (second, out[11])):
+                assert DIRECTIONS[new] == tuple(-c for c in DIRECTIONS[old])
+    assert wrong_direction("a red circle", opposite=True) is None
 
 
 class _DirectionReader(torch.nn.Module):

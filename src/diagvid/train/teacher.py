@@ -23,6 +23,9 @@ from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, start_run
 
 log = logging.getLogger("diagvid.train")
 
+CONTRAST_WITH = ("other", "opposite")
+"""What `TeacherConfig.contrast_with` allows."""
+
 
 @dataclass
 class DataConfig:
@@ -101,6 +104,9 @@ class TeacherConfig:
     denoise it worse under the wrong direction; 0: off (plain flow matching, one forward a clip)"""
     contrast_temperature: float = 0.05
     """scale of the relative loss gap in the contrast: a gap of a few temperatures saturates it"""
+    contrast_with: str = "other"
+    """the wrong direction of the contrast: "other" (any different direction, drawn at random) or "opposite"
+    (the same line the other way: the sign, which a teacher that reads only the axis has not learned)"""
     ema_decay: float = 0.999
     seed: int = 0
     out_dir: str = "runs/toy-teacher"
@@ -129,6 +135,8 @@ class TeacherConfig:
             raise ValueError(f"direction_contrast={self.direction_contrast} must be >= 0 (0: off)")
         if not self.contrast_temperature > 0:
             raise ValueError(f"contrast_temperature={self.contrast_temperature} must be > 0")
+        if self.contrast_with not in CONTRAST_WITH:
+            raise ValueError(f"contrast_with={self.contrast_with!r}; allowed: {CONTRAST_WITH}")
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError(f"batch_size={self.batch_size} and steps={self.steps} must be >= 1")
         self.optim.schedule(self.steps)  # a decay longer than the run fails here, before any compute
@@ -267,9 +275,9 @@ def direction_contrast_loss(
     return right.mean(), torch.nn.functional.softplus(-gap / temperature).mean(), gap.detach().mean()
 
 
-def wrong_direction(caption: str, gen: torch.Generator | None = None) -> str | None:
-    """The caption with every direction word replaced by a different direction, drawn at random; None when
-    it names no direction."""
+def wrong_direction(caption: str, gen: torch.Generator | None = None, opposite: bool = False) -> str | None:
+    """The caption with every direction word replaced by a different direction, drawn at random (or, with
+    `opposite`, the opposite one); None when it names no direction."""
     from diagvid.world import DIRECTIONS
 
     names = list(DIRECTIONS)
@@ -278,7 +286,9 @@ def wrong_direction(caption: str, gen: torch.Generator | None = None) -> str | N
         return None
     out = []
     for w in words:
-        if w in DIRECTIONS:
+        if w in DIRECTIONS and opposite:
+            w = CAPTION_SWAPS["direction"][w]
+        elif w in DIRECTIONS:
             others = [d for d in names if d != w]
             w = others[int(torch.randint(len(others), (), generator=gen))]
         out.append(w)
@@ -458,8 +468,10 @@ def train_teacher(
         model.train()
         logged = {}
         if cfg.direction_contrast > 0:
+            opposite = cfg.contrast_with == "opposite"
             wrong = [
-                None if d else wrong_direction(captions[i]) for i, d in zip(idx, drop.tolist(), strict=True)
+                None if d else wrong_direction(captions[i], opposite=opposite)
+                for i, d in zip(idx, drop.tolist(), strict=True)
             ]
             contrasted = torch.tensor([w is not None for w in wrong])
             wrong_ctx = torch.cat([null_ctx if w is None else embed(w) for w in wrong])
