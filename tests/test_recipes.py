@@ -26,6 +26,7 @@ KINDS = {
     "teacher-deep": TeacherConfig,
     "teacher-high": TeacherConfig,
     "teacher-high-contrast": TeacherConfig,
+    "teacher-high-anchor": TeacherConfig,
     "ode": OdeConfig,
     "ode-pair": OdeConfig,
     "init": InitConfig,

@@ -262,3 +262,37 @@ def test_bf16_weights_run_every_attention_mode_close_to_fp32(tiny_dit):
         assert got.dtype == torch.bfloat16, mode
         err = (got.float() - want).abs().max() / want.abs().max()
         assert err < 0.03, (mode, err.item())
+
+
+@torch.no_grad()
+def test_first_frame_embedding_marks_absolute_frame_zero_in_every_mode(tiny_dit):
+    """The anchor lands on latent frame 0 of the clip: a zero one is the model without it, bit for bit; a
+    learned one changes frame 0's tokens only, so the cached chunk loop (frame 0 in the first chunk only)
+    still equals the parallel block-causal pass, and the causal prefix before it is unchanged."""
+    from dataclasses import replace
+
+    from tests.conftest import randomize
+
+    x, t, ctx = tiny_inputs(tiny_dit)
+    anchored = WanDiT(replace(tiny_dit.cfg, first_frame_embedding=True)).eval()
+    state = {**tiny_dit.state_dict(), "first_frame": torch.zeros(tiny_dit.cfg.dim)}
+    anchored.load_state_dict(state)
+    assert torch.equal(anchored(x, t, ctx), tiny_dit(x, t, ctx))
+
+    anchored.first_frame.copy_(randomize(torch.nn.Linear(tiny_dit.cfg.dim, 1), seed=5).weight[0])
+    full = anchored(x, t, ctx)
+    assert not torch.allclose(full, tiny_dit(x, t, ctx))
+    # the same vector added by hand to frame 0's patch embeddings [B, D, F, H, W] is what the model computes
+    by_hand = copy.deepcopy(tiny_dit)
+    bias = anchored.first_frame.view(1, -1, 1, 1)
+    by_hand.patch_embedding.register_forward_hook(
+        lambda module, args, out: torch.cat([out[:, :, :1] + bias[:, :, None], out[:, :, 1:]], dim=2)
+    )
+    assert torch.allclose(by_hand(x, t, ctx), full, atol=1e-6)
+
+    parallel = anchored(x, t, ctx, attention="causal", frames_per_chunk=K)
+    cache = anchored.new_cache(batch_size=2, latent_hw=(4, 6), capacity_frames=6)
+    outs = [
+        anchored(x[:, :, i : i + K], t[:, i : i + K], ctx, cache=cache, start_frame=i) for i in range(0, 6, K)
+    ]
+    assert (torch.cat(outs, dim=2) - parallel).abs().max() <= 1e-5 * parallel.abs().max()

@@ -396,3 +396,18 @@ def test_convert_dtype_casts_floating_tensors_only(tiny_dit, tmp_path):
     res = CliRunner().invoke(app, ["convert", str(tmp_path / "fp32"), str(tmp_path / "x"), "--dtype", "fp8"])
     assert res.exit_code == 2 and "dtype='fp8'" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_time_anchor_round_trips_in_our_layout_only(tiny_dit, tmp_path):
+    from dataclasses import replace
+
+    from diagvid.model.weights import load_dit, save_diffusers, save_dit, save_wan
+
+    model = WanDiT(replace(tiny_dit.cfg, first_frame_embedding=True))
+    with torch.no_grad():
+        model.first_frame.copy_(torch.linspace(-1, 1, model.cfg.dim))
+    back = load_dit(save_dit(model, tmp_path / "ours"))
+    assert back.cfg.first_frame_embedding and torch.equal(back.first_frame, model.first_frame)
+    for save in (save_wan, save_diffusers):
+        with pytest.raises(ValueError, match="has no place for first_frame_embedding"):
+            save(model, tmp_path / save.__name__)

@@ -246,6 +246,30 @@ def test_a_grown_model_computes_what_the_shallow_one_did():
             grown(shallow, bad)
 
 
+def test_a_run_with_a_time_anchor_starts_from_a_model_without_one():
+    """`starting_state`: a zero first_frame_embedding (and growth) keep the start's function; a start that has
+    the anchor cannot go into a run that would drop it."""
+    from dataclasses import replace
+
+    from diagvid.model.dit import WanDiT, preset
+    from diagvid.train.teacher import starting_state
+    from tests.conftest import randomize, tiny_inputs
+
+    torch.manual_seed(0)
+    start = randomize(WanDiT(preset("tiny"))).eval()
+    x, t, ctx = tiny_inputs(start)
+    for layers in (start.cfg.num_layers, 2 * start.cfg.num_layers):
+        cfg = replace(start.cfg, num_layers=layers, first_frame_embedding=True)
+        run = WanDiT(cfg).eval()
+        run.load_state_dict(starting_state(start, cfg))
+        assert not run.first_frame.any()
+        torch.testing.assert_close(run(x, t, ctx), start(x, t, ctx), rtol=0, atol=1e-6)
+    with pytest.raises(
+        ValueError, match="init_from='x' has a first_frame_embedding; this run's model has none"
+    ):
+        starting_state(run, replace(start.cfg, num_layers=run.cfg.num_layers), where="init_from='x'")
+
+
 def test_latent_cache_is_keyed_by_the_vae(codec_folders, tmp_path):
     from diagvid.model.vae import WanVAE, preset
     from diagvid.train.teacher import build_latent_cache

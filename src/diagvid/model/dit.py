@@ -60,6 +60,11 @@ class DiTConfig:
     """affine LayerNorm before cross-attention (Wan: True)"""
     rope_theta: float = 10000.0
     """RoPE base"""
+    first_frame_embedding: bool = False
+    """add a learned vector (zero at first) to the tokens of absolute latent frame 0: an anchor in time. Ours,
+    not Wan's. RoPE gives only relative positions, and at high noise nothing in the noisy clip marks which
+    end is the start, so a model without it can place a caption's motion on its axis but not give it a sign
+    (docs/status.md, "Which end is the start")"""
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)  # JSON round trips give lists
@@ -296,6 +301,8 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
+        if cfg.first_frame_embedding:
+            self.first_frame = nn.Parameter(torch.zeros(d))
         self.stats = ForwardStats()
         self.gradient_checkpointing = False
         self.init_weights()
@@ -410,6 +417,7 @@ class WanDiT(nn.Module):
             window_frames=window_frames,
             sink_frames=sink_frames,
             cache=cache,
+            has_first_frame=start_frame == 0,
         )
 
     def compile_forward(self, **options) -> WanDiT:
@@ -434,6 +442,7 @@ class WanDiT(nn.Module):
         window_frames: int | None,
         sink_frames: int,
         cache: KVCache | None,
+        has_first_frame: bool = True,
     ) -> torch.Tensor:
         """The forward's tensor work, after `forward` prepared the cache slots and the RoPE tables."""
         cfg = self.cfg
@@ -451,6 +460,9 @@ class WanDiT(nn.Module):
 
         # 2. embed patches, timesteps and text
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, L, D]
+        if cfg.first_frame_embedding and has_first_frame:
+            anchored = tokens[:, : h * w] + self.first_frame.to(tokens.dtype)
+            tokens = torch.cat([anchored, tokens[:, h * w :]], dim=1)
         freqs = sinusoidal_embedding(t.flatten(), cfg.freq_dim)  # fp32; the weights may be bf16 (GPU)
         e = self.time_embedding(freqs.to(self.time_embedding[0].weight.dtype)).unflatten(
             0, (b, f)

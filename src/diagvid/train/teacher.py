@@ -324,6 +324,24 @@ def grown(model: WanDiT, cfg: DiTConfig, where: str = "the model") -> WanDiT:
     return deep
 
 
+def starting_state(start: WanDiT, cfg: DiTConfig, where: str = "the model") -> dict[str, torch.Tensor]:
+    """The weights of a run of `cfg` that starts from `start` computing what `start` computes: grown to the
+    run's depth (`grown`), and given a zero `first_frame_embedding` when the run has one and `start` not."""
+    from dataclasses import replace
+
+    if start.cfg.first_frame_embedding and not cfg.first_frame_embedding:
+        raise ValueError(
+            f"{where} has a first_frame_embedding; this run's model has none, so it would be lost"
+        )
+    same = replace(cfg, first_frame_embedding=start.cfg.first_frame_embedding)
+    if start.cfg != same:
+        start = grown(start, same, where=where)
+    state = start.state_dict()
+    if cfg.first_frame_embedding and not start.cfg.first_frame_embedding:
+        state["first_frame"] = torch.zeros(cfg.dim)
+    return state
+
+
 @torch.no_grad()
 def validation_loss(
     model: WanDiT,
@@ -422,9 +440,7 @@ def train_teacher(
         from diagvid.pretrained import load_dit_model  # a folder or a bundled name ("toy/teacher")
 
         start = load_dit_model(cfg.init_from)
-        if start.cfg != dit_cfg:
-            start = grown(start, dit_cfg, where=f"init_from={cfg.init_from!r}")
-        model.load_state_dict(start.state_dict())
+        model.load_state_dict(starting_state(start, dit_cfg, where=f"init_from={cfg.init_from!r}"))
         log.info("starting from the weights in %s (%d layers)", cfg.init_from, start.cfg.num_layers)
     # encoding is the slow part of starting a run: every check above comes before it
     latents, captions = build_latent_cache(cfg.data, vae)
