@@ -176,6 +176,8 @@ def test_bad_recipes_fail_before_compute(codec_folders, tmp_path):
         from_dict(TeacherConfig, {"frame_noise": 1.5})
     with pytest.raises(ValueError, match=r"direction_contrast=-1.0 must be >= 0"):
         from_dict(TeacherConfig, {"direction_contrast": -1.0})
+    with pytest.raises(ValueError, match=r"anchor_init=-1.0 must be a finite number >= 0"):
+        from_dict(TeacherConfig, {"anchor_init": -1.0})
     with pytest.raises(ValueError, match=r"contrast_temperature=0.0 must be > 0"):
         from_dict(TeacherConfig, {"contrast_temperature": 0.0})
     with pytest.raises(ValueError, match=r"contrast_with='reverse'; allowed: \('other', 'opposite'\)"):

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,10 @@ class TeacherConfig:
     init_from: str = ""
     """a DiT folder or bundled name (e.g. "toy/teacher") to start from when the run has no checkpoint yet; a
     model of half (a third ...) the run's depth is grown to it (`grown`)"""
+    anchor_init: float = 0.0
+    """RMS of the seeded random first_frame_embedding given to a run whose init_from has none; 0 keeps the
+    start's function exactly, but a zero anchor gets almost no gradient (nothing uses it yet), so a run that
+    is to learn the anchor needs one near the tokens' scale (the toy patch embedding's RMS is about 0.8)"""
 
     def __post_init__(self) -> None:
         if self.data.num_frames < 1 or (self.data.num_frames - 1) % 4:
@@ -133,6 +138,8 @@ class TeacherConfig:
             raise ValueError(f"frame_noise={self.frame_noise} must be in [0, 1]")
         if self.direction_contrast < 0:
             raise ValueError(f"direction_contrast={self.direction_contrast} must be >= 0 (0: off)")
+        if not (math.isfinite(self.anchor_init) and self.anchor_init >= 0):
+            raise ValueError(f"anchor_init={self.anchor_init} must be a finite number >= 0")
         if not self.contrast_temperature > 0:
             raise ValueError(f"contrast_temperature={self.contrast_temperature} must be > 0")
         if self.contrast_with not in CONTRAST_WITH:
@@ -324,9 +331,12 @@ def grown(model: WanDiT, cfg: DiTConfig, where: str = "the model") -> WanDiT:
     return deep
 
 
-def starting_state(start: WanDiT, cfg: DiTConfig, where: str = "the model") -> dict[str, torch.Tensor]:
-    """The weights of a run of `cfg` that starts from `start` computing what `start` computes: grown to the
-    run's depth (`grown`), and given a zero `first_frame_embedding` when the run has one and `start` not."""
+def starting_state(
+    start: WanDiT, cfg: DiTConfig, where: str = "the model", anchor_rms: float = 0.0, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """The weights of a run of `cfg` that starts from `start`: grown to the run's depth (`grown`, the same
+    function), and given a `first_frame_embedding` when the run has one and `start` not: zero (the same
+    function again) or, with `anchor_rms` > 0, seeded noise of that RMS."""
     from dataclasses import replace
 
     if start.cfg.first_frame_embedding and not cfg.first_frame_embedding:
@@ -338,7 +348,8 @@ def starting_state(start: WanDiT, cfg: DiTConfig, where: str = "the model") -> d
         start = grown(start, same, where=where)
     state = start.state_dict()
     if cfg.first_frame_embedding and not start.cfg.first_frame_embedding:
-        state["first_frame"] = torch.zeros(cfg.dim)
+        gen = torch.Generator().manual_seed(seed)
+        state["first_frame"] = torch.randn(cfg.dim, generator=gen) * anchor_rms
     return state
 
 
@@ -440,7 +451,10 @@ def train_teacher(
         from diagvid.pretrained import load_dit_model  # a folder or a bundled name ("toy/teacher")
 
         start = load_dit_model(cfg.init_from)
-        model.load_state_dict(starting_state(start, dit_cfg, where=f"init_from={cfg.init_from!r}"))
+        where = f"init_from={cfg.init_from!r}"
+        model.load_state_dict(
+            starting_state(start, dit_cfg, where, anchor_rms=cfg.anchor_init, seed=cfg.seed)
+        )
         log.info("starting from the weights in %s (%d layers)", cfg.init_from, start.cfg.num_layers)
     # encoding is the slow part of starting a run: every check above comes before it
     latents, captions = build_latent_cache(cfg.data, vae)
