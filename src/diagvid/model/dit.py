@@ -61,10 +61,11 @@ class DiTConfig:
     rope_theta: float = 10000.0
     """RoPE base"""
     first_frame_embedding: bool = False
-    """add a learned vector (zero at first) to the tokens of absolute latent frame 0: an anchor in time. Ours,
-    not Wan's. RoPE gives only relative positions, and at high noise nothing in the noisy clip marks which
-    end is the start, so a model without it can place a caption's motion on its axis but not give it a sign
-    (docs/status.md, "Which end is the start")"""
+    """add a learned vector (initialised to zero) to the tokens of absolute latent frame 0: an anchor in time.
+    Ours, not Wan's, and an experiment: RoPE gives only relative positions and at high noise nothing in the
+    noisy clip marks which end is the start, a guess at why the toy expert reads a caption's motion axis but
+    not its sign; with the anchor it did not learn the sign either (docs/status.md, "Which end is the
+    start")"""
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)  # JSON round trips give lists

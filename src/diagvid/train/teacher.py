@@ -121,8 +121,8 @@ class TeacherConfig:
     """a DiT folder or bundled name (e.g. "toy/teacher") to start from when the run has no checkpoint yet; a
     model of half (a third ...) the run's depth is grown to it (`grown`)"""
     anchor_init: float = 0.0
-    """RMS of the seeded random first_frame_embedding given to a run whose init_from has none; 0 keeps the
-    start's function exactly, but a zero anchor gets almost no gradient (nothing uses it yet), so a run that
+    """RMS of the seeded random first_frame_embedding given to a run whose init_from has none (a run from
+    scratch starts it at zero, like every fresh WanDiT); 0 keeps the start's function exactly, but a zero anchor gets almost no gradient (nothing uses it yet), so a run that
     is to learn the anchor needs one near the tokens' scale (the toy patch embedding's RMS is about 0.8)"""
 
     def __post_init__(self) -> None:
