@@ -267,8 +267,8 @@ def test_bf16_weights_run_every_attention_mode_close_to_fp32(tiny_dit):
 @torch.no_grad()
 def test_first_frame_embedding_marks_absolute_frame_zero_in_every_mode(tiny_dit):
     """The anchor lands on latent frame 0 of the clip: a zero one is the model without it, bit for bit; a
-    learned one changes frame 0's tokens only, so the cached chunk loop (frame 0 in the first chunk only)
-    still equals the parallel block-causal pass, and the causal prefix before it is unchanged."""
+    learned one is added to frame 0's patch embeddings only, and the cached chunk loop (frame 0 in the first
+    chunk only) still equals the parallel block-causal pass."""
     from dataclasses import replace
 
     from tests.conftest import randomize
