@@ -253,7 +253,12 @@ def get_schedule(name_or_steps: str | Schedule, context: str | None = None) -> S
 
 
 def _stochastic_step(
-    x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, eta: float, generator
+    x: torch.Tensor,
+    v: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+    eta: float,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
     """One step of `sample_euler` with eta > 0: x0 and eps from v, eps partly refreshed, renoised."""
     x0 = x - sigma * v
