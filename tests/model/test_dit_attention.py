@@ -296,3 +296,38 @@ def test_first_frame_embedding_marks_absolute_frame_zero_in_every_mode(tiny_dit)
         anchored(x[:, :, i : i + K], t[:, i : i + K], ctx, cache=cache, start_frame=i) for i in range(0, 6, K)
     ]
     assert (torch.cat(outs, dim=2) - parallel).abs().max() <= 1e-5 * parallel.abs().max()
+
+
+@torch.no_grad()
+def test_position_grid_adds_one_vector_per_place_in_every_frame(tiny_dit):
+    """A zero position table is the model without it, bit for bit; a learned one is added to the patch
+    embeddings of every frame at its place; the cached chunk loop still equals block-causal; a clip of
+    another token grid is refused by name."""
+    from dataclasses import replace
+
+    x, t, ctx = tiny_inputs(tiny_dit)  # latent 4 x 6: a token grid of 2 x 3
+    placed = WanDiT(replace(tiny_dit.cfg, position_grid=(2, 3))).eval()
+    placed.load_state_dict({**tiny_dit.state_dict(), "position": torch.zeros(6, tiny_dit.cfg.dim)})
+    assert torch.equal(placed(x, t, ctx), tiny_dit(x, t, ctx))
+
+    placed.position.copy_(torch.randn(6, tiny_dit.cfg.dim, generator=torch.Generator().manual_seed(3)))
+    full = placed(x, t, ctx)
+    assert not torch.allclose(full, tiny_dit(x, t, ctx))
+    by_hand = copy.deepcopy(tiny_dit)
+    table = placed.position.T.reshape(1, -1, 1, 2, 3)  # [1, D, 1, H, W], row-major like the tokens
+    by_hand.patch_embedding.register_forward_hook(lambda module, args, out: out + table)
+    assert torch.allclose(by_hand(x, t, ctx), full, atol=1e-6)
+
+    parallel = placed(x, t, ctx, attention="causal", frames_per_chunk=K)
+    cache = placed.new_cache(batch_size=2, latent_hw=(4, 6), capacity_frames=6)
+    outs = [
+        placed(x[:, :, i : i + K], t[:, i : i + K], ctx, cache=cache, start_frame=i) for i in range(0, 6, K)
+    ]
+    assert (torch.cat(outs, dim=2) - parallel).abs().max() <= 1e-5 * parallel.abs().max()
+
+    with pytest.raises(
+        ValueError, match=r"token grid \(height=2, width=2\) differs from position_grid=\(2, 3\)"
+    ):
+        placed(x[..., :4], t, ctx)
+    with pytest.raises(ValueError, match=r"position_grid=\(2, 0\) must be two positive ints"):
+        replace(tiny_dit.cfg, position_grid=(2, 0))

@@ -411,3 +411,12 @@ def test_a_time_anchor_round_trips_in_our_layout_only(tiny_dit, tmp_path):
     for save in (save_wan, save_diffusers):
         with pytest.raises(ValueError, match="has no place for first_frame_embedding"):
             save(model, tmp_path / save.__name__)
+
+    placed = WanDiT(replace(tiny_dit.cfg, position_grid=(2, 3)))
+    with torch.no_grad():
+        placed.position.copy_(torch.linspace(-1, 1, 6 * model.cfg.dim).view(6, -1))
+    back = load_dit(save_dit(placed, tmp_path / "placed"))
+    assert back.cfg.position_grid == (2, 3) and torch.equal(back.position, placed.position)
+    for save in (save_wan, save_diffusers):
+        with pytest.raises(ValueError, match="has no place for position_grid"):
+            save(placed, tmp_path / f"placed-{save.__name__}")

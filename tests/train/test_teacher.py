@@ -272,6 +272,33 @@ def test_a_run_with_a_time_anchor_starts_from_a_model_without_one():
         starting_state(run, replace(start.cfg, num_layers=run.cfg.num_layers), where="init_from='x'")
 
 
+def test_a_run_with_a_position_table_starts_from_a_model_without_one():
+    """`starting_state` gives a run's position table zeros (the start's function) or seeded noise, and refuses
+    to drop one or to change its grid."""
+    from dataclasses import replace
+
+    from diagvid.model.dit import WanDiT, preset
+    from diagvid.train.teacher import starting_state
+    from tests.conftest import randomize, tiny_inputs
+
+    torch.manual_seed(0)
+    start = randomize(WanDiT(preset("tiny"))).eval()
+    x, t, ctx = tiny_inputs(start)  # a token grid of 2 x 3
+    cfg = replace(start.cfg, position_grid=(2, 3), first_frame_embedding=True)
+    run = WanDiT(cfg).eval()
+    run.load_state_dict(starting_state(start, cfg))
+    assert not run.position.any()
+    torch.testing.assert_close(run(x, t, ctx), start(x, t, ctx), rtol=0, atol=0)
+    noisy = starting_state(start, cfg, anchor_rms=0.5, seed=4)
+    assert noisy["position"].shape == (6, cfg.dim) and 0.4 < noisy["position"].pow(2).mean().sqrt() < 0.6
+    assert torch.equal(noisy["position"], starting_state(start, cfg, anchor_rms=0.5, seed=4)["position"])
+    assert not torch.equal(noisy["position"], starting_state(start, cfg, anchor_rms=0.5, seed=5)["position"])
+    with pytest.raises(ValueError, match="'x' has a position_grid; this run's model has none"):
+        starting_state(run, replace(cfg, position_grid=None), where="'x'")
+    with pytest.raises(ValueError, match=r"'x' has position_grid=\(2, 3\); this run's model has \(3, 2\)"):
+        starting_state(run, replace(cfg, position_grid=(3, 2)), where="'x'")
+
+
 def test_latent_cache_is_keyed_by_the_vae(codec_folders, tmp_path):
     from diagvid.model.vae import WanVAE, preset
     from diagvid.train.teacher import build_latent_cache

@@ -66,9 +66,22 @@ class DiTConfig:
     noisy clip marks which end is the start, a guess at why the toy expert reads a caption's motion axis but
     not its sign; with the anchor it did not learn the sign either (docs/status.md, "Which end is the
     start")"""
+    position_grid: tuple[int, int] | None = None
+    """(height, width) in tokens of a learned vector per position in the frame, added to every frame's tokens:
+    absolute position in space, which RoPE does not give. Ours, not Wan's, and an experiment: with it, the toy
+    expert still did not learn where a caption's motion starts (docs/status.md, "Which way, once more");
+    inputs must have exactly this token grid"""
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)  # JSON round trips give lists
+        if self.position_grid is not None:
+            self.position_grid = tuple(self.position_grid)
+            if len(self.position_grid) != 2 or any(
+                not isinstance(g, int) or g < 1 for g in self.position_grid
+            ):
+                raise ValueError(
+                    f"DiTConfig.position_grid={self.position_grid!r} must be two positive ints or None"
+                )
         for name in (
             "dim",
             "ffn_dim",
@@ -98,6 +111,8 @@ class DiTConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["patch_size"] = list(self.patch_size)
+        if self.position_grid is not None:
+            d["position_grid"] = list(self.position_grid)
         return d
 
     @classmethod
@@ -304,6 +319,8 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         if cfg.first_frame_embedding:
             self.first_frame = nn.Parameter(torch.zeros(d))
+        if cfg.position_grid is not None:
+            self.position = nn.Parameter(torch.zeros(cfg.position_grid[0] * cfg.position_grid[1], d))
         self.stats = ForwardStats()
         self.gradient_checkpointing = False
         self.init_weights()
@@ -461,6 +478,13 @@ class WanDiT(nn.Module):
 
         # 2. embed patches, timesteps and text
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, L, D]
+        if cfg.position_grid is not None:
+            if (h, w) != cfg.position_grid:
+                raise ValueError(
+                    f"token grid (height={h}, width={w}) differs from position_grid={cfg.position_grid}, "
+                    "the grid this model's position embedding covers"
+                )
+            tokens = (tokens.unflatten(1, (f, h * w)) + self.position.to(tokens.dtype)).flatten(1, 2)
         if cfg.first_frame_embedding and has_first_frame:
             anchored = tokens[:, : h * w] + self.first_frame.to(tokens.dtype)
             tokens = torch.cat([anchored, tokens[:, h * w :]], dim=1)

@@ -765,10 +765,11 @@ def write_weights(
             f"shards={shards}: must be between 1 and the {len(sd)} tensors, and 1 for our layout"
         )
     check_state_dict(sd, cfg, "the state dict to write")
-    if cfg.first_frame_embedding and layout != "diagvid":
-        raise ValueError(
-            f"layout={layout!r} has no place for first_frame_embedding (ours, not Wan's): write layout='diagvid'"
-        )
+    for ours in ("first_frame_embedding", "position_grid") if layout != "diagvid" else ():
+        if getattr(cfg, ours):
+            raise ValueError(
+                f"layout={layout!r} has no place for {ours} (ours, not Wan's): write layout='diagvid'"
+            )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if layout == "diagvid":

@@ -121,9 +121,10 @@ class TeacherConfig:
     """a DiT folder or bundled name (e.g. "toy/teacher") to start from when the run has no checkpoint yet; a
     model of half (a third ...) the run's depth is grown to it (`grown`)"""
     anchor_init: float = 0.0
-    """RMS of the seeded random first_frame_embedding given to a run whose init_from has none (a run from
-    scratch starts it at zero, like every fresh WanDiT); 0 keeps the start's function exactly, but a zero anchor gets almost no gradient (nothing uses it yet), so a run that
-    is to learn the anchor needs one near the tokens' scale (the toy patch embedding's RMS is about 0.8)"""
+    """RMS of the seeded random embeddings of ours (`first_frame_embedding`, `position_grid`) given to a run
+    whose init_from has none (a run from scratch starts them at zero, like every fresh WanDiT); 0 keeps the
+    start's function exactly, but a zero embedding gets almost no gradient (nothing uses it yet), so a run
+    that is to learn one needs it near the tokens' scale (the toy patch embedding's RMS is about 0.8)"""
 
     def __post_init__(self) -> None:
         if self.data.num_frames < 1 or (self.data.num_frames - 1) % 4:
@@ -335,21 +336,26 @@ def starting_state(
     start: WanDiT, cfg: DiTConfig, where: str = "the model", anchor_rms: float = 0.0, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     """The weights of a run of `cfg` that starts from `start`: grown to the run's depth (`grown`, the same
-    function), and given a `first_frame_embedding` when the run has one and `start` not: zero (the same
-    function again) or, with `anchor_rms` > 0, seeded noise of that RMS."""
+    function), and given the embeddings of ours the run has and `start` not (`first_frame_embedding`,
+    `position_grid`): zero (the same function again) or, with `anchor_rms` > 0, seeded noise of that RMS."""
     from dataclasses import replace
 
-    if start.cfg.first_frame_embedding and not cfg.first_frame_embedding:
-        raise ValueError(
-            f"{where} has a first_frame_embedding; this run's model has none, so it would be lost"
-        )
-    same = replace(cfg, first_frame_embedding=start.cfg.first_frame_embedding)
+    ours = {"first_frame_embedding": "first_frame", "position_grid": "position"}
+    for option in ours:
+        theirs, mine = getattr(start.cfg, option), getattr(cfg, option)
+        if theirs and not mine:
+            raise ValueError(f"{where} has a {option}; this run's model has none, so it would be lost")
+        if theirs and theirs != mine:
+            raise ValueError(f"{where} has {option}={theirs}; this run's model has {mine}")
+    same = replace(cfg, **{option: getattr(start.cfg, option) for option in ours})
     if start.cfg != same:
         start = grown(start, same, where=where)
     state = start.state_dict()
-    if cfg.first_frame_embedding and not start.cfg.first_frame_embedding:
-        gen = torch.Generator().manual_seed(seed)
-        state["first_frame"] = torch.randn(cfg.dim, generator=gen) * anchor_rms
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"first_frame": (cfg.dim,), "position": (math.prod(cfg.position_grid or ()), cfg.dim)}
+    for option, name in ours.items():
+        if getattr(cfg, option) and not getattr(start.cfg, option):
+            state[name] = torch.randn(shapes[name], generator=gen) * anchor_rms
     return state
 
 
