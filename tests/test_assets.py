@@ -22,7 +22,8 @@ def test_shipped_weights_are_small_and_readable_by_all(weights):
 
 
 @pytest.mark.parametrize(
-    ("name", "layers"), [("toy/teacher", 6), ("toy/teacher-deep", 12), ("toy/teacher-high", 12)]
+    ("name", "layers"),
+    [("toy/teacher", 6), ("toy/teacher-deep", 12), ("toy/teacher-high", 12), ("toy/teacher-low", 12)],
 )
 def test_the_toy_teachers_fit_the_toy_codec_and_text_encoder(name, layers):
     teacher = load_dit_model(name)

@@ -27,6 +27,7 @@ KINDS = {
     "teacher-high": TeacherConfig,
     "teacher-high-contrast": TeacherConfig,
     "teacher-high-anchor": TeacherConfig,
+    "teacher-low": TeacherConfig,
     "ode": OdeConfig,
     "ode-pair": OdeConfig,
     "init": InitConfig,

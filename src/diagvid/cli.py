@@ -499,7 +499,8 @@ def eval_cmd(
         "--teacher",
         help=(
             "Teacher DiT (folder or bundled name) for the 50-step CFG method (default: toy/teacher, the "
-            "students' teacher; toy/teacher-deep is the better 12-layer one)."
+            "students' teacher; toy/teacher-deep is the better 12-layer one, and toy/teacher-low its low-noise "
+            "expert, to pair with --teacher-high toy/teacher-high)."
         ),
     ),
     text: str = typer.Option("toy/text", "--text", help="Text encoder for the teacher (name or folder)."),
@@ -519,7 +520,8 @@ def eval_cmd(
         "--teacher-high",
         help="A high-noise expert DiT (folder or bundled name, trained with sigma_min): it denoises the "
         "teacher's steps at noise levels >= --teacher-boundary, --teacher (required with it) the rest "
-        "(Wan2.2's split); toy/teacher-high is toy/teacher-deep's, trained at 0.7 and up, so pair the two.",
+        "(Wan2.2's split); toy/teacher-high is toy/teacher-deep trained at 0.7 and up, so pair it with "
+        "toy/teacher-low (the same trained below 0.7, the best pair) or toy/teacher-deep.",
     ),
     teacher_boundary: float | None = typer.Option(
         None,
@@ -694,7 +696,7 @@ def _eval_methods(
     if teacher_high and not teacher:
         raise ValueError(
             f"--teacher-high {teacher_high}: name the teacher below the boundary with --teacher "
-            "(toy/teacher-high was fine-tuned from toy/teacher-deep: --teacher toy/teacher-deep)"
+            "(toy/teacher-high pairs with --teacher toy/teacher-low, trained below its boundary)"
         )
     if teacher_boundary is not None and not teacher_high:
         raise ValueError(f"--teacher-boundary {teacher_boundary}: only means something with --teacher-high")

@@ -73,7 +73,7 @@ class DistillConfig:
     """the real score: a bidirectional DiT, frozen"""
     teacher_high: str | None = None
     """a high-noise expert that is the real score at levels >= teacher_boundary, the teacher below
-    (`NoiseExperts`): toy/teacher-high with teacher = "toy/teacher-deep"; None: one teacher"""
+    (`NoiseExperts`): toy/teacher-high with teacher = "toy/teacher-deep" (or "toy/teacher-low"); None: one teacher"""
     teacher_boundary: float | None = None
     """the noise level in (0, 1) where teacher_high hands over (None: the toy expert's 0.7)"""
     critic: str | None = None

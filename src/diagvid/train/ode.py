@@ -120,7 +120,7 @@ class OdeConfig:
     """bundled name or folder of the bidirectional teacher DiT"""
     teacher_high: str | None = None
     """a high-noise expert that takes the sampler's steps at levels >= teacher_boundary, the teacher the rest
-    (Wan2.2's split, `NoiseExperts`): toy/teacher-high with teacher = "toy/teacher-deep"; None: one teacher"""
+    (Wan2.2's split, `NoiseExperts`): toy/teacher-high with teacher = "toy/teacher-deep" (or "toy/teacher-low"); None: one teacher"""
     teacher_boundary: float | None = None
     """the noise level in (0, 1) where teacher_high hands over (None: the toy expert's 0.7)"""
     text: str = "toy/text"
