@@ -70,14 +70,17 @@ def test_block_causal_equals_dense_masked_reference(tiny_dit):
 @torch.no_grad()
 def test_cached_chunk_loop_equals_block_causal(tiny_dit):
     """Clean context: feeding each chunk through the cache reproduces the parallel block-causal pass."""
-    x, t, ctx = tiny_inputs(tiny_dit)
-    parallel = tiny_dit(x, t, ctx, attention="causal", frames_per_chunk=K)
-    cache = tiny_dit.new_cache(batch_size=2, latent_hw=(4, 6), capacity_frames=6)
+    assert_cached_loop_equals_block_causal(tiny_dit, *tiny_inputs(tiny_dit))
+
+
+def assert_cached_loop_equals_block_causal(model, x, t, ctx) -> None:
+    """The 6 latent frames of `x` fed chunk by chunk through a cache reproduce the parallel block-causal pass."""
+    parallel = model(x, t, ctx, attention="causal", frames_per_chunk=K)
+    cache = model.new_cache(batch_size=2, latent_hw=(4, 6), capacity_frames=6)
     outs = [
-        tiny_dit(x[:, :, i : i + K], t[:, i : i + K], ctx, cache=cache, start_frame=i) for i in range(0, 6, K)
+        model(x[:, :, i : i + K], t[:, i : i + K], ctx, cache=cache, start_frame=i) for i in range(0, 6, K)
     ]
-    cached = torch.cat(outs, dim=2)
-    assert (cached - parallel).abs().max() <= 1e-5 * parallel.abs().max()
+    assert (torch.cat(outs, dim=2) - parallel).abs().max() <= 1e-5 * parallel.abs().max()
 
 
 @torch.no_grad()
@@ -290,12 +293,7 @@ def test_first_frame_embedding_marks_absolute_frame_zero_in_every_mode(tiny_dit)
     )
     assert torch.allclose(by_hand(x, t, ctx), full, atol=1e-6)
 
-    parallel = anchored(x, t, ctx, attention="causal", frames_per_chunk=K)
-    cache = anchored.new_cache(batch_size=2, latent_hw=(4, 6), capacity_frames=6)
-    outs = [
-        anchored(x[:, :, i : i + K], t[:, i : i + K], ctx, cache=cache, start_frame=i) for i in range(0, 6, K)
-    ]
-    assert (torch.cat(outs, dim=2) - parallel).abs().max() <= 1e-5 * parallel.abs().max()
+    assert_cached_loop_equals_block_causal(anchored, x, t, ctx)
 
 
 @torch.no_grad()
@@ -318,12 +316,7 @@ def test_position_grid_adds_one_vector_per_place_in_every_frame(tiny_dit):
     by_hand.patch_embedding.register_forward_hook(lambda module, args, out: out + table)
     assert torch.allclose(by_hand(x, t, ctx), full, atol=1e-6)
 
-    parallel = placed(x, t, ctx, attention="causal", frames_per_chunk=K)
-    cache = placed.new_cache(batch_size=2, latent_hw=(4, 6), capacity_frames=6)
-    outs = [
-        placed(x[:, :, i : i + K], t[:, i : i + K], ctx, cache=cache, start_frame=i) for i in range(0, 6, K)
-    ]
-    assert (torch.cat(outs, dim=2) - parallel).abs().max() <= 1e-5 * parallel.abs().max()
+    assert_cached_loop_equals_block_causal(placed, x, t, ctx)
 
     with pytest.raises(
         ValueError, match=r"token grid \(height=2, width=2\) differs from position_grid=\(2, 3\)"
