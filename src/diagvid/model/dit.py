@@ -75,13 +75,14 @@ class DiTConfig:
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)  # JSON round trips give lists
         if self.position_grid is not None:
-            self.position_grid = tuple(self.position_grid)
-            if len(self.position_grid) != 2 or any(
-                not isinstance(g, int) or g < 1 for g in self.position_grid
+            grid = self.position_grid
+            if (
+                not isinstance(grid, tuple | list)
+                or len(grid) != 2
+                or any(not isinstance(g, int) or g < 1 for g in grid)
             ):
-                raise ValueError(
-                    f"DiTConfig.position_grid={self.position_grid!r} must be two positive ints or None"
-                )
+                raise ValueError(f"DiTConfig.position_grid={grid!r} must be two positive ints or None")
+            self.position_grid = tuple(grid)
         for name in (
             "dim",
             "ffn_dim",

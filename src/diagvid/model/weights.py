@@ -765,8 +765,8 @@ def write_weights(
             f"shards={shards}: must be between 1 and the {len(sd)} tensors, and 1 for our layout"
         )
     check_state_dict(sd, cfg, "the state dict to write")
-    for ours in ("first_frame_embedding", "position_grid") if layout != "diagvid" else ():
-        if getattr(cfg, ours):
+    for ours in ("first_frame_embedding", "position_grid"):
+        if getattr(cfg, ours) and layout != "diagvid":
             raise ValueError(
                 f"layout={layout!r} has no place for {ours} (ours, not Wan's): write layout='diagvid'"
             )
