@@ -398,7 +398,7 @@ def test_convert_dtype_casts_floating_tensors_only(tiny_dit, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_a_time_anchor_round_trips_in_our_layout_only(tiny_dit, tmp_path):
+def test_our_embeddings_round_trip_in_our_layout_only(tiny_dit, tmp_path):
     from dataclasses import replace
 
     from diagvid.model.weights import load_dit, save_diffusers, save_dit, save_wan

@@ -340,6 +340,8 @@ def starting_state(
     `position_grid`): zero (the same function again) or, with `anchor_rms` > 0, seeded noise of that RMS."""
     from dataclasses import replace
 
+    from diagvid.model.weights import expected_shapes
+
     ours = {"first_frame_embedding": "first_frame", "position_grid": "position"}
     for option in ours:
         theirs, mine = getattr(start.cfg, option), getattr(cfg, option)
@@ -352,7 +354,7 @@ def starting_state(
         start = grown(start, same, where=where)
     state = start.state_dict()
     gen = torch.Generator().manual_seed(seed)
-    shapes = {"first_frame": (cfg.dim,), "position": (math.prod(cfg.position_grid or ()), cfg.dim)}
+    shapes = expected_shapes(cfg)
     for option, name in ours.items():
         if getattr(cfg, option) and not getattr(start.cfg, option):
             state[name] = torch.randn(shapes[name], generator=gen) * anchor_rms
