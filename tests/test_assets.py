@@ -22,15 +22,24 @@ def test_shipped_weights_are_small_and_readable_by_all(weights):
 
 
 @pytest.mark.parametrize(
-    ("name", "layers"),
-    [("toy/teacher", 6), ("toy/teacher-deep", 12), ("toy/teacher-high", 12), ("toy/teacher-low", 12)],
+    ("name", "layers", "levels"),
+    [
+        ("toy/teacher", 6, (0.0, 1.0)),
+        ("toy/teacher-deep", 12, (0.0, 1.0)),
+        ("toy/teacher-high", 12, (0.7, 1.0)),  # configs/toy/teacher-high.toml: sigma_min 0.7
+        ("toy/teacher-low", 12, (0.0, 0.7)),  # configs/toy/teacher-low.toml: sigma_max 0.7
+    ],
 )
-def test_the_toy_teachers_fit_the_toy_codec_and_text_encoder(name, layers):
+def test_the_toy_teachers_fit_the_toy_codec_and_text_encoder(name, layers, levels):
+    from diagvid.model.weights import read_noise_range
+    from diagvid.pretrained import ASSETS as BUNDLED
+
     teacher = load_dit_model(name)
     vae, text = load_vae("toy/vae"), load_text_encoder("toy/text")
     assert teacher.cfg.in_dim == teacher.cfg.out_dim == vae.z_dim
     assert teacher.cfg.text_dim == text.dim
     assert teacher.cfg.num_layers == layers
+    assert read_noise_range(BUNDLED / name) == levels  # the experts' folders say where they were trained
 
 
 def test_shipped_fp16_models_compute_in_fp32_and_sample():

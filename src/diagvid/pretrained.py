@@ -181,16 +181,40 @@ def load_teacher(
 ):
     """A teacher DiT, or with `high` a pair of noise experts called like one (`NoiseExperts`, Wan2.2's
     split): `high` denoises the levels >= `boundary` (default: the toy expert's 0.7), `name_or_path` the
-    rest. What eval, the ODE pairs and the DMD real score load as "the teacher"."""
+    rest. What eval, the ODE pairs and the DMD real score load as "the teacher". A model whose folder records
+    a `noise_range` (a noise expert) warns when asked to denoise levels outside it: alone, or on the wrong
+    side of `boundary`."""
     from diagvid.model.experts import TOY_BOUNDARY, NoiseExperts
 
     if boundary is not None and high is None:
         raise ValueError(f"teacher boundary {boundary}: only means something with a high-noise expert")
     low = load_dit_model(name_or_path, device=device, dtype=dtype)
     if high is None:
+        _warn_outside_training(name_or_path, (0.0, 1.0), "alone")
         return low
+    boundary = TOY_BOUNDARY if boundary is None else boundary
     expert = load_dit_model(high, device=device, dtype=dtype)
-    return NoiseExperts(expert, low, TOY_BOUNDARY if boundary is None else boundary)
+    _warn_outside_training(name_or_path, (0.0, boundary), "as the low-noise expert")
+    _warn_outside_training(high, (boundary, 1.0), "as the high-noise expert")
+    return NoiseExperts(expert, low, boundary)
+
+
+def _warn_outside_training(name_or_path: str | Path, levels: tuple[float, float], role: str) -> None:
+    """Warn when a model is asked to denoise noise levels outside those its folder says it was trained at."""
+    from diagvid.model.weights import read_noise_range
+
+    lo, hi = read_noise_range(_resolve(name_or_path))
+    if levels[0] < lo - 1e-6 or levels[1] > hi + 1e-6:
+        warnings.warn(
+            f"{name_or_path} was trained at noise levels [{lo:g}, {hi:g}] only, but {role} it denoises "
+            f"[{levels[0]:g}, {levels[1]:g}], where it was never trained. "
+            + (
+                "Pair it with an expert for the other levels (high= / --teacher-high)."
+                if role == "alone"
+                else "Put the boundary at the edge of its range."
+            ),
+            stacklevel=3,
+        )
 
 
 def load_pipeline(

@@ -82,3 +82,74 @@ def test_load_teacher_builds_one_teacher_or_a_pair(tmp_path):
         ValueError, match=r"teacher boundary 0\.4: only means something with a high-noise expert"
     ):
         load_teacher(tmp_path / "low", None, 0.4)
+
+
+def test_a_noise_expert_folder_records_its_range_and_load_teacher_warns_outside_it(tmp_path):
+    import json
+    import warnings
+
+    from diagvid.model.weights import convert, load_dit, read_noise_range, save_dit
+    from diagvid.pretrained import load_teacher
+
+    high, low = _pair()
+    save_dit(high, tmp_path / "high", noise_range=(0.7, 1.0))
+    save_dit(low, tmp_path / "low", noise_range=(0.0, 0.7))
+    save_dit(low, tmp_path / "full")
+    assert json.loads((tmp_path / "low" / "config.json").read_text())["noise_range"] == [0.0, 0.7]
+    assert "noise_range" not in json.loads((tmp_path / "full" / "config.json").read_text())
+    assert read_noise_range(tmp_path / "high") == (0.7, 1.0)
+    assert read_noise_range(tmp_path / "high" / "model.safetensors") == (0.7, 1.0)
+    assert read_noise_range(tmp_path / "full") == (0.0, 1.0)
+    # the record is not architecture: the weights load as before
+    assert torch.equal(load_dit(tmp_path / "low").blocks[0].ffn[0].weight, low.blocks[0].ffn[0].weight)
+
+    def warned(*args) -> list[str]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            load_teacher(*args)
+        return [str(w.message) for w in seen]
+
+    assert warned(tmp_path / "low", tmp_path / "high") == []  # at the toy boundary, 0.7: each in its range
+    assert warned(tmp_path / "full") == []
+    assert warned(tmp_path / "low", tmp_path / "full", 0.5) == []  # the low expert covers [0, 0.5]
+    (alone,) = warned(tmp_path / "low")
+    assert "trained at noise levels [0, 0.7] only, but alone it denoises [0, 1]" in alone
+    assert "Pair it with an expert" in alone
+    (high_side,) = warned(tmp_path / "low", tmp_path / "high", 0.6)
+    assert f"{tmp_path / 'high'} was trained at noise levels [0.7, 1] only" in high_side
+    assert "as the high-noise expert it denoises [0.6, 1]" in high_side
+    (low_side,) = warned(tmp_path / "low", tmp_path / "full", 0.8)
+    assert "as the low-noise expert it denoises [0, 0.8]" in low_side
+
+    # conversion keeps the record in our layout and says so when a Wan layout cannot hold it
+    convert(tmp_path / "high", tmp_path / "high16", dtype="fp16")
+    assert read_noise_range(tmp_path / "high16") == (0.7, 1.0)
+    lines = convert(tmp_path / "high", tmp_path / "high-wan", to="wan")
+    assert any("noise_range [0.7, 1.0] is not kept" in line for line in lines)
+    assert read_noise_range(tmp_path / "high-wan") == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "bad", [(0.7, 0.7), (0.8, 0.2), (-0.1, 0.5), (0.0, 1.5), (0.5,), "0-0.7", (True, 1.0)]
+)
+def test_a_bad_noise_range_is_refused_by_name(tmp_path, bad):
+    import json
+
+    from diagvid.model.weights import read_noise_range, save_dit
+
+    _, low = _pair()
+    with pytest.raises(ValueError, match=r"noise_range=.* must be two noise levels lo < hi in \[0, 1\]"):
+        save_dit(low, tmp_path / "low", noise_range=bad)
+    save_dit(low, tmp_path / "low")
+    raw = json.loads((tmp_path / "low" / "config.json").read_text())
+    (tmp_path / "low" / "config.json").write_text(json.dumps({**raw, "noise_range": bad}))
+    with pytest.raises(ValueError, match=r"config\.json: noise_range="):
+        read_noise_range(tmp_path / "low")
+
+
+def test_the_wan_layouts_refuse_a_noise_range(tmp_path):
+    from diagvid.model.weights import write_weights
+
+    high, _ = _pair()
+    with pytest.raises(ValueError, match=r"layout='wan' has no place for noise_range=\(0\.7, 1\.0\)"):
+        write_weights(high.state_dict(), high.cfg, tmp_path / "w", layout="wan", noise_range=(0.7, 1.0))

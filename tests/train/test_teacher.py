@@ -87,7 +87,7 @@ def test_resume_is_bit_identical(codec_folders, tmp_path, contrast, contrast_wit
 
 
 def test_export_writes_a_loadable_model(codec_folders, tmp_path):
-    from diagvid.model.weights import load_dit
+    from diagvid.model.weights import load_dit, read_noise_range
 
     cfg = tiny_recipe(codec_folders, tmp_path)
     run = train_teacher(cfg, max_steps=1, progress=False)
@@ -95,6 +95,16 @@ def test_export_writes_a_loadable_model(codec_folders, tmp_path):
     model = load_dit(folder)
     ema = load_checkpoint(run / "checkpoint.pt")["state"]["ema"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
+    assert read_noise_range(folder) == (0.0, 1.0)  # trained at every level: nothing to record
+
+
+def test_a_noise_expert_run_exports_its_noise_range(codec_folders, tmp_path):
+    from diagvid.model.weights import read_noise_range
+
+    cfg = tiny_recipe(codec_folders, tmp_path)
+    cfg.sigma_min = 0.7
+    run = train_teacher(cfg, max_steps=1, progress=False)
+    assert read_noise_range(export_teacher(run, tmp_path / "high")) == (0.7, 1.0)
 
 
 class _Spy(torch.nn.Module):

@@ -2,7 +2,8 @@
 
 Layouts read (each detected from the path, see `read_checkpoint`):
 
-- ours:       folder with `model.safetensors` + `config.json` ({"format": "diagvid", "kind": ..., DiTConfig}).
+- ours:       folder with `model.safetensors` + `config.json` ({"format": "diagvid", "kind": ..., DiTConfig}, and
+              for a noise expert "noise_range": [lo, hi], the levels it was trained at).
 - original:   Wan2.1 release folder, `config.json` (`_class_name` WanModel) + `diffusion_pytorch_model.safetensors`,
               or shards listed by `diffusion_pytorch_model.safetensors.index.json`.
 - diffusers:  `WanTransformer3DModel.save_pretrained` folder (same file names, diffusers key names).
@@ -255,8 +256,36 @@ def _layout_of(raw: dict, path: Path) -> str:
 
 def _config_of(raw: dict, layout: str) -> DiTConfig:
     if layout == "diagvid":
-        return DiTConfig.from_dict({k: v for k, v in raw.items() if k not in ("format", "kind")})
+        return DiTConfig.from_dict({k: v for k, v in raw.items() if k not in ("format", "kind", NOISE_RANGE)})
     return config_from_wan(raw) if layout == "wan" else config_from_diffusers(raw)
+
+
+# The noise levels a model was trained at, when not all of [0, 1] (a noise expert, Wan2.2's split): a record
+# in our folders' config.json beside "format" and "kind", not part of the architecture.
+NOISE_RANGE = "noise_range"
+FULL_RANGE = (0.0, 1.0)
+
+
+def check_noise_range(value: object, source: str | Path) -> tuple[float, float]:
+    """`value` as (lo, hi) with 0 <= lo < hi <= 1, or a ValueError naming `source`."""
+    ok = isinstance(value, (list, tuple)) and len(value) == 2
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok or not 0.0 <= value[0] < value[1] <= 1.0:
+        raise ValueError(f"{source}: {NOISE_RANGE}={value!r} must be two noise levels lo < hi in [0, 1]")
+    return float(value[0]), float(value[1])
+
+
+def read_noise_range(path: str | Path) -> tuple[float, float]:
+    """The noise levels the model at `path` was trained at: its folder's record, else all of [0, 1] (any
+    model without one: Wan's, diffusers', a generator file, or ours trained over every level)."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    if not (folder / CONFIG_FILE).is_file():
+        return FULL_RANGE
+    raw = _read_json(folder / CONFIG_FILE)
+    if raw.get("format") != "diagvid" or NOISE_RANGE not in raw:
+        return FULL_RANGE
+    return check_noise_range(raw[NOISE_RANGE], folder / CONFIG_FILE)
 
 
 def _read_json(path: Path) -> dict:
@@ -752,8 +781,12 @@ def write_weights(
     layout: str = "diagvid",
     kind: str = "dit",
     shards: int = 1,
+    noise_range: tuple[float, float] = FULL_RANGE,
 ) -> Path:
     """Write a state dict in our names as `layout` ("diagvid", "wan" or "diffusers"); files are atomic.
+
+    `noise_range`: the levels the model was trained at, recorded in our layout when not all of [0, 1], so
+    that `pretrained.load_teacher` can warn when a noise expert is asked to denoise outside them.
 
     Weights are written before config.json, so a folder with a config.json never has stale weights beside a
     new config after a crash mid-write. `shards` > 1 splits wan/diffusers weights over files with an index.
@@ -770,10 +803,18 @@ def write_weights(
             raise ValueError(
                 f"layout={layout!r} has no place for {ours} (ours, not Wan's): write layout='diagvid'"
             )
+    noise_range = check_noise_range(noise_range, "write_weights")
+    if noise_range != FULL_RANGE and layout != "diagvid":
+        raise ValueError(
+            f"layout={layout!r} has no place for noise_range={noise_range} (a noise expert's record, ours): "
+            "write layout='diagvid'"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if layout == "diagvid":
         config = {"format": "diagvid", "kind": kind, **cfg.to_dict()}
+        if noise_range != FULL_RANGE:
+            config[NOISE_RANGE] = list(noise_range)
         meta = {"format": "diagvid", "kind": kind, "config": json.dumps(cfg.to_dict())}
         _write_tensors(sd, folder / WEIGHTS_FILE, meta)
     elif layout == "wan":
@@ -786,9 +827,14 @@ def write_weights(
     return folder
 
 
-def save_dit(model: WanDiT, folder: str | Path, *, kind: str = "dit") -> Path:
-    """Write a model in our layout: `model.safetensors` + `config.json`, each replaced atomically."""
-    return write_weights(model.state_dict(), model.cfg, folder, layout="diagvid", kind=kind)
+def save_dit(
+    model: WanDiT, folder: str | Path, *, kind: str = "dit", noise_range: tuple[float, float] = FULL_RANGE
+) -> Path:
+    """Write a model in our layout: `model.safetensors` + `config.json`, each replaced atomically;
+    `noise_range` as in `write_weights`."""
+    return write_weights(
+        model.state_dict(), model.cfg, folder, layout="diagvid", kind=kind, noise_range=noise_range
+    )
 
 
 def save_wan(model: WanDiT, folder: str | Path, *, shards: int = 1) -> Path:
@@ -830,10 +876,26 @@ def convert(
     sd = ckpt.state_dict
     if dtype is not None:
         sd = {k: v.to(STORAGE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
-    out = write_weights(sd, ckpt.config, dst, layout=to, kind=ckpt.kind, shards=shards)
+    noise_range = read_noise_range(ckpt.source)
+    kept = to == "diagvid" or noise_range == FULL_RANGE
+    out = write_weights(
+        sd,
+        ckpt.config,
+        dst,
+        layout=to,
+        kind=ckpt.kind,
+        shards=shards,
+        noise_range=noise_range if kept else FULL_RANGE,
+    )
     params = sum(v.numel() for v in ckpt.state_dict.values())
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in ckpt.state_dict.values()})
+    dropped = (
+        []
+        if kept
+        else [f"  its {NOISE_RANGE} {list(noise_range)} is not kept: the {to} layout has no place for it"]
+    )
     return [
+        *dropped,
         f"read {ckpt.source}: {'; '.join(ckpt.notes)}",
         f"  {len(ckpt.state_dict)} tensors, {params / 1e6:.2f} M parameters ({', '.join(dtypes)}), "
         f"{describe(ckpt.config)}",

@@ -567,7 +567,8 @@ def train_teacher(
 
 
 def export_teacher(run_dir: str | Path, folder: str | Path) -> Path:
-    """Write the EMA weights of a teacher run as a model folder of ours (safetensors + config)."""
+    """Write the EMA weights of a teacher run as a model folder of ours (safetensors + config; the run's
+    `sigma_min` / `sigma_max` recorded as its `noise_range` when they are not 0 and 1)."""
     from diagvid.model.weights import save_dit
     from diagvid.train.checkpoint import load_checkpoint
 
@@ -575,4 +576,5 @@ def export_teacher(run_dir: str | Path, folder: str | Path) -> Path:
     cfg = json.loads((run_dir / "config.json").read_text())
     model = WanDiT(preset(cfg["model"], **cfg.get("model_overrides", {})))
     model.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["state"]["ema"])
-    return save_dit(model, folder)
+    # a run at part of the noise levels (a noise expert) says so in the folder
+    return save_dit(model, folder, noise_range=(cfg.get("sigma_min", 0.0), cfg.get("sigma_max", 1.0)))
