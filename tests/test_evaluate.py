@@ -307,16 +307,18 @@ def test_cli_teacher_high_splits_the_teacher_at_the_boundary(monkeypatch):
 
     seen = []
     monkeypatch.setattr(ev_module, "teacher_method", lambda teacher, *a, **k: seen.append((teacher, k)))
-    runs = _eval_methods(
-        None,
-        "toy/vae",
-        "toy/teacher",
-        "toy/text",
-        [],
-        "cpu",
-        teacher_high="toy/teacher-high",
-        teacher_boundary=0.6,
-    )
+    # below 0.7 the expert never trained: the run goes on, with a warning that names its range
+    with pytest.warns(UserWarning, match=r"toy/teacher-high was trained at noise levels \[0\.7, 1\] only"):
+        runs = _eval_methods(
+            None,
+            "toy/vae",
+            "toy/teacher",
+            "toy/text",
+            [],
+            "cpu",
+            teacher_high="toy/teacher-high",
+            teacher_boundary=0.6,
+        )
     assert list(runs) == ["real", "teacher"]  # the teacher pair alone asks for the teacher method
     ((model, kwargs),) = seen
     assert isinstance(model, NoiseExperts) and model.boundary == 0.6
