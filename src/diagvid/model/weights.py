@@ -279,7 +279,8 @@ def read_noise_range(path: str | Path) -> tuple[float, float]:
     """The noise levels the model at `path` was trained at: its folder's record, else all of [0, 1] (any
     model without one: Wan's, diffusers', a generator file, or ours trained over every level)."""
     path = Path(path)
-    folder = path.parent if path.is_file() else path
+    # as `read_checkpoint` reads them: a folder, or the weights file of one (never a stray file's neighbour)
+    folder = path.parent if path.is_file() and path.name in (WEIGHTS_FILE, WAN_FILE) else path
     if not (folder / CONFIG_FILE).is_file():
         return FULL_RANGE
     raw = _read_json(folder / CONFIG_FILE)
