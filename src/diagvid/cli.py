@@ -34,12 +34,15 @@ def _root() -> None:
 
 @app.command()
 def info(as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON.")) -> None:
-    """Version, torch, device and where the bundled weights are."""
+    """Version, torch, device and where the bundled weights are (and the noise levels of the noise experts)."""
     import torch
 
     from diagvid.assets import bundled_models
+    from diagvid.model.weights import FULL_RANGE, read_noise_range
 
     cuda = torch.cuda.is_available()
+    bundled = bundled_models()
+    ranges = {name: read_noise_range(where) for name, where in bundled.items()}
     data = {
         "diagvid": diagvid.__version__,
         "python": platform.python_version(),
@@ -47,16 +50,21 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
-        "bundled": bundled_models(),
+        "bundled": bundled,
+        "noise_experts": {name: list(r) for name, r in ranges.items() if r != FULL_RANGE},
     }
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
     for key, value in data.items():
+        if key == "noise_experts":
+            continue  # shown beside their paths
         if key == "bundled":
             console.print("[bold]bundled weights[/bold]:")
             for name, where in value.items():
-                console.print(f"  {name}: {where}")
+                lo, hi = ranges[name]
+                trained = "" if ranges[name] == FULL_RANGE else f" (noise expert: levels {lo:g}-{hi:g})"
+                console.print(f"  {name}{trained}: {where}")
         else:
             console.print(f"[bold]{key}[/bold]: {value}")
 
