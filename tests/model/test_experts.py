@@ -100,9 +100,8 @@ def test_a_noise_expert_folder_records_its_range_and_load_teacher_warns_outside_
     assert read_noise_range(tmp_path / "high") == (0.7, 1.0)
     assert read_noise_range(tmp_path / "high" / "model.safetensors") == (0.7, 1.0)
     assert read_noise_range(tmp_path / "full") == (0.0, 1.0)
-    (tmp_path / "high" / "generator.pt").write_bytes(
-        b""
-    )  # another file in the folder is not the folder's model
+    # another file in the folder is not the folder's model
+    (tmp_path / "high" / "generator.pt").write_bytes(b"")
     assert read_noise_range(tmp_path / "high" / "generator.pt") == (0.0, 1.0)
     # the record is not architecture: the weights load as before
     assert torch.equal(load_dit(tmp_path / "low").blocks[0].ffn[0].weight, low.blocks[0].ffn[0].weight)
