@@ -877,24 +877,17 @@ def convert(
     sd = ckpt.state_dict
     if dtype is not None:
         sd = {k: v.to(STORAGE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in sd.items()}
-    noise_range = read_noise_range(ckpt.source)
-    kept = to == "diagvid" or noise_range == FULL_RANGE
+    noise_range, dropped = read_noise_range(ckpt.source), []
+    if to != "diagvid" and noise_range != FULL_RANGE:  # only our layout can hold the record
+        dropped = [
+            f"  its {NOISE_RANGE} {list(noise_range)} is not kept: the {to} layout has no place for it"
+        ]
+        noise_range = FULL_RANGE
     out = write_weights(
-        sd,
-        ckpt.config,
-        dst,
-        layout=to,
-        kind=ckpt.kind,
-        shards=shards,
-        noise_range=noise_range if kept else FULL_RANGE,
+        sd, ckpt.config, dst, layout=to, kind=ckpt.kind, shards=shards, noise_range=noise_range
     )
     params = sum(v.numel() for v in ckpt.state_dict.values())
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in ckpt.state_dict.values()})
-    dropped = (
-        []
-        if kept
-        else [f"  its {NOISE_RANGE} {list(noise_range)} is not kept: the {to} layout has no place for it"]
-    )
     return [
         *dropped,
         f"read {ckpt.source}: {'; '.join(ckpt.notes)}",
