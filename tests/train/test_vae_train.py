@@ -154,3 +154,64 @@ def test_latent_noise_needs_a_frozen_encoder():
         VAETrainConfig(latent_noise=0.3)
     with pytest.raises(ValueError, match=r"latent_noise=-0\.1"):
         VAETrainConfig(latent_noise=-0.1, freeze_encoder=True, init_from="x")
+
+
+@pytest.mark.parametrize("px", [1, 2, 3])
+def test_outline_band_is_every_pixel_within_px_of_an_outline(px):
+    """Against a brute-force reference: a pixel is in the band when its (2 px + 1)-square neighbourhood
+    holds both object and background pixels of the same frame (pixels past the border do not count)."""
+    from diagvid.train.vae import outline_band
+
+    gen = torch.Generator().manual_seed(px)
+    mask = torch.zeros(2, 1, 3, 20, 24, dtype=torch.bool)
+    for b in range(2):
+        for t in range(3):
+            y, x, hgt, wid = (int(v) for v in torch.randint(0, 12, (4,), generator=gen))
+            mask[b, 0, t, y : y + 2 + hgt, x : x + 3 + wid] = True  # a rectangle, possibly cut by the border
+    mask[1, 0, 2] = False  # a frame with no object has no band
+    band = outline_band(mask, px)
+    ref = torch.zeros_like(mask)
+    for b, t, i, j in torch.cartesian_prod(*(torch.arange(n) for n in (2, 3, 20, 24))).tolist():
+        hood = mask[b, 0, t, max(0, i - px) : i + px + 1, max(0, j - px) : j + px + 1]
+        ref[b, 0, t, i, j] = bool(hood.any() and not hood.all())
+    assert band.dtype == torch.bool and torch.equal(band, ref)
+    assert band.any() and not band[1, 0, 2].any()
+
+
+def test_outline_psnr_scores_the_band_alone():
+    """A reconstruction wrong only on the band scores infinite-like PSNR elsewhere and low on the band."""
+    from diagvid.train.vae import outline_band, reconstruction_scores
+
+    clips = torch.zeros(1, 3, 1, 16, 16)
+    masks = torch.zeros(1, 1, 1, 16, 16, dtype=torch.bool)
+    masks[..., 5:11, 5:11] = True
+    clips[masks.expand_as(clips)] = 0.5
+    rec = clips.clone()
+    band = outline_band(masks, 2).expand_as(clips)
+    rec[band] += 0.2  # error 0.2 on the band: PSNR 10 log10(4 / 0.04) = 20 dB there
+    scores = reconstruction_scores(rec, clips, masks)
+    assert scores["outline_psnr"] == pytest.approx(20.0, abs=1e-3)
+    assert scores["psnr"] > scores["outline_psnr"] + 3  # the band is under half the frame
+
+
+def test_edge_weight_is_checked():
+    with pytest.raises(ValueError, match=r"edge_weight=-1\.0 must be >= 0 and edge_px=2"):
+        VAETrainConfig(edge_weight=-1.0)
+    with pytest.raises(ValueError, match=r"edge_px=0"):
+        VAETrainConfig(edge_weight=5.0, edge_px=0)
+
+
+def test_edge_weight_reaches_the_loss_on_the_band(tmp_path, monkeypatch):
+    import diagvid.train.vae as vae_train
+
+    seen = []
+    real = vae_train.reconstruction_loss
+    monkeypatch.setattr(vae_train, "reconstruction_loss", lambda rec, x, w: seen.append(w) or real(rec, x, w))
+    cfg = recipe(tmp_path)
+    cfg.steps, cfg.edge_weight, cfg.fg_weight, cfg.crop = 1, 5.0, 10.0, cfg.size
+    train_vae(cfg, progress=False)
+    _, mask = vae_train.world_batch(cfg.seed, 0, cfg.batch_size, cfg.clip_frames, cfg.size, cfg.crop)
+    band = vae_train.outline_band(mask, 2)
+    assert band.sum() > 10  # the crop holds an outline, so the test can tell
+    expected = 1.0 + 10.0 * mask + 5.0 * band
+    assert len(seen) == 1 and torch.equal(seen[0], expected)

@@ -42,6 +42,11 @@ class VAETrainConfig:
     """extra loss weight on object pixels at step 0 (objects cover a few % of a frame, and without it the
     codec spends hundreds of steps on the background first); decays linearly to 0 by `fg_decay_steps`"""
     fg_decay_steps: int = 1500
+    edge_weight: float = 0.0
+    """extra loss weight, constant over the run, on a band of `edge_px` pixels either side of every object's
+    outline (from the renderer's masks). The outline band is where the codec loses most: 2-3 pixels around
+    each object hold about two thirds of the shipped codec's squared error (docs/status.md)"""
+    edge_px: int = 2
     warm_chunks_max: int = 0
     """before each step's trained frames, stream up to this many latent frames (drawn uniformly per step)
     through encoder and decoder without gradient. The causal caches then reach the states they have deep
@@ -91,6 +96,10 @@ class VAETrainConfig:
             )
         if not 8 <= self.crop <= self.size:
             raise ValueError(f"crop={self.crop} must be in [8, size={self.size}]")
+        if self.edge_weight < 0 or not 1 <= self.edge_px <= 8:
+            raise ValueError(
+                f"edge_weight={self.edge_weight} must be >= 0 and edge_px={self.edge_px} in [1, 8]"
+            )
 
 
 EVAL_CLIPS = 6
@@ -111,6 +120,17 @@ def _render_with_mask(spec) -> tuple[torch.Tensor, torch.Tensor]:
     frames = render(spec).frames
     mask = (frames != background_frame(spec.background_seed, spec.size)).any(axis=-1)
     return frames_to_tensor(frames), torch.from_numpy(mask)[None]
+
+
+def outline_band(mask: torch.Tensor, px: int) -> torch.Tensor:
+    """The pixels within `px` of an object's outline, inside or out: the mask [B, 1, T, H, W] dilated minus
+    the mask eroded, frame by frame (a square neighbourhood, so the band is 2 px + 1 wide across an edge)."""
+    frames = mask.transpose(1, 2).flatten(0, 1).float()  # [B*T, 1, H, W]
+    k = 2 * px + 1
+    dilated = F.max_pool2d(frames, k, stride=1, padding=px)
+    eroded = -F.max_pool2d(-frames, k, stride=1, padding=px)
+    band = (dilated - eroded).unflatten(0, (mask.shape[0], mask.shape[2])).transpose(1, 2)
+    return band.to(mask.dtype)
 
 
 def world_batch(
@@ -173,11 +193,14 @@ def evaluate_vae(vae: WanVAE, clips: torch.Tensor, masks: torch.Tensor | None = 
 def reconstruction_scores(
     rec: torch.Tensor, clips: torch.Tensor, masks: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """PSNR of reconstructed clips, and on object pixels alone (`object_psnr`) when masks are given."""
+    """PSNR of reconstructed clips, and when masks are given on object pixels alone (`object_psnr`) and on
+    the 2-pixel band either side of their outlines (`outline_psnr`, where a blurry codec loses most)."""
     out = {"psnr": round(psnr(rec, clips), 3)}
     if masks is not None and masks.any():
-        sel = masks.expand_as(clips)
+        sel = masks.bool().expand_as(clips)
         out["object_psnr"] = round(psnr(rec[sel], clips[sel]), 3)
+        band = outline_band(masks, 2).bool().expand_as(clips)
+        out["outline_psnr"] = round(psnr(rec[band], clips[band]), 3)
     return out
 
 
@@ -277,7 +300,10 @@ def train_vae(
             # signal, which stalls training at a constant grey; the DiT only ever sees the mean anyway
             rec = vae.model.decode(corrupt(posterior.mode(), False)).sample
             kl = posterior.kl().mean() / x[0].numel()
-        rec_loss = reconstruction_loss(rec, x, 1.0 + fg * mask)
+        weight = 1.0 + fg * mask
+        if cfg.edge_weight:
+            weight = weight + cfg.edge_weight * outline_band(mask, cfg.edge_px)
+        rec_loss = reconstruction_loss(rec, x, weight)
         l1 = (rec - x).abs().mean()
         loss = rec_loss + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
