@@ -21,6 +21,7 @@ KINDS = {
     "vae-stream": VAETrainConfig,
     "vae-decoder": VAETrainConfig,
     "vae-decoder-robust": VAETrainConfig,
+    "vae-decoder-edge": VAETrainConfig,
     "teacher": TeacherConfig,
     "teacher-contrast": TeacherConfig,
     "teacher-deep": TeacherConfig,
