@@ -179,7 +179,7 @@ def test_outline_band_is_every_pixel_within_px_of_an_outline(px):
 
 
 def test_outline_psnr_scores_the_band_alone():
-    """A reconstruction wrong only on the band scores infinite-like PSNR elsewhere and low on the band."""
+    """A reconstruction wrong by 0.2 on the band alone scores 20 dB there and more over the whole frame."""
     from diagvid.train.vae import outline_band, reconstruction_scores
 
     clips = torch.zeros(1, 3, 1, 16, 16)

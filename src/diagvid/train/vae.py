@@ -126,7 +126,7 @@ def _render_with_mask(spec) -> tuple[torch.Tensor, torch.Tensor]:
 
 def outline_band(mask: torch.Tensor, px: int) -> torch.Tensor:
     """The pixels within `px` of an object's outline, inside or out: the mask [B, 1, T, H, W] dilated minus
-    the mask eroded, frame by frame (a square neighbourhood, so the band is 2 px + 1 wide across an edge)."""
+    the mask eroded, frame by frame (a square neighbourhood: across a straight edge the band is 2 px wide)."""
     frames = mask.transpose(1, 2).flatten(0, 1).float()  # [B*T, 1, H, W]
     k = 2 * px + 1
     dilated = F.max_pool2d(frames, k, stride=1, padding=px)
