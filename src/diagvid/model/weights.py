@@ -278,9 +278,7 @@ def check_noise_range(value: object, source: str | Path) -> tuple[float, float]:
 def read_noise_range(path: str | Path) -> tuple[float, float]:
     """The noise levels the model at `path` was trained at: its folder's record, else all of [0, 1] (any
     model without one: Wan's, diffusers', a generator file, or ours trained over every level)."""
-    path = Path(path)
-    # as `read_checkpoint` reads them: a folder, or the weights file of one (never a stray file's neighbour)
-    folder = path.parent if path.is_file() and path.name in (WEIGHTS_FILE, WAN_FILE) else path
+    folder = _model_folder(Path(path))  # as `read_checkpoint` reads it (never a stray file's neighbour)
     if not (folder / CONFIG_FILE).is_file():
         return FULL_RANGE
     raw = _read_json(folder / CONFIG_FILE)
@@ -654,6 +652,14 @@ def _read_folder(folder: Path, config: ConfigLike) -> _Checkpoint:
     return _Checkpoint(sd, cfg, folder, [f"original Wan2.1 folder ({files})"], "dit", True)
 
 
+def _model_folder(path: Path) -> Path:
+    """The folder whose weights file `path` is, when that folder describes itself (has a config.json): such a
+    file is read with its folder's config; any other path is itself."""
+    if path.is_file() and path.name in (WEIGHTS_FILE, WAN_FILE) and (path.parent / CONFIG_FILE).is_file():
+        return path.parent
+    return path
+
+
 def _read(
     path: str | Path,
     config: ConfigLike = None,
@@ -665,9 +671,7 @@ def _read(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    # a weights file of a self-describing folder is read with its folder's config
-    if path.is_file() and path.name in (WEIGHTS_FILE, WAN_FILE) and (path.parent / CONFIG_FILE).is_file():
-        path = path.parent
+    path = _model_folder(path)
     if path.is_dir():
         if lora is not None:
             raise ValueError(f"lora= applies to generator checkpoint files, not to the folder {path}")
