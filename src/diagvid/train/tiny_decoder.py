@@ -19,9 +19,10 @@ from diagvid.model.vae import WanVAE
 from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, start_run
 from diagvid.train.vae import (
     add_latent_noise,
+    check_loss_weights,
+    decoder_loss,
     heldout_clips,
     psnr,
-    reconstruction_loss,
     reconstruction_scores,
     world_batch,
 )
@@ -50,6 +51,11 @@ class TinyDecoderTrainConfig:
     fg_weight: float = 10.0
     """extra loss weight on object pixels at step 0 (as in the VAE recipe), decaying to 0 by `fg_decay_steps`"""
     fg_decay_steps: int = 1000
+    edge_weight: float = 0.0
+    """extra loss weight on the band `edge_px` either side of every object outline (as `VAETrainConfig`'s)"""
+    edge_px: int = 2
+    colour_weight: float = 0.0
+    """weight of the object colour term (`diagvid.train.vae.object_colour_loss`, as `VAETrainConfig`'s)"""
     latent_noise: float = 0.5
     """Gaussian noise (std drawn from U(0, latent_noise) per clip, the DiT's units) added to the latents"""
     ema_decay: float = 0.99
@@ -66,6 +72,7 @@ class TinyDecoderTrainConfig:
             raise ValueError(
                 f"clip_frames={self.clip_frames} and eval_frames={self.eval_frames} must be 1 + 4k"
             )
+        check_loss_weights(self.edge_weight, self.edge_px, self.colour_weight)
         if self.latent_noise < 0:
             raise ValueError(f"latent_noise={self.latent_noise} must be >= 0")
         if self.steps < 1 or self.batch_size < 1:
@@ -122,7 +129,7 @@ def train_tiny_decoder(
         decoder.train()
         rec = decoder.decode(z)
         fg = cfg.fg_weight * max(0.0, 1.0 - step / max(1, cfg.fg_decay_steps))
-        loss = reconstruction_loss(rec, x, 1.0 + fg * mask)
+        loss = decoder_loss(rec, x, mask, fg, cfg.edge_weight, cfg.edge_px, cfg.colour_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
