@@ -56,6 +56,9 @@ class TinyDecoderTrainConfig:
     edge_px: int = 2
     colour_weight: float = 0.0
     """weight of the object colour term (`diagvid.train.vae.object_colour_loss`, as `VAETrainConfig`'s)"""
+    init_from: str = ""
+    """a tiny decoder (bundled name or folder, e.g. the shipped `toy/tiny-decoder`) whose weights, in fp32,
+    start the run when it has no checkpoint yet: a fine-tune instead of a run from scratch"""
     latent_noise: float = 0.5
     """Gaussian noise (std drawn from U(0, latent_noise) per clip, the DiT's units) added to the latents"""
     ema_decay: float = 0.99
@@ -96,7 +99,7 @@ def train_tiny_decoder(
     cfg: TinyDecoderTrainConfig, *, resume: bool = True, max_steps: int | None = None, progress: bool = True
 ) -> TinyDecoder:
     """Train (or continue) the tiny decoder; returns its EMA."""
-    from diagvid.pretrained import load_vae
+    from diagvid.pretrained import load_tiny_decoder, load_vae
 
     out = start_run(cfg.out_dir, to_dict(cfg), cfg.seed)
     vae = load_vae(cfg.vae).requires_grad_(False)
@@ -106,6 +109,12 @@ def train_tiny_decoder(
             f"preset {cfg.preset!r} decodes {decoder.z_dim} channels at stride {decoder.spatial_stride}; the VAE "
             f"{cfg.vae} has {vae.z_dim} at stride {vae.spatial_stride}"
         )
+    if cfg.init_from and not (out / "checkpoint.pt").exists():
+        start = load_tiny_decoder(cfg.init_from)
+        if start.cfg != decoder.cfg:
+            raise ValueError(f"init_from={cfg.init_from!r} is a {start.cfg}; this run trains {decoder.cfg}")
+        decoder.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
+        log.info("starting from the weights in %s", cfg.init_from)
     ema = EMA(decoder, cfg.ema_decay)
     opt, sched = adamw_with_warmup(
         decoder.parameters(),
