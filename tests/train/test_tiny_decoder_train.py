@@ -80,19 +80,19 @@ def test_a_decoder_that_does_not_fit_the_codec_is_refused(tmp_path, codec):
         recipe(tmp_path / "e", codec, decay_steps=9)
 
 
-def test_outline_and_colour_weights_reach_the_loss(tmp_path, codec, monkeypatch):
+def test_the_outline_weight_reaches_the_loss(tmp_path, codec, monkeypatch):
     import diagvid.train.tiny_decoder as tiny_train
 
     seen = []
     real = tiny_train.decoder_loss
     monkeypatch.setattr(tiny_train, "decoder_loss", lambda *a: seen.append(a[3:]) or real(*a))
-    cfg = recipe(tmp_path / "w", codec, steps=1, decay_steps=0, edge_weight=4.0, edge_px=3, colour_weight=2.0)
+    cfg = recipe(tmp_path / "w", codec, steps=1, decay_steps=0, edge_weight=4.0, edge_px=3)
     train_tiny_decoder(cfg, progress=False)
-    assert seen == [(cfg.fg_weight, 4.0, 3, 2.0)]
+    assert seen == [(cfg.fg_weight, 4.0, 3)]
     with pytest.raises(ValueError, match=r"edge_px=9 in \[1, 8\]"):
         recipe(tmp_path / "e", codec, edge_px=9)
-    with pytest.raises(ValueError, match=r"colour_weight=-1\.0 must be >= 0"):
-        recipe(tmp_path / "e", codec, colour_weight=-1.0)
+    with pytest.raises(ValueError, match=r"edge_weight=-1\.0 must be >= 0"):
+        recipe(tmp_path / "e", codec, edge_weight=-1.0)
 
 
 def test_init_from_starts_the_run_from_a_saved_decoder(tmp_path, codec):

@@ -54,8 +54,6 @@ class TinyDecoderTrainConfig:
     edge_weight: float = 0.0
     """extra loss weight on the band `edge_px` either side of every object outline (as `VAETrainConfig`'s)"""
     edge_px: int = 2
-    colour_weight: float = 0.0
-    """weight of the object colour term (`diagvid.train.vae.object_colour_loss`, as `VAETrainConfig`'s)"""
     init_from: str = ""
     """a tiny decoder (bundled name or folder, e.g. the shipped `toy/tiny-decoder`) whose weights, in fp32,
     start the run when it has no checkpoint yet: a fine-tune instead of a run from scratch"""
@@ -75,7 +73,7 @@ class TinyDecoderTrainConfig:
             raise ValueError(
                 f"clip_frames={self.clip_frames} and eval_frames={self.eval_frames} must be 1 + 4k"
             )
-        check_loss_weights(self.edge_weight, self.edge_px, self.colour_weight)
+        check_loss_weights(self.edge_weight, self.edge_px)
         if self.latent_noise < 0:
             raise ValueError(f"latent_noise={self.latent_noise} must be >= 0")
         if self.steps < 1 or self.batch_size < 1:
@@ -138,7 +136,7 @@ def train_tiny_decoder(
         decoder.train()
         rec = decoder.decode(z)
         fg = cfg.fg_weight * max(0.0, 1.0 - step / max(1, cfg.fg_decay_steps))
-        loss = decoder_loss(rec, x, mask, fg, cfg.edge_weight, cfg.edge_px, cfg.colour_weight)
+        loss = decoder_loss(rec, x, mask, fg, cfg.edge_weight, cfg.edge_px)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)

@@ -49,11 +49,6 @@ class VAETrainConfig:
     fine-tune a codec that already draws its objects (`init_from`, or resume with it set): from step 0 it
     kept fresh codecs on the background-only plateau for 2500 steps, where plain training leaves by ~750"""
     edge_px: int = 2
-    colour_weight: float = 0.0
-    """weight of a second loss term: the L1 distance between the mean colour of the object pixels in each
-    reconstructed frame and in the real one (`object_colour_loss`). It cannot be met by hedging between
-    object and background along an uncertain outline, which is how a codec fine-tuned with `edge_weight`
-    turns its objects pale; 0 leaves it out"""
     warm_chunks_max: int = 0
     """before each step's trained frames, stream up to this many latent frames (drawn uniformly per step)
     through encoder and decoder without gradient. The causal caches then reach the states they have deep
@@ -103,15 +98,13 @@ class VAETrainConfig:
             )
         if not 8 <= self.crop <= self.size:
             raise ValueError(f"crop={self.crop} must be in [8, size={self.size}]")
-        check_loss_weights(self.edge_weight, self.edge_px, self.colour_weight)
+        check_loss_weights(self.edge_weight, self.edge_px)
 
 
-def check_loss_weights(edge_weight: float, edge_px: int, colour_weight: float) -> None:
-    """Refuse, by name, outline and colour loss settings that `decoder_loss` cannot use."""
+def check_loss_weights(edge_weight: float, edge_px: int) -> None:
+    """Refuse, by name, outline settings that `decoder_loss` cannot use."""
     if edge_weight < 0 or not 1 <= edge_px <= 8:
         raise ValueError(f"edge_weight={edge_weight} must be >= 0 and edge_px={edge_px} in [1, 8]")
-    if colour_weight < 0:
-        raise ValueError(f"colour_weight={colour_weight} must be >= 0")
 
 
 EVAL_CLIPS = 6
@@ -178,20 +171,6 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     return (w * (err.abs() + err.square())).mean() / w.mean()
 
 
-def object_colour_loss(rec: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over frames that show an object of the L1 distance (averaged over channels) between the mean
-    colour of the object pixels (`mask` [B, 1, T, H, W]) in `rec` and in `x` [B, 3, T, H, W]; 0 when no
-    frame shows one."""
-    area = mask.sum(dim=(3, 4))  # [B, 1, T]
-    shown = area > 0
-    if not shown.any():
-        return rec.sum() * 0.0
-    mean_rec = (rec * mask).sum(dim=(3, 4)) / area.clamp_min(1.0)  # [B, 3, T]
-    mean_x = (x * mask).sum(dim=(3, 4)) / area.clamp_min(1.0)
-    err = (mean_rec - mean_x).abs().mean(dim=1, keepdim=True)  # [B, 1, T]
-    return err[shown].mean()
-
-
 def decoder_loss(
     rec: torch.Tensor,
     x: torch.Tensor,
@@ -199,18 +178,14 @@ def decoder_loss(
     fg_weight: float,
     edge_weight: float = 0.0,
     edge_px: int = 2,
-    colour_weight: float = 0.0,
 ) -> torch.Tensor:
-    """The codec recipes' reconstruction loss: weighted L1 + MSE with `fg_weight` extra on object pixels and
-    `edge_weight` extra on the band `edge_px` either side of their outlines, plus `colour_weight` times the
-    object colour term (`object_colour_loss`). Shared by the VAE and the tiny decoder."""
+    """The codec recipes' reconstruction loss (the VAE's and the tiny decoder's): weighted L1 + MSE with
+    `fg_weight` extra on object pixels and `edge_weight` extra on the band `edge_px` either side of their
+    outlines."""
     weight = 1.0 + fg_weight * mask
     if edge_weight:
         weight = weight + edge_weight * outline_band(mask, edge_px)
-    loss = reconstruction_loss(rec, x, weight)
-    if colour_weight:
-        loss = loss + colour_weight * object_colour_loss(rec, x, mask)
-    return loss
+    return reconstruction_loss(rec, x, weight)
 
 
 def heldout_clips(n: int, size: int, num_frames: int = 17) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,7 +322,7 @@ def train_vae(
             # signal, which stalls training at a constant grey; the DiT only ever sees the mean anyway
             rec = vae.model.decode(corrupt(posterior.mode(), False)).sample
             kl = posterior.kl().mean() / x[0].numel()
-        rec_loss = decoder_loss(rec, x, mask, fg, cfg.edge_weight, cfg.edge_px, cfg.colour_weight)
+        rec_loss = decoder_loss(rec, x, mask, fg, cfg.edge_weight, cfg.edge_px)
         l1 = (rec - x).abs().mean()
         loss = rec_loss + cfg.kl_weight * kl
         opt.zero_grad(set_to_none=True)
