@@ -42,6 +42,7 @@ KINDS = {
     "distill-schedule-only": DistillConfig,
     "features": FeaturesTrainConfig,
     "tiny-decoder": TinyDecoderTrainConfig,
+    "tiny-decoder-edge": TinyDecoderTrainConfig,
 }
 
 
