@@ -111,7 +111,7 @@ def train_tiny_decoder(
         start = load_tiny_decoder(cfg.init_from)
         if start.cfg != decoder.cfg:
             raise ValueError(f"init_from={cfg.init_from!r} is a {start.cfg}; this run trains {decoder.cfg}")
-        decoder.load_state_dict({k: v.float() for k, v in start.state_dict().items()})
+        decoder.load_state_dict(start.state_dict())  # load_tiny_decoder computes in fp32 by default
         log.info("starting from the weights in %s", cfg.init_from)
     ema = EMA(decoder, cfg.ema_decay)
     opt, sched = adamw_with_warmup(
