@@ -142,6 +142,9 @@ def test_cli_eval_writes_the_report(tmp_path):
         (["--teacher-start-sigma", "1.5"], "--teacher-start-sigma 1.5: must be in (0, 1]"),
         (["--teacher-eta", "1.5"], "--teacher-eta 1.5: must be in [0, 1]"),
         (["--teacher-eta", "nan"], "--teacher-eta nan: must be in [0, 1]"),
+        (["--teacher-motion-guidance", "2"], "--teacher-motion-guidance 2.0: name the classifier with"),
+        (["--teacher-motion-guidance", "-1"], "--teacher-motion-guidance -1.0: the scale must be a finite"),
+        (["--teacher-motion-sigma", "1.5"], "--teacher-motion-sigma 1.5: must be a noise level in [0, 1]"),
         (
             [
                 "--teacher",
@@ -197,6 +200,23 @@ def test_teacher_method_samples_the_asked_length(tiny_pipeline):
         guidance=2.0,
     )(["a red circle moves left"], 9, 0)
     assert not np.array_equal(guided[0], videos[0])  # same noise, another CFG scale
+
+
+def test_teacher_method_with_motion_guidance(tiny_pipeline):
+    from diagvid.model.motion import MotionClassifier, MotionClassifierConfig
+
+    torch.manual_seed(0)
+    clf = MotionClassifier(
+        MotionClassifierConfig(in_dim=4, frames=2, width=8, groups=2, freq_dim=8, hidden=8)
+    )
+    models = (tiny_pipeline.generator, tiny_pipeline.vae, tiny_pipeline.text_encoder)
+    prompts = ["a red circle moves left", "a red circle"]
+    plain = ev.teacher_method(*models, size=16, num_steps=2)(prompts, 9, 0)
+    steered = ev.teacher_method(*models, size=16, num_steps=2, motion=clf, motion_scale=50.0)(prompts, 9, 0)
+    assert not np.array_equal(steered[0], plain[0])  # one direction asked: guided
+    assert np.array_equal(steered[1], plain[1])  # no direction asked: sampled without guidance
+    with pytest.raises(ValueError, match="needs a motion classifier"):
+        ev.teacher_method(*models, motion_scale=1.0)
 
 
 def test_sampling_from_a_midpoint_of_the_schedule_finishes_the_same_trajectory(tiny_dit):

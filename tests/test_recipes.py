@@ -9,6 +9,7 @@ import pytest
 from diagvid.config import load_config
 from diagvid.train.distill import DistillConfig
 from diagvid.train.features import FeaturesTrainConfig
+from diagvid.train.motion import MotionTrainConfig
 from diagvid.train.ode import OdeConfig
 from diagvid.train.ode_init import InitConfig
 from diagvid.train.teacher import TeacherConfig
@@ -41,6 +42,7 @@ KINDS = {
     "distill-diagonal-nodf-pair": DistillConfig,
     "distill-schedule-only": DistillConfig,
     "features": FeaturesTrainConfig,
+    "motion": MotionTrainConfig,
     "tiny-decoder": TinyDecoderTrainConfig,
     "tiny-decoder-edge": TinyDecoderTrainConfig,
 }

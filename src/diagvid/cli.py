@@ -548,6 +548,22 @@ def eval_cmd(
         help="Stochastic teacher steps in [0, 1] (DDIM's eta: 0 is the Euler ODE sampler, 1 DDPM's "
         "ancestral one, fresh noise in each step).",
     ),
+    teacher_motion_guidance: float = typer.Option(
+        0.0,
+        "--teacher-motion-guidance",
+        help="Classifier guidance toward each prompt's direction with --motion-classifier, at this scale "
+        "(0: off; an experiment, see docs/status.md).",
+    ),
+    motion_classifier: str | None = typer.Option(
+        None,
+        "--motion-classifier",
+        help="A motion classifier folder (diagvid train motion --export DIR) for --teacher-motion-guidance.",
+    ),
+    teacher_motion_sigma: float = typer.Option(
+        0.5,
+        "--teacher-motion-sigma",
+        help="Motion guidance acts at the teacher's steps at this noise level and above.",
+    ),
     fp8: bool = typer.Option(
         False,
         "--fp8",
@@ -612,6 +628,7 @@ def eval_cmd(
             teacher_boundary=teacher_boundary,
             teacher_high_guidance=teacher_high_guidance,
             teacher_eta=teacher_eta,
+            motion=(motion_classifier, teacher_motion_guidance, teacher_motion_sigma),
             fp8=fp8,
         )
     except (ValueError, FileNotFoundError, OSError) as err:
@@ -628,6 +645,12 @@ def eval_cmd(
         report["teacher_guidance"] = teacher_guidance
         report["teacher_start_sigma"] = teacher_start_sigma
         report["teacher_eta"] = teacher_eta
+        if teacher_motion_guidance:
+            report["teacher_motion_guidance"] = {
+                "classifier": motion_classifier,
+                "scale": teacher_motion_guidance,
+                "sigma_min": teacher_motion_sigma,
+            }
         if teacher_high:
             from diagvid.model.experts import TOY_BOUNDARY
 
@@ -680,12 +703,14 @@ def _eval_methods(
     teacher_boundary: float | None = None,
     teacher_high_guidance: float | None = None,
     teacher_eta: float = 0.0,
+    motion: tuple[str | None, float, float] = (None, 0.0, 0.5),
     fp8: bool = False,
 ):
     """Build the evaluation methods the options ask for (errors name the bad option)."""
     from diagvid import evaluate as ev
     from diagvid.pretrained import (
         TOY_STUDENT_METHODS,
+        load_motion_classifier,
         load_pipeline,
         load_teacher,
         load_text_encoder,
@@ -701,6 +726,16 @@ def _eval_methods(
         raise ValueError(f"--teacher-start-sigma {teacher_start_sigma}: must be in (0, 1]")
     if not 0 <= teacher_eta <= 1:
         raise ValueError(f"--teacher-eta {teacher_eta}: must be in [0, 1] (0: Euler, 1: DDPM ancestral)")
+    motion_folder, motion_scale, motion_sigma = motion
+    if not (math.isfinite(motion_scale) and motion_scale >= 0):
+        raise ValueError(f"--teacher-motion-guidance {motion_scale}: the scale must be a finite number >= 0")
+    if motion_scale and not motion_folder:
+        raise ValueError(
+            f"--teacher-motion-guidance {motion_scale}: name the classifier with --motion-classifier DIR "
+            "(diagvid train motion --export DIR)"
+        )
+    if not 0 <= motion_sigma <= 1:
+        raise ValueError(f"--teacher-motion-sigma {motion_sigma}: must be a noise level in [0, 1]")
     if teacher_high and not teacher:
         raise ValueError(
             f"--teacher-high {teacher_high}: name the teacher below the boundary with --teacher "
@@ -774,6 +809,9 @@ def _eval_methods(
                 start_sigma=teacher_start_sigma,
                 guidance_above=guidance_above,
                 eta=teacher_eta,
+                motion=load_motion_classifier(motion_folder) if motion_scale else None,
+                motion_scale=motion_scale,
+                motion_sigma_min=motion_sigma,
             )
         else:
             pipe, schedule, context = load_toy_student(
@@ -1060,6 +1098,30 @@ def train_features_cmd(
         _setup_logging(cfg.out_dir)
         net = train_features(cfg, resume=not fresh, max_steps=max_steps)
     scores = accuracy(net, *heldout_windows(cfg))
+    console.print("held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    if export:
+        net.save(export)
+        console.print(f"wrote {export}")
+
+
+@train_app.command("motion")
+def train_motion_cmd(
+    config: str | None = _CONFIG,
+    overrides: list[str] = _SET,
+    max_steps: int | None = _MAX_STEPS,
+    fresh: bool = _FRESH,
+    export: str | None = _EXPORT,
+) -> None:
+    """Train the motion classifier (the direction objects move in, from noisy latents) for classifier
+    guidance (`diagvid eval --teacher-motion-guidance`); resumes."""
+    from diagvid.config import load_config
+    from diagvid.train.motion import MotionTrainConfig, accuracy, labelled_latents, train_motion
+
+    with _training_errors():
+        cfg = load_config(MotionTrainConfig, config, overrides)
+        _setup_logging(cfg.out_dir)
+        net = train_motion(cfg, resume=not fresh, max_steps=max_steps)
+        scores = accuracy(net, *labelled_latents(cfg)[2:])
     console.print("held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     if export:
         net.save(export)

@@ -130,6 +130,9 @@ def teacher_method(
     start_sigma: float = 1.0,
     guidance_above: tuple[float, float] | None = None,
     eta: float = 0.0,
+    motion=None,
+    motion_scale: float = 0.0,
+    motion_sigma_min: float = 0.5,
 ) -> Method:
     """The undistilled teacher: full attention over the whole clip, Euler + CFG, then one decode to
     `size` x `size` pixels.
@@ -141,11 +144,23 @@ def teacher_method(
     `guidance_above=(sigma, w)`: the CFG scale w at noise levels >= sigma (a high-noise expert's own scale).
     `eta` > 0: stochastic steps (`sample_euler`'s eta), their fresh noise drawn after the prompt's start noise
     from the same seeded generator.
+    `motion` (a `diagvid.model.motion.MotionClassifier`) with `motion_scale` > 0: classifier guidance toward
+    each prompt's direction at the levels >= `motion_sigma_min` (`MotionGuidance`); a prompt whose objects
+    move different ways is sampled without it.
     """
+    from diagvid.model.motion import MotionGuidance, prompt_label
     from diagvid.model.vae import frames_to_tensor, latent_frames, tensor_to_frames
     from diagvid.sampling import NUM_TRAIN_TIMESTEPS, partial_timesteps, sample_euler
 
     start = partial_timesteps(num_steps, shift, start_sigma)[0] / NUM_TRAIN_TIMESTEPS  # fails early if empty
+    if motion_scale and motion is None:
+        raise ValueError(f"motion_scale={motion_scale}: classifier guidance needs a motion classifier")
+
+    def guide(prompt: str) -> MotionGuidance | None:
+        if motion is None or not motion_scale:
+            return None
+        label = torch.tensor([prompt_label(prompt, motion.cfg.classes)])
+        return MotionGuidance(motion, label, motion_scale, motion_sigma_min)
 
     @torch.no_grad()
     def run(prompts: Sequence[str], num_frames: int, seed: int) -> list[np.ndarray]:
@@ -175,6 +190,7 @@ def teacher_method(
                 guidance_above=guidance_above,
                 eta=eta,
                 generator=gen,
+                motion_guidance=guide(p),
             )
             out.append(tensor_to_frames(vae.decode(x0)[0]))
         return out

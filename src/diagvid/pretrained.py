@@ -161,6 +161,13 @@ def load_features(name_or_path: str | Path, device=None):
     return FeatureNet.load(_resolve(name_or_path)).to(device or "cpu")
 
 
+def load_motion_classifier(name_or_path: str | Path, device=None):
+    """A motion classifier for classifier guidance (diagvid.model.motion) from a bundled name or a folder."""
+    from diagvid.model.motion import MotionClassifier
+
+    return MotionClassifier.load(_resolve(name_or_path)).to(device or "cpu")
+
+
 def load_dit_model(name_or_path: str | Path, device=None, dtype=None):
     """A DiT (teacher, student, critic) from a bundled name or any folder or file `weights.py` reads.
 

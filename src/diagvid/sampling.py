@@ -15,8 +15,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from diagvid.model.motion import MotionGuidance
 
 NUM_TRAIN_TIMESTEPS = 1000
 SIGMA_MODES = ("exact", "nearest")
@@ -287,6 +291,7 @@ def sample_euler(
     guidance_above: tuple[float, float] | None = None,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    motion_guidance: MotionGuidance | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The teacher's sampler: Euler on the flow ODE over `num_steps` shifted steps, classifier-free guidance.
 
@@ -324,6 +329,8 @@ def sample_euler(
             v = v_u + w * (v_c - v_u)
         else:
             v = model(x, t, context)
+        if motion_guidance is not None and motion_guidance.applies(ts[i] / NUM_TRAIN_TIMESTEPS):
+            v = v + motion_guidance.velocity_shift(x, ts[i] / NUM_TRAIN_TIMESTEPS)
         if eta > 0:
             x = _stochastic_step(
                 x, v, ts[i] / NUM_TRAIN_TIMESTEPS, ts[i + 1] / NUM_TRAIN_TIMESTEPS, eta, generator

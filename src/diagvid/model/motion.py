@@ -1,0 +1,200 @@
+"""A noise-aware motion classifier on latents, and the classifier guidance that steers a sampler with it.
+
+The toy teachers learn which line an object moves along but not which way along it (docs/status.md, "The
+sign"): a clip played backwards is a clip of the opposite caption, and the DiT, whose patches hold one
+latent frame each and whose 3D RoPE scores time and space apart, does not pick the sign up from flow
+matching. A few 3D convolutions over the first latent frames do, in a few hundred steps: oriented
+space-time filters are motion detectors. So the direction a caption asks for can be added at sampling time
+as classifier guidance (Dhariwal & Nichol, 2021): the gradient of the classifier's log-probability of the
+asked direction, taken at the noisy latents, is added to the model's score.
+
+Shape letters: B batch, C latent channels, F latent frames, h, w latent height and width, K classes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diagvid.world.render import DIRECTIONS
+
+WEIGHTS_FILE = "motion.safetensors"
+CONFIG_FILE = "motion.json"
+
+
+@dataclass
+class MotionClassifierConfig:
+    """Architecture of the motion classifier and the class names of its output."""
+
+    in_dim: int = 8
+    """latent channels"""
+    frames: int = 8
+    """latent frames read, from the first: the caption's direction holds until the first bounce"""
+    width: int = 64
+    """channels of the three 3x3x3 convolutions"""
+    groups: int = 8
+    """GroupNorm groups (without affine: the noise level's scale and shift replace it)"""
+    freq_dim: int = 32
+    """sinusoidal features of the noise level"""
+    hidden: int = 256
+    """width of the head over the per-frame pooled features"""
+    classes: list[str] = field(default_factory=lambda: list(DIRECTIONS))
+    """class names, in the order of the logits"""
+
+    def __post_init__(self) -> None:
+        if min(self.in_dim, self.frames, self.width, self.groups, self.hidden) < 1:
+            raise ValueError(f"MotionClassifierConfig sizes must be >= 1: {self}")
+        if self.width % self.groups:
+            raise ValueError(f"width={self.width} must be a multiple of groups={self.groups}")
+        if self.freq_dim < 2 or self.freq_dim % 2:
+            raise ValueError(f"freq_dim={self.freq_dim} must be even and >= 2")
+        if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes={self.classes}: at least two distinct names")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MotionClassifierConfig:
+        from diagvid.config import from_dict
+
+        return from_dict(cls, data)
+
+
+def noise_features(sigma: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features [B, dim] of noise levels sigma [B] in [0, 1] (read as timesteps 1000 sigma)."""
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half
+    )
+    angle = 1000.0 * sigma.float()[:, None] * freqs[None]
+    return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+
+class MotionClassifier(nn.Module):
+    """x_t [B, C, F >= frames, h, w] and its noise level sigma [B] -> logits [B, K] over `cfg.classes`.
+
+    Three 3x3x3 convolutions, each normalised and then scaled and shifted by the noise level (FiLM), pooled
+    over space only: the head sees each latent frame's features in order, so it knows which frames come first.
+    """
+
+    def __init__(self, cfg: MotionClassifierConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or MotionClassifierConfig()
+        w = cfg.width
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv3d(cfg.in_dim, w, 3, padding=1),
+                nn.Conv3d(w, w, 3, padding=1),
+                nn.Conv3d(w, w, 3, padding=1),
+            ]
+        )
+        self.norms = nn.ModuleList([nn.GroupNorm(cfg.groups, w, affine=False) for _ in self.convs])
+        self.noise_mlp = nn.Sequential(
+            nn.Linear(cfg.freq_dim, w), nn.SiLU(), nn.Linear(w, 2 * w * len(self.convs))
+        )
+        self.head = nn.Sequential(
+            nn.Linear(w * cfg.frames, cfg.hidden), nn.SiLU(), nn.Linear(cfg.hidden, len(cfg.classes))
+        )
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if x.ndim != 5 or x.shape[1] != cfg.in_dim or x.shape[2] < cfg.frames:
+            raise ValueError(
+                f"latents of shape {tuple(x.shape)}: expected [B, {cfg.in_dim}, F >= {cfg.frames}, h, w]"
+            )
+        dtype = self.head[0].weight.dtype  # computes in the weights' precision
+        film = self.noise_mlp(noise_features(sigma.expand(x.shape[0]), cfg.freq_dim).to(dtype)).chunk(
+            2 * len(self.convs), 1
+        )
+        h = x[:, :, : cfg.frames].to(dtype)
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            scale, shift = (f[:, :, None, None, None] for f in film[2 * i : 2 * i + 2])
+            h = F.silu(norm(conv(h)) * (1 + scale) + shift)
+        return self.head(h.mean(dim=(3, 4)).flatten(1))  # [B, w, frames] -> [B, w * frames] -> [B, K]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write `motion.safetensors` and `motion.json` into `folder` (created if missing)."""
+        from diagvid.model.vae import save_folder
+
+        return save_folder(self, self.cfg.to_dict(), folder, CONFIG_FILE, WEIGHTS_FILE)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> MotionClassifier:
+        """A classifier written by `save` (safetensors only: nothing is executed), in eval mode, CPU, fp32."""
+        from diagvid.model.vae import load_weights, read_folder_config
+
+        raw = read_folder_config(folder, CONFIG_FILE, WEIGHTS_FILE, "motion classifier")
+        net = cls(MotionClassifierConfig.from_dict(raw))
+        load_weights(net, Path(folder) / WEIGHTS_FILE, repr(net.cfg))
+        return net.float().eval()
+
+
+@dataclass
+class MotionGuidance:
+    """Classifier guidance toward one class per sample, at the steps whose noise level is >= `sigma_min`.
+
+    With x_t = (1 - sigma) x0 + sigma eps, the model's score is -eps / sigma, and the velocity
+    v = (eps - x_t) / (1 - sigma). Adding `scale` * grad log p(y | x_t) to the score (Dhariwal & Nichol's
+    classifier guidance) takes eps to eps - sigma * scale * grad, so v to v - scale * sigma / (1 - sigma) *
+    grad; 1 - sigma is floored at `min_one_minus_sigma` so the first step, at sigma 1, stays finite.
+    The gradient touches only the latent frames the classifier reads.
+    """
+
+    classifier: MotionClassifier
+    labels: torch.Tensor
+    """[B] class index per sample; -1 leaves that sample unguided"""
+    scale: float = 1.0
+    sigma_min: float = 0.5
+    min_one_minus_sigma: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale >= 0):
+            raise ValueError(f"motion guidance scale {self.scale}: must be a finite number >= 0")
+        if not 0 <= self.sigma_min <= 1:
+            raise ValueError(f"motion guidance sigma_min {self.sigma_min}: must be a noise level in [0, 1]")
+        if not 0 < self.min_one_minus_sigma <= 1:
+            raise ValueError(f"min_one_minus_sigma {self.min_one_minus_sigma}: must be in (0, 1]")
+
+    def applies(self, sigma: float) -> bool:
+        return self.scale > 0 and sigma >= self.sigma_min and bool((self.labels >= 0).any())
+
+    def velocity_shift(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The term to add to the velocity at x [B, C, F, h, w] and noise level sigma: zero where unguided."""
+        clf = self.classifier
+        k = clf.cfg.frames
+        labels = self.labels.to(x.device)
+        if labels.shape != (x.shape[0],):
+            raise ValueError(
+                f"motion guidance labels of shape {tuple(labels.shape)} for a batch of {x.shape[0]}"
+            )
+        with torch.enable_grad():
+            xk = x[:, :, :k].detach().to(clf.head[0].weight.dtype).requires_grad_(True)
+            logp = F.log_softmax(clf(xk, torch.tensor(sigma, device=x.device)), dim=1)
+            picked = logp.gather(1, labels.clamp(min=0)[:, None])[:, 0] * (labels >= 0)
+            (grad,) = torch.autograd.grad(picked.sum(), xk)
+        out = torch.zeros_like(x)
+        out[:, :, :k] = -self.scale * sigma / max(1.0 - sigma, self.min_one_minus_sigma) * grad.to(x.dtype)
+        return out
+
+
+def prompt_label(prompt: str, classes: Sequence[str]) -> int:
+    """The index in `classes` of the direction a prompt asks for: its objects' direction when they all share
+    one, else -1 (unguided). Unknown words raise, as `parse_caption` does."""
+    from diagvid.world.captions import parse_caption
+
+    directions = {obj.direction for obj in parse_caption(prompt)}
+    if len(directions) != 1 or None in directions:
+        return -1
+    name = directions.pop()
+    if name not in classes:
+        raise ValueError(
+            f"direction {name!r} of {prompt!r} is not a motion class; allowed: {', '.join(classes)}"
+        )
+    return list(classes).index(name)
