@@ -215,6 +215,8 @@ def test_teacher_method_with_motion_guidance(tiny_pipeline):
     steered = ev.teacher_method(*models, size=16, num_steps=2, motion=clf, motion_scale=50.0)(prompts, 9, 0)
     assert not np.array_equal(steered[0], plain[0])  # one direction asked: guided
     assert np.array_equal(steered[1], plain[1])  # no direction asked: sampled without guidance
+    with pytest.raises(ValueError, match="motion guidance reads 2 latent frames; clips of 1 frames have 1"):
+        ev.teacher_method(*models, size=16, num_steps=2, motion=clf, motion_scale=1.0)(prompts, 1, 0)
     with pytest.raises(ValueError, match="needs a motion classifier"):
         ev.teacher_method(*models, motion_scale=1.0)
 

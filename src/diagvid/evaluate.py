@@ -167,6 +167,11 @@ def teacher_method(
         dev = next(teacher.parameters()).device
         null = text_encoder.encode([""])[0].to(dev)
         hw = (size // vae.spatial_stride,) * 2
+        if motion is not None and motion_scale and latent_frames(num_frames) < motion.cfg.frames:
+            raise ValueError(
+                f"motion guidance reads {motion.cfg.frames} latent frames; clips of {num_frames} frames have "
+                f"{latent_frames(num_frames)} (use at least {4 * motion.cfg.frames - 3} frames, or no --quick)"
+            )
         real = real_method(size)(prompts, num_frames, seed) if start_sigma < 1 else None
         out = []
         for i, p in enumerate(prompts):
