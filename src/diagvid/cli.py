@@ -809,7 +809,7 @@ def _eval_methods(
                 start_sigma=teacher_start_sigma,
                 guidance_above=guidance_above,
                 eta=teacher_eta,
-                motion=load_motion_classifier(motion_folder) if motion_scale else None,
+                motion=load_motion_classifier(motion_folder, device=codec.device) if motion_scale else None,
                 motion_scale=motion_scale,
                 motion_sigma_min=motion_sigma,
             )

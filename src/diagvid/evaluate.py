@@ -22,6 +22,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ import torch
 from diagvid.world import eval_prompts, eval_specs, render
 from diagvid.world.metrics import READER_VERSION, score_videos
 from diagvid.world.render import FPS
+
+if TYPE_CHECKING:
+    from diagvid.model.motion import MotionClassifier
 
 Method = Callable[[Sequence[str], int, int], list[np.ndarray]]
 """(prompts, num_frames, seed) -> one uint8 [T, H, W, 3] video per prompt"""
@@ -130,7 +134,7 @@ def teacher_method(
     start_sigma: float = 1.0,
     guidance_above: tuple[float, float] | None = None,
     eta: float = 0.0,
-    motion=None,
+    motion: MotionClassifier | None = None,
     motion_scale: float = 0.0,
     motion_sigma_min: float = 0.5,
 ) -> Method:
