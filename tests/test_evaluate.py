@@ -275,9 +275,10 @@ def test_teacher_from_a_renoised_real_clip_is_sdedit_written_out():
         )
 
 
-def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch):
+def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path):
     from diagvid import evaluate as ev_module
     from diagvid.cli import _eval_methods
+    from diagvid.model.motion import MotionClassifier
 
     seen = {}
 
@@ -297,7 +298,21 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch):
         teacher_start_sigma=0.5,
         teacher_eta=0.5,
     )
-    assert seen == {"guidance": 2.0, "start_sigma": 0.5, "guidance_above": None, "eta": 0.5}
+    assert seen == {
+        "guidance": 2.0,
+        "start_sigma": 0.5,
+        "guidance_above": None,
+        "eta": 0.5,
+        "motion": None,
+        "motion_scale": 0.0,
+        "motion_sigma_min": 0.5,
+    }
+    MotionClassifier().save(tmp_path / "motion")
+    _eval_methods(
+        "teacher", "toy/vae", None, "toy/text", [], "cpu", motion=(str(tmp_path / "motion"), 150.0, 0.7)
+    )
+    assert isinstance(seen["motion"], MotionClassifier)
+    assert (seen["motion_scale"], seen["motion_sigma_min"]) == (150.0, 0.7)
 
 
 def test_cli_fp8_puts_every_generator_in_float8(monkeypatch):
