@@ -145,6 +145,7 @@ def test_cli_eval_writes_the_report(tmp_path):
         (["--teacher-motion-guidance", "2"], "--teacher-motion-guidance 2.0: name the classifier with"),
         (["--teacher-motion-guidance", "-1"], "--teacher-motion-guidance -1.0: the scale must be a finite"),
         (["--teacher-motion-sigma", "1.5"], "--teacher-motion-sigma 1.5: must be a noise level in [0, 1]"),
+        (["--motion-classifier", "x"], "--motion-classifier x: only means something with --teacher-motion"),
         (
             [
                 "--teacher",

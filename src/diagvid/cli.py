@@ -736,6 +736,10 @@ def _eval_methods(
         )
     if not 0 <= motion_sigma <= 1:
         raise ValueError(f"--teacher-motion-sigma {motion_sigma}: must be a noise level in [0, 1]")
+    if motion_folder and not motion_scale:
+        raise ValueError(
+            f"--motion-classifier {motion_folder}: only means something with --teacher-motion-guidance SCALE"
+        )
     if teacher_high and not teacher:
         raise ValueError(
             f"--teacher-high {teacher_high}: name the teacher below the boundary with --teacher "
