@@ -108,5 +108,5 @@ def test_the_sampler_is_steered_toward_the_asked_class_and_untouched_at_scale_ze
             return torch.softmax(clf(z, torch.tensor(0.0)), 1).gather(1, labels[:, None])[:, 0]
 
     # the final samples read more like the asked class the stronger the guidance (a random classifier)
-    weak, strong, stronger = p_asked(0.0), p_asked(50.0), p_asked(200.0)
+    weak, strong, stronger = p_asked(0.0), p_asked(100.0), p_asked(400.0)
     assert (strong > weak + 0.02).all() and (stronger > strong + 0.02).all(), (weak, strong, stronger)

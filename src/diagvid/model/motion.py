@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diagvid.model.dit import sinusoidal_embedding
 from diagvid.world.render import DIRECTIONS
 
 WEIGHTS_FILE = "motion.safetensors"
@@ -67,16 +68,6 @@ class MotionClassifierConfig:
         return from_dict(cls, data)
 
 
-def noise_features(sigma: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features [B, dim] of noise levels sigma [B] in [0, 1] (read as timesteps 1000 sigma)."""
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half
-    )
-    angle = 1000.0 * sigma.float()[:, None] * freqs[None]
-    return torch.cat([angle.sin(), angle.cos()], dim=1)
-
-
 class MotionClassifier(nn.Module):
     """x_t [B, C, F >= frames, h, w] and its noise level sigma [B] -> logits [B, K] over `cfg.classes`.
 
@@ -110,7 +101,8 @@ class MotionClassifier(nn.Module):
                 f"latents of shape {tuple(x.shape)}: expected [B, {cfg.in_dim}, F >= {cfg.frames}, h, w]"
             )
         dtype = self.head[0].weight.dtype  # computes in the weights' precision
-        film = self.noise_mlp(noise_features(sigma.expand(x.shape[0]), cfg.freq_dim).to(dtype)).chunk(
+        levels = 1000.0 * sigma.expand(x.shape[0])  # read as Wan's timesteps, as the DiT reads them
+        film = self.noise_mlp(sinusoidal_embedding(levels, cfg.freq_dim).to(dtype)).chunk(
             2 * len(self.convs), 1
         )
         h = x[:, :, : cfg.frames].to(dtype)
