@@ -142,7 +142,7 @@ def test_cli_eval_writes_the_report(tmp_path):
         (["--teacher-start-sigma", "1.5"], "--teacher-start-sigma 1.5: must be in (0, 1]"),
         (["--teacher-eta", "1.5"], "--teacher-eta 1.5: must be in [0, 1]"),
         (["--teacher-eta", "nan"], "--teacher-eta nan: must be in [0, 1]"),
-        (["--teacher-motion-guidance", "2"], "--teacher-motion-guidance 2.0: name the classifier with"),
+        (["--teacher-motion-target", "xy"], "--teacher-motion-target 'xy'; allowed: xt, x0"),
         (["--teacher-motion-guidance", "-1"], "--teacher-motion-guidance -1.0: the scale must be a finite"),
         (["--teacher-motion-sigma", "1.5"], "--teacher-motion-sigma 1.5: must be a noise level in [0, 1]"),
         (["--motion-classifier", "x"], "--motion-classifier x: only means something with --teacher-motion"),
@@ -216,6 +216,12 @@ def test_teacher_method_with_motion_guidance(tiny_pipeline):
     steered = ev.teacher_method(*models, size=16, num_steps=2, motion=clf, motion_scale=50.0)(prompts, 9, 0)
     assert not np.array_equal(steered[0], plain[0])  # one direction asked: guided
     assert np.array_equal(steered[1], plain[1])  # no direction asked: sampled without guidance
+    on_x0 = ev.teacher_method(
+        *models, size=16, num_steps=2, motion=clf, motion_scale=50.0, motion_target="x0"
+    )
+    assert not np.array_equal(on_x0(prompts, 9, 0)[0], steered[0])
+    with pytest.raises(ValueError, match="motion_target='x1'; allowed: xt, x0"):
+        ev.teacher_method(*models, motion=clf, motion_scale=1.0, motion_target="x1")
     with pytest.raises(ValueError, match="motion guidance reads 2 latent frames; clips of 1 frames have 1"):
         ev.teacher_method(*models, size=16, num_steps=2, motion=clf, motion_scale=1.0)(prompts, 1, 0)
     with pytest.raises(ValueError, match="needs a motion classifier"):
@@ -280,6 +286,7 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
     from diagvid import evaluate as ev_module
     from diagvid.cli import _eval_methods
     from diagvid.model.motion import MotionClassifier
+    from diagvid.pretrained import DEFAULT_MOTION_CLASSIFIER, load_motion_classifier
 
     seen = {}
 
@@ -307,13 +314,18 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
         "motion": None,
         "motion_scale": 0.0,
         "motion_sigma_min": 0.5,
+        "motion_target": "xt",
     }
     MotionClassifier().save(tmp_path / "motion")
     _eval_methods(
-        "teacher", "toy/vae", None, "toy/text", [], "cpu", motion=(str(tmp_path / "motion"), 150.0, 0.7)
+        "teacher", "toy/vae", None, "toy/text", [], "cpu", motion=(str(tmp_path / "motion"), 150.0, 0.7, "x0")
     )
     assert isinstance(seen["motion"], MotionClassifier)
-    assert (seen["motion_scale"], seen["motion_sigma_min"]) == (150.0, 0.7)
+    assert (seen["motion_scale"], seen["motion_sigma_min"], seen["motion_target"]) == (150.0, 0.7, "x0")
+    # without a folder the bundled classifier guides
+    _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", motion=(None, 150.0, 0.5, "xt"))
+    bundled = load_motion_classifier(DEFAULT_MOTION_CLASSIFIER)
+    assert torch.equal(seen["motion"].head[0].weight, bundled.head[0].weight)
 
 
 def test_cli_fp8_puts_every_generator_in_float8(monkeypatch):

@@ -557,12 +557,18 @@ def eval_cmd(
     motion_classifier: str | None = typer.Option(
         None,
         "--motion-classifier",
-        help="A motion classifier folder (diagvid train motion --export DIR) for --teacher-motion-guidance.",
+        help="The motion classifier for --teacher-motion-guidance: a bundled name or a folder "
+        "(diagvid train motion --export DIR); default toy/motion.",
     ),
     teacher_motion_sigma: float = typer.Option(
         0.5,
         "--teacher-motion-sigma",
         help="Motion guidance acts at the teacher's steps at this noise level and above.",
+    ),
+    teacher_motion_target: str = typer.Option(
+        "xt",
+        "--teacher-motion-target",
+        help="What the motion classifier reads: xt (the noisy latents) or x0 (each step's predicted clip).",
     ),
     fp8: bool = typer.Option(
         False,
@@ -628,7 +634,7 @@ def eval_cmd(
             teacher_boundary=teacher_boundary,
             teacher_high_guidance=teacher_high_guidance,
             teacher_eta=teacher_eta,
-            motion=(motion_classifier, teacher_motion_guidance, teacher_motion_sigma),
+            motion=(motion_classifier, teacher_motion_guidance, teacher_motion_sigma, teacher_motion_target),
             fp8=fp8,
         )
     except (ValueError, FileNotFoundError, OSError) as err:
@@ -646,10 +652,13 @@ def eval_cmd(
         report["teacher_start_sigma"] = teacher_start_sigma
         report["teacher_eta"] = teacher_eta
         if teacher_motion_guidance:
+            from diagvid.pretrained import DEFAULT_MOTION_CLASSIFIER
+
             report["teacher_motion_guidance"] = {
-                "classifier": motion_classifier,
+                "classifier": motion_classifier or DEFAULT_MOTION_CLASSIFIER,
                 "scale": teacher_motion_guidance,
                 "sigma_min": teacher_motion_sigma,
+                "target": teacher_motion_target,
             }
         if teacher_high:
             from diagvid.model.experts import TOY_BOUNDARY
@@ -703,12 +712,14 @@ def _eval_methods(
     teacher_boundary: float | None = None,
     teacher_high_guidance: float | None = None,
     teacher_eta: float = 0.0,
-    motion: tuple[str | None, float, float] = (None, 0.0, 0.5),
+    motion: tuple[str | None, float, float, str] = (None, 0.0, 0.5, "xt"),
     fp8: bool = False,
 ):
     """Build the evaluation methods the options ask for (errors name the bad option)."""
     from diagvid import evaluate as ev
+    from diagvid.model.motion import TARGETS as MOTION_TARGETS
     from diagvid.pretrained import (
+        DEFAULT_MOTION_CLASSIFIER,
         TOY_STUDENT_METHODS,
         load_motion_classifier,
         load_pipeline,
@@ -726,16 +737,13 @@ def _eval_methods(
         raise ValueError(f"--teacher-start-sigma {teacher_start_sigma}: must be in (0, 1]")
     if not 0 <= teacher_eta <= 1:
         raise ValueError(f"--teacher-eta {teacher_eta}: must be in [0, 1] (0: Euler, 1: DDPM ancestral)")
-    motion_folder, motion_scale, motion_sigma = motion
+    motion_folder, motion_scale, motion_sigma, motion_target = motion
     if not (math.isfinite(motion_scale) and motion_scale >= 0):
         raise ValueError(f"--teacher-motion-guidance {motion_scale}: the scale must be a finite number >= 0")
-    if motion_scale and not motion_folder:
-        raise ValueError(
-            f"--teacher-motion-guidance {motion_scale}: name the classifier with --motion-classifier DIR "
-            "(diagvid train motion --export DIR)"
-        )
     if not 0 <= motion_sigma <= 1:
         raise ValueError(f"--teacher-motion-sigma {motion_sigma}: must be a noise level in [0, 1]")
+    if motion_target not in MOTION_TARGETS:
+        raise ValueError(f"--teacher-motion-target {motion_target!r}; allowed: {', '.join(MOTION_TARGETS)}")
     if motion_folder and not motion_scale:
         raise ValueError(
             f"--motion-classifier {motion_folder}: only means something with --teacher-motion-guidance SCALE"
@@ -801,6 +809,9 @@ def _eval_methods(
             runs[m] = ev.vae_method(codec)
         elif m == "teacher":  # the bundled toy teacher unless --teacher names another
             dit = load_teacher(teacher or "toy/teacher", teacher_high, teacher_boundary, device=codec.device)
+            classifier = None
+            if motion_scale:
+                classifier = load_motion_classifier(motion_folder or DEFAULT_MOTION_CLASSIFIER, codec.device)
             fp8_if_asked(dit)  # both experts' blocks when it is a pair
             guidance_above = None
             if teacher_high_guidance is not None:
@@ -813,9 +824,10 @@ def _eval_methods(
                 start_sigma=teacher_start_sigma,
                 guidance_above=guidance_above,
                 eta=teacher_eta,
-                motion=load_motion_classifier(motion_folder, device=codec.device) if motion_scale else None,
+                motion=classifier,
                 motion_scale=motion_scale,
                 motion_sigma_min=motion_sigma,
+                motion_target=motion_target,
             )
         else:
             pipe, schedule, context = load_toy_student(

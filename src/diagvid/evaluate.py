@@ -137,6 +137,7 @@ def teacher_method(
     motion: MotionClassifier | None = None,
     motion_scale: float = 0.0,
     motion_sigma_min: float = 0.5,
+    motion_target: str = "xt",
 ) -> Method:
     """The undistilled teacher: full attention over the whole clip, Euler + CFG, then one decode to
     `size` x `size` pixels.
@@ -150,8 +151,10 @@ def teacher_method(
     from the same seeded generator.
     `motion` (a `diagvid.model.motion.MotionClassifier`) with `motion_scale` > 0: classifier guidance toward
     each prompt's direction at the levels >= `motion_sigma_min` (`MotionGuidance`); a prompt whose objects
-    move different ways is sampled without it.
+    move different ways is sampled without it; `motion_target` "x0" reads each step's predicted clean clip
+    instead of the noisy one (`MotionGuidance.target`).
     """
+    from diagvid.model.motion import TARGETS as MOTION_TARGETS
     from diagvid.model.motion import MotionGuidance, prompt_label
     from diagvid.model.vae import frames_to_tensor, latent_frames, tensor_to_frames
     from diagvid.sampling import NUM_TRAIN_TIMESTEPS, partial_timesteps, sample_euler
@@ -159,12 +162,14 @@ def teacher_method(
     start = partial_timesteps(num_steps, shift, start_sigma)[0] / NUM_TRAIN_TIMESTEPS  # fails early if empty
     if motion_scale and motion is None:
         raise ValueError(f"motion_scale={motion_scale}: classifier guidance needs a motion classifier")
+    if motion_target not in MOTION_TARGETS:
+        raise ValueError(f"motion_target={motion_target!r}; allowed: {', '.join(MOTION_TARGETS)}")
 
     def guide(prompt: str) -> MotionGuidance | None:
         if motion is None or not motion_scale:
             return None
         label = torch.tensor([prompt_label(prompt, motion.cfg.classes)])
-        return MotionGuidance(motion, label, motion_scale, motion_sigma_min)
+        return MotionGuidance(motion, label, motion_scale, motion_sigma_min, target=motion_target)
 
     @torch.no_grad()
     def run(prompts: Sequence[str], num_frames: int, seed: int) -> list[np.ndarray]:

@@ -30,6 +30,8 @@ from diagvid.config import from_dict
 from diagvid.stream import Pipeline, StreamConfig
 
 DEFAULT_PIPELINE = "toy"
+DEFAULT_MOTION_CLASSIFIER = "toy/motion"
+"""the bundled motion classifier for classifier guidance (`diagvid eval --teacher-motion-guidance`)"""
 TINY_DECODER = "tiny-decoder"
 """a pipeline folder's optional fast decoder (`decoder="tiny"`)"""
 

@@ -330,7 +330,7 @@ def sample_euler(
         else:
             v = model(x, t, context)
         if motion_guidance is not None and motion_guidance.applies(ts[i] / NUM_TRAIN_TIMESTEPS):
-            v = v + motion_guidance.velocity_shift(x, ts[i] / NUM_TRAIN_TIMESTEPS)
+            v = v + motion_guidance.velocity_shift(x, ts[i] / NUM_TRAIN_TIMESTEPS, v)
         if eta > 0:
             x = _stochastic_step(
                 x, v, ts[i] / NUM_TRAIN_TIMESTEPS, ts[i + 1] / NUM_TRAIN_TIMESTEPS, eta, generator
