@@ -142,10 +142,17 @@ def test_cli_eval_writes_the_report(tmp_path):
         (["--teacher-start-sigma", "1.5"], "--teacher-start-sigma 1.5: must be in (0, 1]"),
         (["--teacher-eta", "1.5"], "--teacher-eta 1.5: must be in [0, 1]"),
         (["--teacher-eta", "nan"], "--teacher-eta nan: must be in [0, 1]"),
-        (["--teacher-motion-target", "xy"], "--teacher-motion-target 'xy'; allowed: xt, x0"),
+        (["--teacher-motion-candidates", "0"], "--teacher-motion-candidates 0: must be >= 1"),
+        (
+            ["--teacher-motion-candidates", "2", "--teacher-start-sigma", "0.5"],
+            "--teacher-motion-candidates 2: the starts are noise",
+        ),
         (["--teacher-motion-guidance", "-1"], "--teacher-motion-guidance -1.0: the scale must be a finite"),
         (["--teacher-motion-sigma", "1.5"], "--teacher-motion-sigma 1.5: must be a noise level in [0, 1]"),
-        (["--motion-classifier", "x"], "--motion-classifier x: only means something with --teacher-motion"),
+        (
+            ["--motion-classifier", "x"],
+            "--motion-classifier x: only means something with --teacher-motion-guid",
+        ),
         (
             [
                 "--teacher",
@@ -216,12 +223,24 @@ def test_teacher_method_with_motion_guidance(tiny_pipeline):
     steered = ev.teacher_method(*models, size=16, num_steps=2, motion=clf, motion_scale=50.0)(prompts, 9, 0)
     assert not np.array_equal(steered[0], plain[0])  # one direction asked: guided
     assert np.array_equal(steered[1], plain[1])  # no direction asked: sampled without guidance
-    on_x0 = ev.teacher_method(
-        *models, size=16, num_steps=2, motion=clf, motion_scale=50.0, motion_target="x0"
-    )
-    assert not np.array_equal(on_x0(prompts, 9, 0)[0], steered[0])
-    with pytest.raises(ValueError, match="motion_target='x1'; allowed: xt, x0"):
-        ev.teacher_method(*models, motion=clf, motion_scale=1.0, motion_target="x1")
+    # best of 3 starts: a prompt without one direction is sampled as by the plain sampler
+    # (4 steps of shift 5 are at sigma 1, 0.94, 0.83 and 0.62: the choice at 0.7 leaves one step to finish)
+    choose = dict(motion=clf, motion_candidates=3, motion_sigma_min=0.7)
+    best_of = ev.teacher_method(*models, size=16, num_steps=4, **choose)(prompts, 9, 0)
+    plain4 = ev.teacher_method(*models, size=16, num_steps=4)(prompts, 9, 0)
+    assert np.array_equal(best_of[1], plain4[1])
+    assert best_of[0].shape == plain4[0].shape
+    for kwargs, message in [
+        (dict(motion_candidates=0), "motion_candidates=0: must be >= 1"),
+        (dict(motion_candidates=2), "the choice needs a motion classifier"),
+        (dict(motion=clf, motion_candidates=2, start_sigma=0.5), "start from pure noise"),
+        (
+            dict(motion=clf, motion_candidates=2, motion_sigma_min=0.0),
+            r"motion_sigma_min=0\.0, which must be",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ev.teacher_method(*models, **kwargs)
     with pytest.raises(ValueError, match="motion guidance reads 2 latent frames; clips of 1 frames have 1"):
         ev.teacher_method(*models, size=16, num_steps=2, motion=clf, motion_scale=1.0)(prompts, 1, 0)
     with pytest.raises(ValueError, match="needs a motion classifier"):
@@ -284,7 +303,7 @@ def test_teacher_from_a_renoised_real_clip_is_sdedit_written_out():
 
 def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path):
     from diagvid import evaluate as ev_module
-    from diagvid.cli import _eval_methods
+    from diagvid.cli import MotionOptions, _eval_methods
     from diagvid.model.motion import MotionClassifier
     from diagvid.pretrained import DEFAULT_MOTION_CLASSIFIER, load_motion_classifier
 
@@ -314,16 +333,16 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
         "motion": None,
         "motion_scale": 0.0,
         "motion_sigma_min": 0.5,
-        "motion_target": "xt",
+        "motion_candidates": 1,
     }
     MotionClassifier().save(tmp_path / "motion")
-    _eval_methods(
-        "teacher", "toy/vae", None, "toy/text", [], "cpu", motion=(str(tmp_path / "motion"), 150.0, 0.7, "x0")
-    )
+    options = MotionOptions(str(tmp_path / "motion"), 150.0, 0.7, 4)
+    _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", motion=options)
     assert isinstance(seen["motion"], MotionClassifier)
-    assert (seen["motion_scale"], seen["motion_sigma_min"], seen["motion_target"]) == (150.0, 0.7, "x0")
-    # without a folder the bundled classifier guides
-    _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", motion=(None, 150.0, 0.5, "xt"))
+    picked = [seen[k] for k in ("motion_scale", "motion_sigma_min", "motion_candidates")]
+    assert picked == [150.0, 0.7, 4]
+    # without a folder the bundled classifier guides, and chooses among starts without a guidance scale
+    _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", motion=MotionOptions(candidates=2))
     bundled = load_motion_classifier(DEFAULT_MOTION_CLASSIFIER)
     assert torch.equal(seen["motion"].head[0].weight, bundled.head[0].weight)
 

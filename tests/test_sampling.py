@@ -227,3 +227,74 @@ def test_stochastic_steps_are_seeded_and_eta_zero_is_the_ode():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="must be in \\[0, 1\\]"):
             sample_euler(field, noise, ctx, None, num_steps=6, eta=bad)
+
+
+def _nonlinear_field(x, t, ctx):
+    """A velocity that depends on the state, the level and the context, per sample (elementwise: batching
+    cannot change its values)."""
+    return torch.sin(3 * x) * (t / 1000).view(-1, 1, 1, 1, 1) + ctx.view(-1, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_a_run_stopped_at_a_level_and_resumed_from_it_is_the_whole_run(eta):
+    from diagvid.sampling import sample_euler
+
+    noise = torch.randn(2, 1, 3, 2, 2)
+    ctx = torch.tensor([[0.5], [-0.5]])
+
+    def run(**kw):
+        gen = torch.Generator().manual_seed(7)
+        return sample_euler(_nonlinear_field, noise, ctx, None, num_steps=9, eta=eta, generator=gen, **kw)
+
+    above = sum(t > 600 for t in teacher_timesteps(9, 5.0))  # the steps above sigma 0.6
+    assert 0 < above < 9
+    whole, traj = run(trajectory_at=(above,))
+    head, _ = run(stop_sigma=0.6)
+    torch.testing.assert_close(head, traj[above], rtol=0, atol=0)  # stopped before the first step <= 0.6
+    gen = torch.Generator().manual_seed(7)
+    steps = dict(num_steps=9, eta=eta, generator=gen)
+    head, _ = sample_euler(_nonlinear_field, noise, ctx, None, stop_sigma=0.6, **steps)
+    tail, _ = sample_euler(_nonlinear_field, head, ctx, None, start_sigma=0.6, **steps)
+    torch.testing.assert_close(tail, whole, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"stop_sigma=0\.9: must be in \[0, start_sigma=0\.8\)"):
+        sample_euler(_nonlinear_field, noise, ctx, None, num_steps=9, start_sigma=0.8, stop_sigma=0.9)
+    with pytest.raises(ValueError, match=r"stop_sigma=0\.01 is below the schedule's last step"):
+        sample_euler(_nonlinear_field, noise, ctx, None, num_steps=9, stop_sigma=0.01)
+
+
+def test_best_of_n_keeps_the_start_the_score_prefers_and_one_start_is_the_plain_sampler():
+    from diagvid.sampling import sample_euler, sample_euler_best_of
+
+    noise = torch.randn(3, 1, 3, 2, 2)
+    ctx, null = torch.tensor([[0.5]]), torch.tensor([[0.1]])
+    steps = dict(num_steps=9, guidance=2.0)
+    seen = {}
+
+    def prefer_the_largest_mean(x, sigma):
+        seen["shape"], seen["sigma"] = tuple(x.shape), sigma
+        return x.flatten(1).mean(1)
+
+    out, best = sample_euler_best_of(
+        _nonlinear_field, noise, ctx, null, prefer_the_largest_mean, 0.5, **steps
+    )
+    assert seen == {"shape": (3, 1, 3, 2, 2), "sigma": 0.5}
+    # the kept start is the one whose state at sigma 0.5 has the largest mean, and it is finished alone
+    head, _ = sample_euler(
+        _nonlinear_field, noise, ctx.expand(3, 1), null.expand(3, 1), stop_sigma=0.5, **steps
+    )
+    assert best == int(head.flatten(1).mean(1).argmax())
+    plain, _ = sample_euler(_nonlinear_field, noise[best : best + 1], ctx, null, **steps)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    one, kept = sample_euler_best_of(
+        _nonlinear_field, noise[:1], ctx, null, prefer_the_largest_mean, 0.5, **steps
+    )
+    assert kept == 0
+    torch.testing.assert_close(
+        one, sample_euler(_nonlinear_field, noise[:1], ctx, null, **steps)[0], rtol=0, atol=0
+    )
+    with pytest.raises(ValueError, match="one prompt's context"):
+        sample_euler_best_of(_nonlinear_field, noise, ctx.expand(3, 1), null, prefer_the_largest_mean, 0.5)
+    with pytest.raises(ValueError, match="starts from pure noise"):
+        sample_euler_best_of(
+            _nonlinear_field, noise, ctx, null, prefer_the_largest_mean, 0.5, start_sigma=0.8
+        )

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import platform
+from typing import NamedTuple
 
 import typer
 from rich.console import Console
@@ -565,10 +566,11 @@ def eval_cmd(
         "--teacher-motion-sigma",
         help="Motion guidance acts at the teacher's steps at this noise level and above.",
     ),
-    teacher_motion_target: str = typer.Option(
-        "xt",
-        "--teacher-motion-target",
-        help="What the motion classifier reads: xt (the noisy latents) or x0 (each step's predicted clip).",
+    teacher_motion_candidates: int = typer.Option(
+        1,
+        "--teacher-motion-candidates",
+        help="Best of N starts: N noises per prompt run together down to --teacher-motion-sigma, where the "
+        "motion classifier keeps the one most likely to move the asked way (N times the high-noise steps).",
     ),
     fp8: bool = typer.Option(
         False,
@@ -634,7 +636,12 @@ def eval_cmd(
             teacher_boundary=teacher_boundary,
             teacher_high_guidance=teacher_high_guidance,
             teacher_eta=teacher_eta,
-            motion=(motion_classifier, teacher_motion_guidance, teacher_motion_sigma, teacher_motion_target),
+            motion=MotionOptions(
+                motion_classifier,
+                teacher_motion_guidance,
+                teacher_motion_sigma,
+                teacher_motion_candidates,
+            ),
             fp8=fp8,
         )
     except (ValueError, FileNotFoundError, OSError) as err:
@@ -651,14 +658,14 @@ def eval_cmd(
         report["teacher_guidance"] = teacher_guidance
         report["teacher_start_sigma"] = teacher_start_sigma
         report["teacher_eta"] = teacher_eta
-        if teacher_motion_guidance:
+        if teacher_motion_guidance or teacher_motion_candidates > 1:
             from diagvid.pretrained import DEFAULT_MOTION_CLASSIFIER
 
             report["teacher_motion_guidance"] = {
                 "classifier": motion_classifier or DEFAULT_MOTION_CLASSIFIER,
                 "scale": teacher_motion_guidance,
                 "sigma_min": teacher_motion_sigma,
-                "target": teacher_motion_target,
+                "candidates": teacher_motion_candidates,
             }
         if teacher_high:
             from diagvid.model.experts import TOY_BOUNDARY
@@ -689,6 +696,16 @@ def eval_cmd(
         console.print(f"wrote {out}")
 
 
+class MotionOptions(NamedTuple):
+    """`diagvid eval`'s motion-classifier options for the teacher (see `evaluate.teacher_method`)."""
+
+    classifier: str | None = None
+    """folder or bundled name; None: DEFAULT_MOTION_CLASSIFIER when used"""
+    scale: float = 0.0
+    sigma_min: float = 0.5
+    candidates: int = 1
+
+
 def _parse_int(text: str, option: str) -> int:
     try:
         return int(text)
@@ -712,12 +729,11 @@ def _eval_methods(
     teacher_boundary: float | None = None,
     teacher_high_guidance: float | None = None,
     teacher_eta: float = 0.0,
-    motion: tuple[str | None, float, float, str] = (None, 0.0, 0.5, "xt"),
+    motion: MotionOptions = MotionOptions(),
     fp8: bool = False,
 ):
     """Build the evaluation methods the options ask for (errors name the bad option)."""
     from diagvid import evaluate as ev
-    from diagvid.model.motion import TARGETS as MOTION_TARGETS
     from diagvid.pretrained import (
         DEFAULT_MOTION_CLASSIFIER,
         TOY_STUDENT_METHODS,
@@ -737,16 +753,22 @@ def _eval_methods(
         raise ValueError(f"--teacher-start-sigma {teacher_start_sigma}: must be in (0, 1]")
     if not 0 <= teacher_eta <= 1:
         raise ValueError(f"--teacher-eta {teacher_eta}: must be in [0, 1] (0: Euler, 1: DDPM ancestral)")
-    motion_folder, motion_scale, motion_sigma, motion_target = motion
+    motion_folder, motion_scale, motion_sigma, motion_candidates = motion
     if not (math.isfinite(motion_scale) and motion_scale >= 0):
         raise ValueError(f"--teacher-motion-guidance {motion_scale}: the scale must be a finite number >= 0")
     if not 0 <= motion_sigma <= 1:
         raise ValueError(f"--teacher-motion-sigma {motion_sigma}: must be a noise level in [0, 1]")
-    if motion_target not in MOTION_TARGETS:
-        raise ValueError(f"--teacher-motion-target {motion_target!r}; allowed: {', '.join(MOTION_TARGETS)}")
-    if motion_folder and not motion_scale:
+    if motion_candidates < 1:
+        raise ValueError(f"--teacher-motion-candidates {motion_candidates}: must be >= 1")
+    if motion_candidates > 1 and teacher_start_sigma < 1:
         raise ValueError(
-            f"--motion-classifier {motion_folder}: only means something with --teacher-motion-guidance SCALE"
+            f"--teacher-motion-candidates {motion_candidates}: the starts are noise; no --teacher-start-sigma"
+        )
+    motion_used = bool(motion_scale) or motion_candidates > 1
+    if motion_folder and not motion_used:
+        raise ValueError(
+            f"--motion-classifier {motion_folder}: only means something with --teacher-motion-guidance SCALE "
+            "or --teacher-motion-candidates N"
         )
     if teacher_high and not teacher:
         raise ValueError(
@@ -810,7 +832,7 @@ def _eval_methods(
         elif m == "teacher":  # the bundled toy teacher unless --teacher names another
             dit = load_teacher(teacher or "toy/teacher", teacher_high, teacher_boundary, device=codec.device)
             classifier = None
-            if motion_scale:
+            if motion_used:
                 classifier = load_motion_classifier(motion_folder or DEFAULT_MOTION_CLASSIFIER, codec.device)
             fp8_if_asked(dit)  # both experts' blocks when it is a pair
             guidance_above = None
@@ -827,7 +849,7 @@ def _eval_methods(
                 motion=classifier,
                 motion_scale=motion_scale,
                 motion_sigma_min=motion_sigma,
-                motion_target=motion_target,
+                motion_candidates=motion_candidates,
             )
         else:
             pipe, schedule, context = load_toy_student(

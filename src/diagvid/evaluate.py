@@ -137,7 +137,7 @@ def teacher_method(
     motion: MotionClassifier | None = None,
     motion_scale: float = 0.0,
     motion_sigma_min: float = 0.5,
-    motion_target: str = "xt",
+    motion_candidates: int = 1,
 ) -> Method:
     """The undistilled teacher: full attention over the whole clip, Euler + CFG, then one decode to
     `size` x `size` pixels.
@@ -151,25 +151,42 @@ def teacher_method(
     from the same seeded generator.
     `motion` (a `diagvid.model.motion.MotionClassifier`) with `motion_scale` > 0: classifier guidance toward
     each prompt's direction at the levels >= `motion_sigma_min` (`MotionGuidance`); a prompt whose objects
-    move different ways is sampled without it; `motion_target` "x0" reads each step's predicted clean clip
-    instead of the noisy one (`MotionGuidance.target`).
+    move different ways is sampled without it.
+    `motion_candidates` N > 1 (with `motion`): best of N starts for each prompt that asks for one direction
+    (`sample_euler_best_of`): N seeded noises, the prompt's own first, run together down to `motion_sigma_min`,
+    where the classifier picks the one most likely to move the asked way; its high-noise steps cost N times.
     """
-    from diagvid.model.motion import TARGETS as MOTION_TARGETS
     from diagvid.model.motion import MotionGuidance, prompt_label
     from diagvid.model.vae import frames_to_tensor, latent_frames, tensor_to_frames
-    from diagvid.sampling import NUM_TRAIN_TIMESTEPS, partial_timesteps, sample_euler
+    from diagvid.sampling import NUM_TRAIN_TIMESTEPS, partial_timesteps, sample_euler, sample_euler_best_of
 
     start = partial_timesteps(num_steps, shift, start_sigma)[0] / NUM_TRAIN_TIMESTEPS  # fails early if empty
     if motion_scale and motion is None:
         raise ValueError(f"motion_scale={motion_scale}: classifier guidance needs a motion classifier")
-    if motion_target not in MOTION_TARGETS:
-        raise ValueError(f"motion_target={motion_target!r}; allowed: {', '.join(MOTION_TARGETS)}")
 
-    def guide(prompt: str) -> MotionGuidance | None:
+    if motion_candidates < 1:
+        raise ValueError(f"motion_candidates={motion_candidates}: must be >= 1")
+    if motion_candidates > 1:
+        if motion is None:
+            raise ValueError(f"motion_candidates={motion_candidates}: the choice needs a motion classifier")
+        if start_sigma < 1:
+            raise ValueError(f"motion_candidates={motion_candidates}: start from pure noise (start_sigma 1)")
+        if not 0 < motion_sigma_min < 1:
+            raise ValueError(
+                f"motion_candidates={motion_candidates}: the choice is made at motion_sigma_min="
+                f"{motion_sigma_min}, which must be in (0, 1)"
+            )
+
+    def guide(label: int) -> MotionGuidance | None:
         if motion is None or not motion_scale:
             return None
-        label = torch.tensor([prompt_label(prompt, motion.cfg.classes)])
-        return MotionGuidance(motion, label, motion_scale, motion_sigma_min, target=motion_target)
+        return MotionGuidance(motion, torch.tensor([label]), motion_scale, motion_sigma_min)
+
+    def log_p(label: int):
+        def score(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            return torch.log_softmax(motion(x, torch.tensor(sigma, device=x.device)), 1)[:, label]
+
+        return score
 
     @torch.no_grad()
     def run(prompts: Sequence[str], num_frames: int, seed: int) -> list[np.ndarray]:
@@ -192,20 +209,16 @@ def teacher_method(
                     dev, noise.dtype
                 )
                 noise = (1 - start) * clean + start * noise
-            x0, _ = sample_euler(
-                teacher,
-                noise,
-                ctx,
-                null,
-                num_steps=num_steps,
-                shift=shift,
-                guidance=guidance,
-                start_sigma=start_sigma,
-                guidance_above=guidance_above,
-                eta=eta,
-                generator=gen,
-                motion_guidance=guide(p),
-            )
+            label = -1 if motion is None else prompt_label(p, motion.cfg.classes)
+            steps = dict(num_steps=num_steps, shift=shift, guidance=guidance, guidance_above=guidance_above)
+            steps.update(eta=eta, generator=gen, motion_guidance=guide(label))
+            if motion_candidates > 1 and label >= 0:
+                more = torch.randn(motion_candidates - 1, *noise.shape[1:], generator=gen).to(dev)
+                x0, _ = sample_euler_best_of(
+                    teacher, torch.cat([noise, more]), ctx, null, log_p(label), motion_sigma_min, **steps
+                )
+            else:
+                x0, _ = sample_euler(teacher, noise, ctx, null, start_sigma=start_sigma, **steps)
             out.append(tensor_to_frames(vae.decode(x0)[0]))
         return out
 

@@ -13,8 +13,8 @@ Sigma lookup has two modes:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -292,6 +292,7 @@ def sample_euler(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     motion_guidance: MotionGuidance | None = None,
+    stop_sigma: float = 0.0,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The teacher's sampler: Euler on the flow ODE over `num_steps` shifted steps, classifier-free guidance.
 
@@ -307,15 +308,26 @@ def sample_euler(
     eps = x + (1 - sigma) v, then renoises x0 to the next level with eps partly replaced by fresh noise
     from `generator` (CPU): a fraction eta^2 (1 - snr / snr_next) of its variance, snr = ((1 - sigma) /
     sigma)^2. eta = 1 is DDPM's ancestral sampler; eta = 0 is the Euler step above, bit for bit.
+    `stop_sigma` > 0 stops before the first step at or below that level and returns the state there, from
+    which `start_sigma=stop_sigma` runs the rest: the two runs together are the whole one.
     """
     if guidance_above is not None and not 0 < guidance_above[0] < 1:
         raise ValueError(f"guidance_above={guidance_above}: its noise level must be in (0, 1)")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta={eta}: must be in [0, 1] (0: the ODE, 1: DDPM's ancestral sampler)")
+    if not 0 <= stop_sigma < start_sigma:
+        raise ValueError(f"stop_sigma={stop_sigma}: must be in [0, start_sigma={start_sigma})")
     ts = [*partial_timesteps(num_steps, shift, start_sigma), 0.0]
+    # the steps a run from start_sigma=stop_sigma would take are left out (the same test as partial_timesteps)
+    end = next(i for i, t in enumerate(ts) if t <= NUM_TRAIN_TIMESTEPS * stop_sigma + 1e-6)
+    if stop_sigma > 0 and end == len(ts) - 1:
+        raise ValueError(
+            f"stop_sigma={stop_sigma} is below the schedule's last step (sigma {ts[-2] / NUM_TRAIN_TIMESTEPS:.4f}): "
+            "no step would be left to resume"
+        )
     x = noise
     saved = {}
-    for i in range(len(ts) - 1):
+    for i in range(end):
         if i in trajectory_at:
             saved[i] = x.clone()
         t = torch.full((x.shape[0],), ts[i], device=x.device)
@@ -330,13 +342,67 @@ def sample_euler(
         else:
             v = model(x, t, context)
         if motion_guidance is not None and motion_guidance.applies(ts[i] / NUM_TRAIN_TIMESTEPS):
-            v = v + motion_guidance.velocity_shift(x, ts[i] / NUM_TRAIN_TIMESTEPS, v)
+            v = v + motion_guidance.velocity_shift(x, ts[i] / NUM_TRAIN_TIMESTEPS)
         if eta > 0:
             x = _stochastic_step(
                 x, v, ts[i] / NUM_TRAIN_TIMESTEPS, ts[i + 1] / NUM_TRAIN_TIMESTEPS, eta, generator
             )
         else:
             x = x + (ts[i + 1] - ts[i]) / NUM_TRAIN_TIMESTEPS * v  # sigma goes down: dt < 0
-    if len(ts) - 1 in trajectory_at:
-        saved[len(ts) - 1] = x.clone()
+    if end in trajectory_at:
+        saved[end] = x.clone()
     return x, saved
+
+
+def sample_euler_best_of(
+    model: torch.nn.Module,
+    noise: torch.Tensor,
+    context: torch.Tensor,
+    null_context: torch.Tensor | None,
+    score: Callable[[torch.Tensor, float], torch.Tensor],
+    select_sigma: float,
+    *,
+    motion_guidance: MotionGuidance | None = None,
+    **steps,
+) -> tuple[torch.Tensor, int]:
+    """Best of N starts: `sample_euler` from the N noises [N, ...] of one prompt (context [1, L, D]) in one
+    batch down to `select_sigma`, then only the candidate that `score(x [N, ...], sigma) -> [N]` rates highest
+    goes on to the end. Returns the sample [1, ...] and the index of the kept start.
+
+    The high-noise steps, where the layout and motion of a clip are decided, cost N times; the rest once. With
+    N = 1 it is `sample_euler` itself. `steps` are `sample_euler`'s keywords (num_steps, shift, guidance, ...;
+    a run from pure noise: no start_sigma or trajectory_at); `motion_guidance` (labels [1]) guides every
+    candidate.
+    """
+    n = noise.shape[0]
+    if context.shape[0] != 1:
+        raise ValueError(f"one prompt's context [1, L, D] for its {n} starts; got batch {context.shape[0]}")
+    if {"start_sigma", "trajectory_at"} & steps.keys():
+        raise ValueError("sample_euler_best_of starts from pure noise and keeps no trajectory")
+
+    def each(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
+        return None if t is None else t.expand(k, *t.shape[1:])
+
+    guide_all = (
+        None if motion_guidance is None else replace(motion_guidance, labels=each(motion_guidance.labels, n))
+    )
+    x, _ = sample_euler(
+        model,
+        noise,
+        each(context, n),
+        each(null_context, n),
+        motion_guidance=guide_all,
+        stop_sigma=select_sigma,
+        **steps,
+    )
+    best = int(score(x, select_sigma).argmax())
+    x, _ = sample_euler(
+        model,
+        x[best : best + 1],
+        context,
+        null_context,
+        motion_guidance=motion_guidance,
+        start_sigma=select_sigma,
+        **steps,
+    )
+    return x, best

@@ -27,7 +27,6 @@ from diagvid.world.render import DIRECTIONS
 
 WEIGHTS_FILE = "motion.safetensors"
 CONFIG_FILE = "motion.json"
-TARGETS = ("xt", "x0")
 
 
 @dataclass
@@ -137,14 +136,7 @@ class MotionGuidance:
     v = (eps - x_t) / (1 - sigma). Adding `scale` * grad log p(y | x_t) to the score (Dhariwal & Nichol's
     classifier guidance) takes eps to eps - sigma * scale * grad, so v to v - scale * sigma / (1 - sigma) *
     grad; 1 - sigma is floored at `min_one_minus_sigma` so the first step, at sigma 1, stays finite.
-
-    `target="x0"` reads the clip the step predicts instead, x0_hat = x_t - sigma v (the model's velocity v is
-    then needed), with the classifier told the noise level `x0_sigma` whatever the step's: at high noise x_t
-    is mostly noise, the prediction already a layout. The velocity moves by -scale * grad log p(y | x0_hat),
-    which moves x0_hat by sigma * scale * grad. The gradient is not taken through the model: universal
-    guidance's forward term (Bansal et al., 2023) with the prediction's Jacobian taken as the identity, so no
-    backward pass through the DiT.
-    Either way the gradient touches only the latent frames the classifier reads.
+    The gradient touches only the latent frames the classifier reads.
     """
 
     classifier: MotionClassifier
@@ -153,16 +145,8 @@ class MotionGuidance:
     scale: float = 1.0
     sigma_min: float = 0.5
     min_one_minus_sigma: float = 0.05
-    target: str = "xt"
-    """"xt": the gradient at the noisy latents; "x0": at the step's predicted clean latents"""
-    x0_sigma: float = 0.2
-    """the noise level the classifier is told with target "x0" (the prediction is blurred, not clean)"""
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise ValueError(f"motion guidance target {self.target!r}; allowed: {', '.join(TARGETS)}")
-        if not 0 <= self.x0_sigma <= 1:
-            raise ValueError(f"motion guidance x0_sigma {self.x0_sigma}: must be a noise level in [0, 1]")
         if not (math.isfinite(self.scale) and self.scale >= 0):
             raise ValueError(f"motion guidance scale {self.scale}: must be a finite number >= 0")
         if not 0 <= self.sigma_min <= 1:
@@ -173,9 +157,8 @@ class MotionGuidance:
     def applies(self, sigma: float) -> bool:
         return self.scale > 0 and sigma >= self.sigma_min and bool((self.labels >= 0).any())
 
-    def velocity_shift(self, x: torch.Tensor, sigma: float, v: torch.Tensor | None = None) -> torch.Tensor:
-        """The term to add to the velocity v at x [B, C, F, h, w] and noise level sigma: zero where unguided.
-        `v` (the model's guided velocity, same shape as x) is needed with target "x0" only."""
+    def velocity_shift(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The term to add to the velocity at x [B, C, F, h, w] and noise level sigma: zero where unguided."""
         clf = self.classifier
         k = clf.cfg.frames
         labels = self.labels.to(x.device)
@@ -183,21 +166,13 @@ class MotionGuidance:
             raise ValueError(
                 f"motion guidance labels of shape {tuple(labels.shape)} for a batch of {x.shape[0]}"
             )
-        if self.target == "x0":
-            if v is None or v.shape != x.shape:
-                raise ValueError(f"motion guidance on x0 needs the velocity, of shape {tuple(x.shape)}")
-            read, level = x[:, :, :k] - sigma * v[:, :, :k], self.x0_sigma
-            factor = -self.scale
-        else:
-            read, level = x[:, :, :k], sigma
-            factor = -self.scale * sigma / max(1.0 - sigma, self.min_one_minus_sigma)
         with torch.enable_grad():
-            xk = read.detach().to(clf.head[0].weight.dtype).requires_grad_(True)
-            logp = F.log_softmax(clf(xk, torch.tensor(level, device=x.device)), dim=1)
+            xk = x[:, :, :k].detach().to(clf.head[0].weight.dtype).requires_grad_(True)
+            logp = F.log_softmax(clf(xk, torch.tensor(sigma, device=x.device)), dim=1)
             picked = logp.gather(1, labels.clamp(min=0)[:, None])[:, 0] * (labels >= 0)
             (grad,) = torch.autograd.grad(picked.sum(), xk)
         out = torch.zeros_like(x)
-        out[:, :, :k] = factor * grad.to(x.dtype)
+        out[:, :, :k] = -self.scale * sigma / max(1.0 - sigma, self.min_one_minus_sigma) * grad.to(x.dtype)
         return out
 
 
