@@ -552,8 +552,8 @@ def eval_cmd(
     teacher_motion_guidance: float = typer.Option(
         0.0,
         "--teacher-motion-guidance",
-        help="Classifier guidance toward each prompt's direction with --motion-classifier, at this scale "
-        "(0: off; an experiment, see docs/status.md).",
+        help="Classifier guidance toward each prompt's direction by the motion classifier, at this scale "
+        "(0: off; 100 lifts the toy pair's direction accuracy from 0.31 to 0.53: docs/status.md).",
     ),
     motion_classifier: str | None = typer.Option(
         None,
