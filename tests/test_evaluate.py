@@ -210,6 +210,23 @@ def test_teacher_method_samples_the_asked_length(tiny_pipeline):
     assert not np.array_equal(guided[0], videos[0])  # same noise, another CFG scale
 
 
+def test_cli_motion_guidance_on_clips_too_short_is_a_clean_error():
+    """--quick's 17-frame clips hold 5 latent frames; the bundled classifier reads 8: an error, no traceback."""
+    from typer.testing import CliRunner
+
+    from diagvid.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--quick", "--methods", "teacher", "--teacher-motion-guidance", "100", "--features", "none"],
+    )
+    assert result.exit_code == 2, result.output
+    assert "motion guidance reads 8 latent frames; clips of 17 frames have 5" in " ".join(
+        result.output.split()
+    )
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_teacher_method_with_motion_guidance(tiny_pipeline):
     from diagvid.model.motion import MotionClassifier, MotionClassifierConfig
 
