@@ -835,13 +835,13 @@ def _eval_methods(
             runs[m] = ev.vae_method(codec)
         elif m == "teacher":  # the bundled toy teacher unless --teacher names another
             dit = load_teacher(teacher or "toy/teacher", teacher_high, teacher_boundary, device=codec.device)
-            classifier = None
-            if motion_used:
-                classifier = load_motion_classifier(motion_folder or DEFAULT_MOTION_CLASSIFIER, codec.device)
             fp8_if_asked(dit)  # both experts' blocks when it is a pair
             guidance_above = None
             if teacher_high_guidance is not None:
                 guidance_above = (dit.boundary, teacher_high_guidance)
+            classifier = None
+            if motion_used:
+                classifier = load_motion_classifier(motion_folder or DEFAULT_MOTION_CLASSIFIER, codec.device)
             runs[m] = ev.teacher_method(
                 dit,
                 codec,

@@ -111,11 +111,16 @@ def teacher_timesteps(num_steps: int, shift: float) -> list[float]:
     return [float(NUM_TRAIN_TIMESTEPS * s) for s in shift_sigma(base, shift)]
 
 
+def _at_or_below(t: float, sigma: float) -> bool:
+    """Whether timestep t (0-1000) is at or below noise level sigma, with a tolerance for the float scale."""
+    return t <= NUM_TRAIN_TIMESTEPS * sigma + 1e-6
+
+
 def partial_timesteps(num_steps: int, shift: float, start_sigma: float) -> list[float]:
     """The steps of `teacher_timesteps(num_steps, shift)` at or below t = 1000 `start_sigma` (all of them at 1)."""
     if not (isinstance(start_sigma, int | float) and 0 < start_sigma <= 1):
         raise ValueError(f"start_sigma={start_sigma!r} must be in (0, 1]")
-    ts = [t for t in teacher_timesteps(num_steps, shift) if t <= NUM_TRAIN_TIMESTEPS * start_sigma + 1e-6]
+    ts = [t for t in teacher_timesteps(num_steps, shift) if _at_or_below(t, start_sigma)]
     if not ts:
         last = teacher_timesteps(num_steps, shift)[-1] / NUM_TRAIN_TIMESTEPS
         raise ValueError(f"start_sigma={start_sigma} is below the schedule's last step (sigma {last:.4f})")
@@ -318,8 +323,8 @@ def sample_euler(
     if not 0 <= stop_sigma < start_sigma:
         raise ValueError(f"stop_sigma={stop_sigma}: must be in [0, start_sigma={start_sigma})")
     ts = [*partial_timesteps(num_steps, shift, start_sigma), 0.0]
-    # the steps a run from start_sigma=stop_sigma would take are left out (the same test as partial_timesteps)
-    end = next(i for i, t in enumerate(ts) if t <= NUM_TRAIN_TIMESTEPS * stop_sigma + 1e-6)
+    # the steps a run from start_sigma=stop_sigma would take are left out
+    end = next(i for i, t in enumerate(ts) if _at_or_below(t, stop_sigma))
     if stop_sigma > 0 and end == len(ts) - 1:
         raise ValueError(
             f"stop_sigma={stop_sigma} is below the schedule's last step (sigma {ts[-2] / NUM_TRAIN_TIMESTEPS:.4f}): "
