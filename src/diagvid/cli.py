@@ -1162,8 +1162,9 @@ def train_motion_cmd(
     with _training_errors():
         cfg = load_config(MotionTrainConfig, config, overrides)
         _setup_logging(cfg.out_dir)
-        net = train_motion(cfg, resume=not fresh, max_steps=max_steps)
-        scores = accuracy(net, *labelled_latents(cfg)[2:])
+        data = labelled_latents(cfg)  # read once: for training, then for the held-out accuracy
+        net = train_motion(cfg, resume=not fresh, max_steps=max_steps, data=data)
+        scores = accuracy(net, *data[2:])
     console.print("held-out accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     if export:
         net.save(export)

@@ -74,6 +74,10 @@ def test_resume_is_bit_identical_and_the_export_loads(vae_folder, tmp_path):
     x = torch.randn(2, 4, 2, 4, 4)
     sigma = torch.tensor([0.3, 0.9])
     torch.testing.assert_close(straight(x, sigma), resumed(x, sigma), rtol=0, atol=0)
+    # latents the caller already read (the CLI reuses them for its held-out accuracy) train the same model
+    cfg = recipe(vae_folder, tmp_path / "c")
+    given = train_motion(cfg, progress=False, data=labelled_latents(cfg))
+    torch.testing.assert_close(given(x, sigma), straight(x, sigma), rtol=0, atol=0)
     lines = [json.loads(line) for line in (tmp_path / "b/run/log.jsonl").read_text().splitlines()]
     assert any("acc_0.5" in line.get("eval", {}) for line in lines) and lines[-1]["step"] == 4
     straight.save(tmp_path / "export")

@@ -104,9 +104,11 @@ def train_motion(
     max_steps: int | None = None,
     progress: bool = True,
     vae=None,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> MotionClassifier:
-    """Train (or continue) the motion classifier; returns the EMA model in eval mode."""
-    x, y, hx, hy = labelled_latents(cfg, vae)
+    """Train (or continue) the motion classifier; returns the EMA model in eval mode. `data`: what
+    `labelled_latents(cfg)` returns, when the caller has it already (else it is read here)."""
+    x, y, hx, hy = data if data is not None else labelled_latents(cfg, vae)
     out = start_run(cfg.out_dir, to_dict(cfg), cfg.seed)
     net = MotionClassifier(cfg.model)
     ema = EMA(net, cfg.ema_decay)
