@@ -183,10 +183,7 @@ def teacher_method(
         return MotionGuidance(motion, torch.tensor([label]), motion_scale, motion_sigma_min)
 
     def log_p(label: int):
-        def score(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            return torch.log_softmax(motion(x, torch.tensor(sigma, device=x.device)), 1)[:, label]
-
-        return score
+        return lambda x, sigma: motion.log_prob(x, sigma, torch.full((len(x),), label))
 
     @torch.no_grad()
     def run(prompts: Sequence[str], num_frames: int, seed: int) -> list[np.ndarray]:

@@ -25,6 +25,10 @@ def test_logits_per_class_and_clear_errors():
     clf = _classifier()
     x = torch.randn(2, 4, 5, 4, 6)
     assert clf(x, torch.tensor([0.5, 0.9])).shape == (2, len(CLASSES))
+    # log_prob is each sample's class log-probability, 0 for an unguided (-1) label
+    logp = torch.log_softmax(clf(x, torch.tensor(0.5)), 1)
+    want = torch.stack([logp[0, 3], torch.tensor(0.0)])
+    torch.testing.assert_close(clf.log_prob(x, 0.5, torch.tensor([3, -1])), want)
     # only the first `frames` latent frames are read
     y = x.clone()
     y[:, :, 3:] = 7.0

@@ -111,6 +111,12 @@ class MotionClassifier(nn.Module):
             h = F.silu(norm(conv(h)) * (1 + scale) + shift)
         return self.head(h.mean(dim=(3, 4)).flatten(1))  # [B, w, frames] -> [B, w * frames] -> [B, K]
 
+    def log_prob(self, x: torch.Tensor, sigma: float, labels: torch.Tensor) -> torch.Tensor:
+        """log p(label | x_t) [B] of each sample's class at noise level `sigma`; 0 where its label is -1."""
+        labels = labels.to(x.device)
+        logp = F.log_softmax(self(x, torch.tensor(sigma, device=x.device)), dim=1)
+        return logp.gather(1, labels.clamp(min=0)[:, None])[:, 0] * (labels >= 0)
+
     def save(self, folder: str | Path) -> Path:
         """Write `motion.safetensors` and `motion.json` into `folder` (created if missing)."""
         from diagvid.model.vae import save_folder
@@ -168,9 +174,7 @@ class MotionGuidance:
             )
         with torch.enable_grad():
             xk = x[:, :, :k].detach().to(clf.head[0].weight.dtype).requires_grad_(True)
-            logp = F.log_softmax(clf(xk, torch.tensor(sigma, device=x.device)), dim=1)
-            picked = logp.gather(1, labels.clamp(min=0)[:, None])[:, 0] * (labels >= 0)
-            (grad,) = torch.autograd.grad(picked.sum(), xk)
+            (grad,) = torch.autograd.grad(clf.log_prob(xk, sigma, labels).sum(), xk)
         out = torch.zeros_like(x)
         out[:, :, :k] = -self.scale * sigma / max(1.0 - sigma, self.min_one_minus_sigma) * grad.to(x.dtype)
         return out
