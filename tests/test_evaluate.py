@@ -262,6 +262,22 @@ def test_teacher_method_with_motion_guidance(tiny_pipeline):
         ev.teacher_method(*models, size=16, num_steps=2, motion=clf, motion_scale=1.0)(prompts, 1, 0)
     with pytest.raises(ValueError, match="needs a motion classifier"):
         ev.teacher_method(*models, motion_scale=1.0)
+    # a second classifier, of axes and speed over two windows: guides only at a scale of its own
+    cfg = MotionClassifierConfig(
+        in_dim=4, frames=2, width=8, groups=2, freq_dim=8, hidden=8, target="axis-speed", windows=[0, 1]
+    )
+    axes = MotionClassifier(cfg)
+    prompts = ["a circle moves left slowly", "a red circle"]
+    one = ev.teacher_method(*models, size=16, num_steps=2, motion=clf, motion_scale=50.0)(prompts, 9, 0)
+    both = dict(size=16, num_steps=2, motion=[clf, axes])
+    same = ev.teacher_method(*models, **both, motion_scale=[50.0, 0.0])(prompts, 9, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(one, same, strict=True))
+    more = ev.teacher_method(*models, **both, motion_scale=[50.0, 50.0])(prompts, 9, 0)
+    assert not np.array_equal(more[0], one[0]) and np.array_equal(more[1], one[1])
+    with pytest.raises(ValueError, match=r"motion guidance reads 3 latent frames; clips of 5 frames have 2"):
+        ev.teacher_method(*models, **both, motion_scale=[0.0, 1.0])(prompts, 5, 0)
+    with pytest.raises(ValueError, match=r"one scale per classifier \(2\)"):
+        ev.teacher_method(*models, **both, motion_scale=[1.0, 2.0, 3.0])
 
 
 def test_sampling_from_a_midpoint_of_the_schedule_finishes_the_same_trajectory(tiny_dit):
@@ -321,7 +337,7 @@ def test_teacher_from_a_renoised_real_clip_is_sdedit_written_out():
 def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path):
     from diagvid import evaluate as ev_module
     from diagvid.cli import MotionOptions, _eval_methods
-    from diagvid.model.motion import MotionClassifier
+    from diagvid.model.motion import MotionClassifier, MotionClassifierConfig
     from diagvid.pretrained import DEFAULT_MOTION_CLASSIFIER, load_motion_classifier
 
     seen = {}
@@ -353,11 +369,28 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
         "motion_candidates": 1,
     }
     MotionClassifier().save(tmp_path / "motion")
-    options = MotionOptions(str(tmp_path / "motion"), 150.0, 0.7, 4)
+    options = MotionOptions((str(tmp_path / "motion"),), (150.0,), 0.7, 4)
     _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", motion=options)
     assert isinstance(seen["motion"], MotionClassifier)
     picked = [seen[k] for k in ("motion_scale", "motion_sigma_min", "motion_candidates")]
     assert picked == [150.0, 0.7, 4]
+    # several classifiers: each with its own scale, in the order given
+    MotionClassifier(MotionClassifierConfig(target="axis-speed", windows=[0, 6])).save(tmp_path / "axes")
+    options = MotionOptions((DEFAULT_MOTION_CLASSIFIER, str(tmp_path / "axes")), (100.0, 50.0))
+    _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", motion=options)
+    assert [c.cfg.target for c in seen["motion"]] == ["direction", "axis-speed"]
+    assert seen["motion_scale"] == [100.0, 50.0]
+    for options, message in [
+        (MotionOptions((), (100.0, 50.0)), "given 2 times: name one --motion-classifier for each"),
+        (
+            MotionOptions(("toy/motion", str(tmp_path / "axes")), (100.0,)),
+            "give one --teacher-motion-guidance",
+        ),
+        (MotionOptions((), (float("nan"),)), "--teacher-motion-guidance nan: the scale must be"),
+        (MotionOptions(("toy/motion",), (0.0,)), "--motion-classifier toy/motion: only means something"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", motion=options)
     # without a folder the bundled classifier guides, and chooses among starts without a guidance scale
     _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", motion=MotionOptions(candidates=2))
     bundled = load_motion_classifier(DEFAULT_MOTION_CLASSIFIER)

@@ -43,6 +43,7 @@ KINDS = {
     "distill-schedule-only": DistillConfig,
     "features": FeaturesTrainConfig,
     "motion": MotionTrainConfig,
+    "motion-axes": MotionTrainConfig,
     "tiny-decoder": TinyDecoderTrainConfig,
     "tiny-decoder-edge": TinyDecoderTrainConfig,
 }

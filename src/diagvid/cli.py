@@ -549,17 +549,19 @@ def eval_cmd(
         help="Stochastic teacher steps in [0, 1] (DDIM's eta: 0 is the Euler ODE sampler, 1 DDPM's "
         "ancestral one, fresh noise in each step).",
     ),
-    teacher_motion_guidance: float = typer.Option(
-        0.0,
+    teacher_motion_guidance: list[float] = typer.Option(
+        [],
         "--teacher-motion-guidance",
-        help="Classifier guidance toward each prompt's direction by the motion classifier, at this scale "
-        "(0: off; 100 lifts the toy pair's direction accuracy from 0.31 to 0.53: docs/status.md).",
+        help="Classifier guidance toward what each prompt asks of the motion classifier, at this scale "
+        "(0: off; 100 lifts the toy pair's direction accuracy from 0.31 to 0.53: docs/status.md). Repeat it "
+        "once per --motion-classifier, in the same order, to guide by several.",
     ),
-    motion_classifier: str | None = typer.Option(
-        None,
+    motion_classifier: list[str] = typer.Option(
+        [],
         "--motion-classifier",
-        help="The motion classifier for --teacher-motion-guidance: a bundled name or a folder "
-        "(diagvid train motion --export DIR); default toy/motion.",
+        help="A motion classifier for --teacher-motion-guidance (repeatable): a bundled name (toy/motion: "
+        "the direction, from the first frames; toy/motion-axes: axes and speed, over the whole clip) or a "
+        "folder (diagvid train motion --export DIR); default toy/motion.",
     ),
     teacher_motion_sigma: float = typer.Option(
         0.5,
@@ -637,8 +639,8 @@ def eval_cmd(
             teacher_high_guidance=teacher_high_guidance,
             teacher_eta=teacher_eta,
             motion=MotionOptions(
-                motion_classifier,
-                teacher_motion_guidance,
+                tuple(motion_classifier),
+                tuple(teacher_motion_guidance),
                 teacher_motion_sigma,
                 teacher_motion_candidates,
             ),
@@ -662,12 +664,14 @@ def eval_cmd(
         report["teacher_guidance"] = teacher_guidance
         report["teacher_start_sigma"] = teacher_start_sigma
         report["teacher_eta"] = teacher_eta
-        if teacher_motion_guidance or teacher_motion_candidates > 1:
+        if any(teacher_motion_guidance) or teacher_motion_candidates > 1:
             from diagvid.pretrained import DEFAULT_MOTION_CLASSIFIER
 
-            report["teacher_motion_guidance"] = {
-                "classifier": motion_classifier or DEFAULT_MOTION_CLASSIFIER,
-                "scale": teacher_motion_guidance,
+            names = motion_classifier or [DEFAULT_MOTION_CLASSIFIER]
+            scales = teacher_motion_guidance or [0.0]
+            report["teacher_motion_guidance"] = {  # one classifier: its name and scale; several: lists
+                "classifier": names[0] if len(names) == 1 else names,
+                "scale": scales[0] if len(scales) == 1 else scales,
                 "sigma_min": teacher_motion_sigma,
                 "candidates": teacher_motion_candidates,
             }
@@ -703,9 +707,10 @@ def eval_cmd(
 class MotionOptions(NamedTuple):
     """`diagvid eval`'s motion-classifier options for the teacher (see `evaluate.teacher_method`)."""
 
-    classifier: str | None = None
-    """folder or bundled name; None: DEFAULT_MOTION_CLASSIFIER when used"""
-    scale: float = 0.0
+    classifiers: tuple[str, ...] = ()
+    """folders or bundled names; none: DEFAULT_MOTION_CLASSIFIER when used"""
+    scales: tuple[float, ...] = ()
+    """one guidance scale per classifier; none: 0 (no guidance)"""
     sigma_min: float = 0.5
     candidates: int = 1
 
@@ -757,9 +762,20 @@ def _eval_methods(
         raise ValueError(f"--teacher-start-sigma {teacher_start_sigma}: must be in (0, 1]")
     if not 0 <= teacher_eta <= 1:
         raise ValueError(f"--teacher-eta {teacher_eta}: must be in [0, 1] (0: Euler, 1: DDPM ancestral)")
-    motion_folder, motion_scale, motion_sigma, motion_candidates = motion
-    if not (math.isfinite(motion_scale) and motion_scale >= 0):
-        raise ValueError(f"--teacher-motion-guidance {motion_scale}: the scale must be a finite number >= 0")
+    motion_folders, motion_scales, motion_sigma, motion_candidates = motion
+    for scale in motion_scales:
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"--teacher-motion-guidance {scale}: the scale must be a finite number >= 0")
+    if len(motion_scales) > 1 and len(motion_folders) != len(motion_scales):
+        raise ValueError(
+            f"--teacher-motion-guidance given {len(motion_scales)} times: name one --motion-classifier for "
+            f"each, in the same order (got {len(motion_folders)})"
+        )
+    if len(motion_folders) > 1 and len(motion_scales) not in (0, len(motion_folders)):
+        raise ValueError(
+            f"--motion-classifier given {len(motion_folders)} times: give one --teacher-motion-guidance "
+            f"scale for each, in the same order (got {len(motion_scales)})"
+        )
     if not 0 <= motion_sigma <= 1:
         raise ValueError(f"--teacher-motion-sigma {motion_sigma}: must be a noise level in [0, 1]")
     if motion_candidates < 1:
@@ -768,11 +784,11 @@ def _eval_methods(
         raise ValueError(
             f"--teacher-motion-candidates {motion_candidates}: the starts are noise; no --teacher-start-sigma"
         )
-    motion_used = bool(motion_scale) or motion_candidates > 1
-    if motion_folder and not motion_used:
+    motion_used = any(motion_scales) or motion_candidates > 1
+    if motion_folders and not motion_used:
         raise ValueError(
-            f"--motion-classifier {motion_folder}: only means something with --teacher-motion-guidance SCALE "
-            "or --teacher-motion-candidates N"
+            f"--motion-classifier {', '.join(motion_folders)}: only means something with "
+            "--teacher-motion-guidance SCALE or --teacher-motion-candidates N"
         )
     if teacher_high and not teacher:
         raise ValueError(
@@ -839,9 +855,13 @@ def _eval_methods(
             guidance_above = None
             if teacher_high_guidance is not None:
                 guidance_above = (dit.boundary, teacher_high_guidance)
-            classifier = None
-            if motion_used:
-                classifier = load_motion_classifier(motion_folder or DEFAULT_MOTION_CLASSIFIER, codec.device)
+            classifier, scale = None, motion_scales[0] if motion_scales else 0.0
+            if motion_used:  # one classifier and scale as they are; several as lists
+                names = motion_folders or (DEFAULT_MOTION_CLASSIFIER,)
+                loaded = [load_motion_classifier(name, codec.device) for name in names]
+                classifier = loaded[0] if len(loaded) == 1 else loaded
+                if len(loaded) > 1:
+                    scale = list(motion_scales) if motion_scales else [0.0] * len(loaded)
             runs[m] = ev.teacher_method(
                 dit,
                 codec,
@@ -851,7 +871,7 @@ def _eval_methods(
                 guidance_above=guidance_above,
                 eta=teacher_eta,
                 motion=classifier,
-                motion_scale=motion_scale,
+                motion_scale=scale,
                 motion_sigma_min=motion_sigma,
                 motion_candidates=motion_candidates,
             )

@@ -134,8 +134,8 @@ def teacher_method(
     start_sigma: float = 1.0,
     guidance_above: tuple[float, float] | None = None,
     eta: float = 0.0,
-    motion: MotionClassifier | None = None,
-    motion_scale: float = 0.0,
+    motion: MotionClassifier | Sequence[MotionClassifier] | None = None,
+    motion_scale: float | Sequence[float] = 0.0,
     motion_sigma_min: float = 0.5,
     motion_candidates: int = 1,
 ) -> Method:
@@ -149,20 +149,29 @@ def teacher_method(
     `guidance_above=(sigma, w)`: the CFG scale w at noise levels >= sigma (a high-noise expert's own scale).
     `eta` > 0: stochastic steps (`sample_euler`'s eta), their fresh noise drawn after the prompt's start noise
     from the same seeded generator.
-    `motion` (a `diagvid.model.motion.MotionClassifier`) with `motion_scale` > 0: classifier guidance toward
-    each prompt's direction at the levels >= `motion_sigma_min` (`MotionGuidance`); a prompt whose objects
-    move different ways is sampled without it.
+    `motion` (a `diagvid.model.motion.MotionClassifier`, or a list of them) with `motion_scale` > 0 (one
+    scale per classifier): classifier guidance toward what each prompt asks of each classifier (its
+    direction; its axes and speed) at the levels >= `motion_sigma_min` (`MotionGuidance`, summed over the
+    classifiers); a prompt whose objects move different ways is sampled without it.
     `motion_candidates` N > 1 (with `motion`): best of N starts for each prompt that asks for one direction
     (`sample_euler_best_of`): N seeded noises, the prompt's own first, run together down to `motion_sigma_min`,
-    where the classifier picks the one most likely to move the asked way; its high-noise steps cost N times.
+    where the classifiers pick the one most likely to move the asked way (the sum of their log-probabilities);
+    its high-noise steps cost N times.
     """
     from diagvid.model.motion import MotionGuidance, prompt_label
     from diagvid.model.vae import frames_to_tensor, latent_frames, tensor_to_frames
     from diagvid.sampling import NUM_TRAIN_TIMESTEPS, partial_timesteps, sample_euler, sample_euler_best_of
 
     start = partial_timesteps(num_steps, shift, start_sigma)[0] / NUM_TRAIN_TIMESTEPS  # fails early if empty
-    if motion_scale and motion is None:
+    classifiers = [] if motion is None else list(motion) if isinstance(motion, Sequence) else [motion]
+    scales = [float(x) for x in motion_scale] if isinstance(motion_scale, Sequence) else [float(motion_scale)]
+    if any(scales) and not classifiers:
         raise ValueError(f"motion_scale={motion_scale}: classifier guidance needs a motion classifier")
+    if classifiers and len(scales) != len(classifiers):
+        if len(scales) != 1:
+            raise ValueError(f"motion_scale={motion_scale}: one scale per classifier ({len(classifiers)})")
+        scales *= len(classifiers)
+    guided = [(i, s) for i, s in enumerate(scales) if s]  # (classifier index, scale)
 
     if motion_candidates < 1:
         raise ValueError(f"motion_candidates={motion_candidates}: must be >= 1")
@@ -177,24 +186,34 @@ def teacher_method(
                 f"{motion_sigma_min}, which must be in (0, 1)"
             )
 
-    def guide(label: int) -> MotionGuidance | None:
-        if motion is None or not motion_scale:
-            return None
-        return MotionGuidance(motion, torch.tensor([label]), motion_scale, motion_sigma_min)
+    def labels(prompt: str) -> list[int]:
+        return [prompt_label(prompt, c.cfg.classes, c.cfg.target) for c in classifiers]
 
-    def log_p(label: int):
-        return lambda x, sigma: motion.log_prob(x, sigma, torch.full((len(x),), label))
+    def guide(labels: list[int]) -> list[MotionGuidance]:
+        return [
+            MotionGuidance(classifiers[i], torch.tensor([labels[i]]), s, motion_sigma_min) for i, s in guided
+        ]
+
+    def log_p(labels: list[int]):
+        def score(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            return sum(
+                c.log_prob(x, sigma, torch.full((len(x),), y))
+                for c, y in zip(classifiers, labels, strict=True)
+            )
+
+        return score
 
     @torch.no_grad()
     def run(prompts: Sequence[str], num_frames: int, seed: int) -> list[np.ndarray]:
         dev = next(teacher.parameters()).device
         null = text_encoder.encode([""])[0].to(dev)
         hw = (size // vae.spatial_stride,) * 2
-        if motion is not None and motion_scale and latent_frames(num_frames) < motion.cfg.frames:
-            raise ValueError(
-                f"motion guidance reads {motion.cfg.frames} latent frames; clips of {num_frames} frames have "
-                f"{latent_frames(num_frames)} (use at least {4 * motion.cfg.frames - 3} frames, or no --quick)"
-            )
+        for c in classifiers if motion_candidates > 1 else [classifiers[i] for i, _ in guided]:
+            if latent_frames(num_frames) < c.cfg.span:
+                raise ValueError(
+                    f"motion guidance reads {c.cfg.span} latent frames; clips of {num_frames} frames have "
+                    f"{latent_frames(num_frames)} (use at least {4 * c.cfg.span - 3} frames, or no --quick)"
+                )
         real = real_method(size)(prompts, num_frames, seed) if start_sigma < 1 else None
         out = []
         for i, p in enumerate(prompts):
@@ -206,13 +225,13 @@ def teacher_method(
                     dev, noise.dtype
                 )
                 noise = (1 - start) * clean + start * noise
-            label = -1 if motion is None else prompt_label(p, motion.cfg.classes)
+            asked = labels(p)
             steps = dict(num_steps=num_steps, shift=shift, guidance=guidance, guidance_above=guidance_above)
-            steps.update(eta=eta, generator=gen, motion_guidance=guide(label))
-            if motion_candidates > 1 and label >= 0:
+            steps.update(eta=eta, generator=gen, motion_guidance=guide(asked))
+            if motion_candidates > 1 and max(asked) >= 0:
                 more = torch.randn(motion_candidates - 1, *noise.shape[1:], generator=gen).to(dev)
                 x0, _ = sample_euler_best_of(
-                    teacher, torch.cat([noise, more]), ctx, null, log_p(label), motion_sigma_min, **steps
+                    teacher, torch.cat([noise, more]), ctx, null, log_p(asked), motion_sigma_min, **steps
                 )
             else:
                 x0, _ = sample_euler(teacher, noise, ctx, null, start_sigma=start_sigma, **steps)

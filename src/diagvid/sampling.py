@@ -296,7 +296,7 @@ def sample_euler(
     guidance_above: tuple[float, float] | None = None,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
-    motion_guidance: MotionGuidance | None = None,
+    motion_guidance: MotionGuidance | Sequence[MotionGuidance] | None = None,
     stop_sigma: float = 0.0,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """The teacher's sampler: Euler on the flow ODE over `num_steps` shifted steps, classifier-free guidance.
@@ -315,7 +315,10 @@ def sample_euler(
     sigma)^2. eta = 1 is DDPM's ancestral sampler; eta = 0 is the Euler step above, bit for bit.
     `stop_sigma` > 0 stops before the first step at or below that level and returns the state there, from
     which `start_sigma=stop_sigma` runs the rest: the two runs together are the whole one.
+    `motion_guidance`: classifier guidance (`diagvid.model.motion.MotionGuidance`), or a list of them whose
+    velocity shifts, each taken at the same state, are summed.
     """
+    guides = _guidance_list(motion_guidance)
     if guidance_above is not None and not 0 < guidance_above[0] < 1:
         raise ValueError(f"guidance_above={guidance_above}: its noise level must be in (0, 1)")
     if not 0.0 <= eta <= 1.0:
@@ -346,8 +349,9 @@ def sample_euler(
             v = v_u + w * (v_c - v_u)
         else:
             v = model(x, t, context)
-        if motion_guidance is not None and motion_guidance.applies(ts[i] / NUM_TRAIN_TIMESTEPS):
-            v = v + motion_guidance.velocity_shift(x, ts[i] / NUM_TRAIN_TIMESTEPS)
+        for guide in guides:
+            if guide.applies(ts[i] / NUM_TRAIN_TIMESTEPS):
+                v = v + guide.velocity_shift(x, ts[i] / NUM_TRAIN_TIMESTEPS)
         if eta > 0:
             x = _stochastic_step(
                 x, v, ts[i] / NUM_TRAIN_TIMESTEPS, ts[i + 1] / NUM_TRAIN_TIMESTEPS, eta, generator
@@ -359,6 +363,16 @@ def sample_euler(
     return x, saved
 
 
+def _guidance_list(
+    motion_guidance: MotionGuidance | Sequence[MotionGuidance] | None,
+) -> list[MotionGuidance]:
+    if motion_guidance is None:
+        return []
+    if isinstance(motion_guidance, Sequence):
+        return list(motion_guidance)
+    return [motion_guidance]
+
+
 def sample_euler_best_of(
     model: torch.nn.Module,
     noise: torch.Tensor,
@@ -367,7 +381,7 @@ def sample_euler_best_of(
     score: Callable[[torch.Tensor, float], torch.Tensor],
     select_sigma: float,
     *,
-    motion_guidance: MotionGuidance | None = None,
+    motion_guidance: MotionGuidance | Sequence[MotionGuidance] | None = None,
     **steps,
 ) -> tuple[torch.Tensor, int]:
     """Best of N starts: `sample_euler` from the N noises [N, ...] of one prompt (context [1, L, D]) in one
@@ -376,8 +390,8 @@ def sample_euler_best_of(
 
     The high-noise steps, where the layout and motion of a clip are decided, cost N times; the rest once. With
     N = 1 it is `sample_euler` itself. `steps` are `sample_euler`'s keywords (num_steps, shift, guidance, ...;
-    a run from pure noise: no start_sigma or trajectory_at); `motion_guidance` (labels [1]) guides every
-    candidate.
+    a run from pure noise: no start_sigma or trajectory_at); `motion_guidance` (labels [1]; one or a list)
+    guides every candidate.
     """
     n = noise.shape[0]
     if context.shape[0] != 1:
@@ -388,9 +402,7 @@ def sample_euler_best_of(
     def each(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
         return None if t is None else t.expand(k, *t.shape[1:])
 
-    guide_all = (
-        None if motion_guidance is None else replace(motion_guidance, labels=each(motion_guidance.labels, n))
-    )
+    guide_all = [replace(g, labels=each(g.labels, n)) for g in _guidance_list(motion_guidance)]
     x, _ = sample_euler(
         model,
         noise,

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from diagvid.model.dit import WanDiT, preset
-from diagvid.model.motion import MotionClassifier, MotionClassifierConfig, MotionGuidance, prompt_label
+from diagvid.model.motion import (
+    TARGETS,
+    MotionClassifier,
+    MotionClassifierConfig,
+    MotionGuidance,
+    prompt_label,
+)
 from diagvid.sampling import sample_euler
 from diagvid.world.render import DIRECTIONS
 from tests.conftest import randomize, tiny_inputs
@@ -114,3 +120,96 @@ def test_the_sampler_is_steered_toward_the_asked_class_and_untouched_at_scale_ze
     # the final samples read more like the asked class the stronger the guidance (a random classifier)
     weak, strong, stronger = p_asked(0.0), p_asked(100.0), p_asked(400.0)
     assert (strong > weak + 0.02).all() and (stronger > strong + 0.02).all(), (weak, strong, stronger)
+
+
+def _window_classifier(windows: list[int], frames: int = 2) -> MotionClassifier:
+    torch.manual_seed(0)
+    cfg = MotionClassifierConfig(
+        in_dim=4,
+        frames=frames,
+        width=8,
+        groups=2,
+        freq_dim=8,
+        hidden=16,
+        target="axis-speed",
+        classes=list(TARGETS["axis-speed"]),
+        windows=windows,
+    )
+    return randomize(MotionClassifier(cfg), seed=0, std=0.3).eval()
+
+
+def test_windows_sum_their_log_probabilities_and_guidance_spans_them():
+    clf = _window_classifier([0, 2, 3]).double()
+    assert clf.cfg.span == 5
+    x = torch.randn(2, 4, 6, 2, 2, dtype=torch.float64)
+    sigma = torch.tensor(0.6, dtype=torch.float64)
+    want = sum(torch.log_softmax(clf(x[:, :, w : w + 2].clone(), sigma), 1) for w in (0, 2, 3))
+    torch.testing.assert_close(clf.class_log_probs(x, 0.6), want)
+    torch.testing.assert_close(clf.log_prob(x, 0.6, torch.tensor([4, 1])), want[[0, 1], [4, 1]])
+    with pytest.raises(ValueError, match=r"latents of 4 frames; windows \[0, 2, 3\] of 2 frames read 5"):
+        clf.class_log_probs(x[:, :, :4], 0.6)
+    # the guidance gradient reaches every frame of the windows and none after them
+    shift = MotionGuidance(clf, torch.tensor([4, 1]), scale=1.0).velocity_shift(x, 0.6)
+    assert torch.count_nonzero(shift[:, :, 5:]) == 0
+    assert all(torch.count_nonzero(shift[:, :, f]) > 0 for f in range(5))
+    idx, eps = (1, 2, 4, 0, 1), 1e-5  # a frame only the last window reads
+    up, down = x.clone(), x.clone()
+    up[idx] += eps
+    down[idx] -= eps
+    with torch.no_grad():
+        numeric = (
+            clf.log_prob(up, 0.6, torch.tensor([4, 1])) - clf.log_prob(down, 0.6, torch.tensor([4, 1]))
+        )[1]
+    assert float(shift[idx]) == pytest.approx(-0.6 / 0.4 * numeric.item() / (2 * eps), rel=1e-4)
+
+
+def test_config_names_its_target_classes_and_increasing_windows():
+    with pytest.raises(ValueError, match="target='speed': allowed: direction, axis-speed"):
+        MotionClassifierConfig(target="speed")
+    with pytest.raises(ValueError, match=r"classes \['up', 'down'\] are not axis-speed classes"):
+        MotionClassifierConfig(target="axis-speed", classes=["up", "down", "vertical fast"])
+    for bad in ([], [-1, 3], [3, 0], [0, 0]):
+        with pytest.raises(ValueError, match="increasing first latent frames"):
+            MotionClassifierConfig(windows=bad)
+
+
+def test_axis_speed_labels_hold_over_the_sign_and_need_a_speed():
+    classes = TARGETS["axis-speed"]
+
+    def label(prompt: str) -> str | None:
+        i = prompt_label(prompt, classes, "axis-speed")
+        return None if i < 0 else classes[i]
+
+    assert label("a red circle moves up-left fast") == "diagonal fast"
+    assert label("a blue square moves left slowly") == "horizontal slow"
+    assert label("a green triangle moves down fast") == "vertical fast"
+    # two objects on one axis at one speed share the class, whichever way each goes
+    assert label("a blue square moves left fast and a green square moves right fast") == "horizontal fast"
+    assert label("a blue square moves left fast and a green square moves down fast") is None
+    assert label("a blue square moves left fast and a green square moves left slowly") is None
+    assert label("a red circle moves left") is None  # no speed asked
+    with pytest.raises(ValueError, match="target='sign'"):
+        prompt_label("a red circle moves left", classes, "sign")
+
+
+def test_a_list_of_guidances_adds_their_shifts():
+    torch.manual_seed(0)
+    dit = randomize(WanDiT(preset("tiny")), seed=3).eval()
+    x, _, ctx = tiny_inputs(dit, batch=2, frames=4)
+    null = torch.zeros_like(ctx)
+    first, windows = _classifier(frames=3, seed=1), _window_classifier([0, 1], frames=3)
+    a = MotionGuidance(first, torch.tensor([0, 5]), scale=100.0, sigma_min=0.3)
+    b = MotionGuidance(windows, torch.tensor([2, -1]), scale=100.0, sigma_min=0.3)
+    steps = dict(num_steps=6, shift=3.0, guidance=2.0)
+    only_a, _ = sample_euler(dit, x, ctx, null, **steps, motion_guidance=a)
+    listed, _ = sample_euler(
+        dit, x, ctx, null, **steps, motion_guidance=[a, MotionGuidance(windows, b.labels, 0.0)]
+    )
+    torch.testing.assert_close(listed, only_a, rtol=0, atol=0)  # a zero-scale guidance adds nothing
+    both, _ = sample_euler(dit, x, ctx, null, **steps, motion_guidance=[a, b])
+    assert not torch.allclose(both[0], only_a[0])  # the second guidance steers the sample it labels
+    torch.testing.assert_close(both[1], only_a[1], rtol=0, atol=0)  # and leaves its unguided one alone
+    # one step by hand: the velocity shifts at the same state add
+    one, _ = sample_euler(dit, x, ctx, null, num_steps=1, shift=3.0, guidance=2.0, motion_guidance=[a, b])
+    plain, _ = sample_euler(dit, x, ctx, null, num_steps=1, shift=3.0, guidance=2.0)
+    torch.testing.assert_close(one - plain, -(a.velocity_shift(x, 1.0) + b.velocity_shift(x, 1.0)))

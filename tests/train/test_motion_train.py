@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from diagvid.config import from_dict
+from diagvid.config import from_dict, to_dict
 from diagvid.model.motion import MotionClassifier, prompt_label
 from diagvid.train.checkpoint import load_checkpoint
 from diagvid.train.motion import MotionTrainConfig, labelled_latents, train_motion
@@ -83,3 +83,43 @@ def test_resume_is_bit_identical_and_the_export_loads(vae_folder, tmp_path):
     straight.save(tmp_path / "export")
     back = MotionClassifier.load(tmp_path / "export")
     torch.testing.assert_close(back(x, sigma), straight(x, sigma), rtol=0, atol=0)
+
+
+def test_a_window_classifier_learns_on_windows_across_its_span(vae_folder, tmp_path):
+    """9-frame clips have 3 latent frames. Windows [1] read frames 1-2 only, so frame 0 cannot change the
+    training; windows [0, 1] also read frame 0 at the draws that start there."""
+    axes = {
+        "target": "axis-speed",
+        "classes": [
+            "horizontal slow",
+            "horizontal fast",
+            "vertical slow",
+            "vertical fast",
+            "diagonal slow",
+            "diagonal fast",
+        ],
+    }
+
+    def run(windows: list[int], name: str, edit=None) -> MotionClassifier:
+        base = recipe(vae_folder, tmp_path, heldout=1)
+        raw = to_dict(base)
+        raw["model"].update(axes, windows=windows)
+        raw["data"]["num_frames"] = 9
+        raw["out_dir"] = str(tmp_path / name)
+        cfg = from_dict(MotionTrainConfig, raw)
+        x, y, hx, hy = labelled_latents(cfg)
+        assert x.shape[2] == cfg.model.span == windows[-1] + 2
+        if edit is not None:
+            x = x.clone()
+            x[:, :, edit] = 5.0
+        return train_motion(cfg, progress=False, data=(x, y, hx, hy))
+
+    probe = torch.randn(2, 4, 3, 4, 4)
+    sigma = torch.tensor([0.3, 0.9])
+    later = run([1], "later")
+    torch.testing.assert_close(
+        run([1], "later-edited", edit=0)(probe, sigma), later(probe, sigma), rtol=0, atol=0
+    )
+    both = run([0, 1], "both")
+    assert not torch.allclose(run([0, 1], "both-edited", edit=0)(probe, sigma), both(probe, sigma))
+    assert not torch.allclose(run([0, 1], "both-edited-last", edit=2)(probe, sigma), both(probe, sigma))

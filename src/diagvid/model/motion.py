@@ -8,6 +8,12 @@ space-time filters are motion detectors. So the direction a caption asks for can
 as classifier guidance (Dhariwal & Nichol, 2021): the gradient of the classifier's log-probability of the
 asked direction, taken at the noisy latents, is added to the model's score.
 
+A classifier can also read the whole clip in windows (`MotionClassifierConfig.windows`): trained on windows
+drawn anywhere in that span, it scores each window and sums their log-probabilities. A direction holds only
+until the first bounce, but which axes move and how fast (`target = "axis-speed"`) hold for the whole clip,
+so a window classifier of those guides every part of it (docs/status.md, "What the guided samples get
+wrong").
+
 Shape letters: B batch, C latent channels, F latent frames, h, w latent height and width, K classes.
 """
 
@@ -23,10 +29,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from diagvid.model.dit import sinusoidal_embedding
-from diagvid.world.render import DIRECTIONS
+from diagvid.world.render import DIRECTIONS, SPEEDS
 
 WEIGHTS_FILE = "motion.safetensors"
 CONFIG_FILE = "motion.json"
+
+AXES = {"horizontal": (True, False), "vertical": (False, True), "diagonal": (True, True)}
+"""the axis names of `axis-speed` classes: whether the motion has an x and a y component"""
+TARGETS = {
+    "direction": list(DIRECTIONS),
+    "axis-speed": [f"{axis} {speed}" for axis in AXES for speed in SPEEDS],
+}
+"""what a classifier's classes name, with every class name that target allows"""
 
 
 @dataclass
@@ -36,7 +50,7 @@ class MotionClassifierConfig:
     in_dim: int = 8
     """latent channels"""
     frames: int = 8
-    """latent frames read, from the first: the caption's direction holds until the first bounce"""
+    """latent frames of one window (the caption's direction holds until the first bounce)"""
     width: int = 64
     """channels of the three 3x3x3 convolutions"""
     groups: int = 8
@@ -45,8 +59,14 @@ class MotionClassifierConfig:
     """sinusoidal features of the noise level"""
     hidden: int = 256
     """width of the head over the per-frame pooled features"""
-    classes: list[str] = field(default_factory=lambda: list(DIRECTIONS))
-    """class names, in the order of the logits"""
+    classes: list[str] = field(default_factory=list)
+    """class names, in the order of the logits: names of `TARGETS[target]` (empty: all of them)"""
+    target: str = "direction"
+    """what the classes name: "direction" (the caption's, up ... down-right) or "axis-speed" (which axes
+    the objects move along and how fast: "horizontal slow" ... "diagonal fast"; both hold over bounces)"""
+    windows: list[int] = field(default_factory=lambda: [0])
+    """first latent frame of each window read, increasing; their log-probabilities are summed. Training
+    draws each window's start uniformly from the first to the last of them"""
 
     def __post_init__(self) -> None:
         if min(self.in_dim, self.frames, self.width, self.groups, self.hidden) < 1:
@@ -55,8 +75,23 @@ class MotionClassifierConfig:
             raise ValueError(f"width={self.width} must be a multiple of groups={self.groups}")
         if self.freq_dim < 2 or self.freq_dim % 2:
             raise ValueError(f"freq_dim={self.freq_dim} must be even and >= 2")
+        if self.target not in TARGETS:
+            raise ValueError(f"target={self.target!r}: allowed: {', '.join(TARGETS)}")
+        self.classes = list(self.classes) or list(TARGETS[self.target])
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes={self.classes}: at least two distinct names")
+        unknown = [c for c in self.classes if c not in TARGETS[self.target]]
+        if unknown:
+            raise ValueError(
+                f"classes {unknown} are not {self.target} classes; allowed: {', '.join(TARGETS[self.target])}"
+            )
+        if not self.windows or self.windows[0] < 0 or list(self.windows) != sorted(set(self.windows)):
+            raise ValueError(f"windows={self.windows}: increasing first latent frames >= 0, at least one")
+
+    @property
+    def span(self) -> int:
+        """latent frames from the first through the end of the last window"""
+        return self.windows[-1] + self.frames
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,10 +146,22 @@ class MotionClassifier(nn.Module):
             h = F.silu(norm(conv(h)) * (1 + scale) + shift)
         return self.head(h.mean(dim=(3, 4)).flatten(1))  # [B, w, frames] -> [B, w * frames] -> [B, K]
 
+    def class_log_probs(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        """[B, K]: each class's log-probability summed over the windows (one window: log-softmax of the
+        logits) of x [B, C, F >= span, h, w] at noise level `sigma` (a number, or one per sample)."""
+        cfg = self.cfg
+        if x.ndim == 5 and x.shape[2] < cfg.span:
+            raise ValueError(
+                f"latents of {x.shape[2]} frames; windows {cfg.windows} of {cfg.frames} frames read {cfg.span}"
+            )
+        sigma = torch.as_tensor(sigma, device=x.device)
+        return sum(F.log_softmax(self(x[:, :, w:], sigma), dim=1) for w in cfg.windows)
+
     def log_prob(self, x: torch.Tensor, sigma: float, labels: torch.Tensor) -> torch.Tensor:
-        """log p(label | x_t) [B] of each sample's class at noise level `sigma`; 0 where its label is -1."""
+        """log p(label | x_t) [B] of each sample's class at noise level `sigma` (summed over the windows);
+        0 where its label is -1."""
         labels = labels.to(x.device)
-        logp = F.log_softmax(self(x, torch.tensor(sigma, device=x.device)), dim=1)
+        logp = self.class_log_probs(x, sigma)
         return logp.gather(1, labels.clamp(min=0)[:, None])[:, 0] * (labels >= 0)
 
     def save(self, folder: str | Path) -> Path:
@@ -142,7 +189,8 @@ class MotionGuidance:
     v = (eps - x_t) / (1 - sigma). Adding `scale` * grad log p(y | x_t) to the score (Dhariwal & Nichol's
     classifier guidance) takes eps to eps - sigma * scale * grad, so v to v - scale * sigma / (1 - sigma) *
     grad; 1 - sigma is floored at `min_one_minus_sigma` so the first step, at sigma 1, stays finite.
-    The gradient touches only the latent frames the classifier reads.
+    The gradient touches only the latent frames the classifier's windows read. Several guidances (one per
+    classifier) are summed by the samplers (`sample_euler`'s `motion_guidance` takes a list).
     """
 
     classifier: MotionClassifier
@@ -166,7 +214,7 @@ class MotionGuidance:
     def velocity_shift(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """The term to add to the velocity at x [B, C, F, h, w] and noise level sigma: zero where unguided."""
         clf = self.classifier
-        k = clf.cfg.frames
+        k = clf.cfg.span
         labels = self.labels.to(x.device)
         if labels.shape != (x.shape[0],):
             raise ValueError(
@@ -180,17 +228,31 @@ class MotionGuidance:
         return out
 
 
-def prompt_label(prompt: str, classes: Sequence[str]) -> int:
-    """The index in `classes` of the direction a prompt asks for: its objects' direction when they all share
-    one, else -1 (unguided). Unknown words raise, as `parse_caption` does."""
+def prompt_label(prompt: str, classes: Sequence[str], target: str = "direction") -> int:
+    """The index in `classes` of what a prompt asks for under `target` ("direction": its objects' direction;
+    "axis-speed": the axes they move along and their speed, e.g. "diagonal fast") when all its objects share
+    it, else -1 (unguided). Unknown words raise, as `parse_caption` does."""
     from diagvid.world.captions import parse_caption
 
-    directions = {obj.direction for obj in parse_caption(prompt)}
-    if len(directions) != 1 or None in directions:
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r}: allowed: {', '.join(TARGETS)}")
+    names = {_class_of(obj.direction, obj.speed, target) for obj in parse_caption(prompt)}
+    if len(names) != 1 or None in names:
         return -1
-    name = directions.pop()
+    name = names.pop()
     if name not in classes:
         raise ValueError(
-            f"direction {name!r} of {prompt!r} is not a motion class; allowed: {', '.join(classes)}"
+            f"{target} {name!r} of {prompt!r} is not a motion class; allowed: {', '.join(classes)}"
         )
     return list(classes).index(name)
+
+
+def _class_of(direction: str | None, speed: str | None, target: str) -> str | None:
+    """One object's class name under `target`; None where the caption leaves out what it needs."""
+    if target == "direction":
+        return direction
+    if direction is None or speed is None:
+        return None
+    ux, uy = DIRECTIONS[direction]
+    axis = next(a for a, moves in AXES.items() if moves == (abs(ux) > 0, abs(uy) > 0))
+    return f"{axis} {speed}"

@@ -1,9 +1,12 @@
 """Train the motion classifier (`diagvid.model.motion`) on the teacher's cached world latents.
 
 Each step draws cached clips, noises them to uniform levels in [0, 1] (the classifier must read every level
-a sampler asks it about) and classifies the direction of their objects; clips whose objects move different
-ways are left out. The last `heldout` usable clips of the cache are held out; accuracy is reported on them
-per noise level, with fixed noise, so runs compare.
+a sampler asks it about) and classifies what their objects do (the model's `target`: their direction, or the
+axes they move along and their speed); clips whose objects do different things are left out. A classifier
+of several windows learns on one window per clip, its start drawn uniformly from the first window's to the
+last's. The last `heldout` usable clips of the cache are held out; accuracy (of the windows' summed
+log-probabilities, as guidance reads them) is reported on them per noise level, with fixed noise, so runs
+compare.
 """
 
 from __future__ import annotations
@@ -53,22 +56,25 @@ class MotionTrainConfig:
 def labelled_latents(
     cfg: MotionTrainConfig, vae=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train latents, train labels, held-out latents, held-out labels), latents cut to the frames read."""
+    """(train latents, train labels, held-out latents, held-out labels), latents cut to the frames the
+    windows span."""
     from diagvid.pretrained import load_vae
 
     latents, captions = build_latent_cache(cfg.data, vae if vae is not None else load_vae(cfg.vae))
-    labels = torch.tensor([prompt_label(c, cfg.model.classes) for c in captions])
+    labels = torch.tensor([prompt_label(c, cfg.model.classes, cfg.model.target) for c in captions])
     keep = labels >= 0
     if int(keep.sum()) <= cfg.heldout:
         raise ValueError(
-            f"{int(keep.sum())} of {len(captions)} cached clips have one direction; need more than "
+            f"{int(keep.sum())} of {len(captions)} cached clips have one {cfg.model.target}; need more than "
             f"heldout={cfg.heldout} (raise data.num_clips)"
         )
-    if latents.shape[2] < cfg.model.frames:
+    span = cfg.model.span
+    if latents.shape[2] < span:
         raise ValueError(
-            f"clips of {latents.shape[2]} latent frames; the classifier reads {cfg.model.frames}"
+            f"clips of {latents.shape[2]} latent frames; the classifier's windows {cfg.model.windows} of "
+            f"{cfg.model.frames} frames read {span}"
         )
-    x, y = latents[keep][:, :, : cfg.model.frames].contiguous(), labels[keep]
+    x, y = latents[keep][:, :, :span].contiguous(), labels[keep]
     return x[: -cfg.heldout], y[: -cfg.heldout], x[-cfg.heldout :], y[-cfg.heldout :]
 
 
@@ -91,7 +97,7 @@ def accuracy(
         right = 0
         for _ in range(draws):
             level = torch.full((len(x0),), sigma)
-            right += int((net(noised(x0, level, gen), level).argmax(1) == labels).sum())
+            right += int((net.class_log_probs(noised(x0, level, gen), level).argmax(1) == labels).sum())
         out[f"acc_{sigma:g}"] = right / (draws * len(x0))
     net.train(was_training)
     return out
@@ -109,6 +115,7 @@ def train_motion(
     """Train (or continue) the motion classifier; returns the EMA model in eval mode. `data`: what
     `labelled_latents(cfg)` returns, when the caller has it already (else it is read here)."""
     x, y, hx, hy = data if data is not None else labelled_latents(cfg, vae)
+    windows, k = cfg.model.windows, cfg.model.frames
     out = start_run(cfg.out_dir, to_dict(cfg), cfg.seed)
     net = MotionClassifier(cfg.model)
     ema = EMA(net, cfg.ema_decay)
@@ -117,8 +124,12 @@ def train_motion(
     def train_step(step: int) -> dict[str, float]:
         gen = seeded(cfg.seed, "motion", step)
         pick = torch.randint(len(x), (cfg.batch_size,), generator=gen)
+        starts = windows * cfg.batch_size  # one window per clip, from the first window's start to the last's
+        if len(windows) > 1:
+            starts = torch.randint(windows[0], windows[-1] + 1, (cfg.batch_size,), generator=gen).tolist()
+        clips = torch.stack([x[i, :, s : s + k] for i, s in zip(pick.tolist(), starts, strict=True)])
         sigma = torch.rand(cfg.batch_size, generator=gen)
-        logits = net(noised(x[pick], sigma, gen), sigma)
+        logits = net(noised(clips, sigma, gen), sigma)
         loss = F.cross_entropy(logits, y[pick])
         opt.zero_grad(set_to_none=True)
         loss.backward()
