@@ -208,3 +208,28 @@ def test_the_shipped_motion_classifier_names_the_direction_of_held_out_clips():
             noisy = (1 - sigma) * latents + sigma * torch.randn(latents.shape, generator=gen)
             hits = (clf(noisy, torch.tensor(sigma)).argmax(1) == labels).float().mean().item()
             assert hits >= least, f"sigma {sigma}: {hits:.2f} of held-out clips named right"
+
+
+def test_the_shipped_axes_classifier_names_axes_and_speed_over_the_whole_clip():
+    """toy/motion-axes reads whole held-out clips (81 frames: 21 latent frames) in its three windows, noised,
+    and names which axes the object moves along and how fast: what holds over bounces."""
+    import torch
+
+    from diagvid.model.motion import prompt_label
+    from diagvid.model.vae import frames_to_tensor, latent_frames
+    from diagvid.pretrained import load_motion_classifier
+    from diagvid.world import eval_prompts, eval_specs, render
+
+    clf, vae = load_motion_classifier("toy/motion-axes"), load_vae("toy/vae")
+    assert clf.cfg.target == "axis-speed" and clf.cfg.span == latent_frames(81)
+    prompts, specs = eval_prompts("heldout-48"), eval_specs("heldout-48", num_frames=81)
+    picked = [i for i, p in enumerate(prompts) if prompt_label(p, clf.cfg.classes, clf.cfg.target) >= 0][:12]
+    labels = torch.tensor([prompt_label(prompts[i], clf.cfg.classes, clf.cfg.target) for i in picked])
+    assert len(set(labels.tolist())) >= 4  # several axes and both speeds among them
+    with torch.no_grad():
+        latents = vae.encode(torch.stack([frames_to_tensor(render(specs[i]).frames) for i in picked]))
+        gen = torch.Generator().manual_seed(0)
+        for sigma, least in ((0.3, 0.9), (0.7, 0.75)):
+            noisy = (1 - sigma) * latents + sigma * torch.randn(latents.shape, generator=gen)
+            hits = (clf.class_log_probs(noisy, sigma).argmax(1) == labels).float().mean().item()
+            assert hits >= least, f"sigma {sigma}: {hits:.2f} of held-out clips named right"
