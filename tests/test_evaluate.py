@@ -154,6 +154,15 @@ def test_cli_eval_writes_the_report(tmp_path):
             "--motion-classifier x: only means something with --teacher-motion-guid",
         ),
         (
+            ["--teacher-motion-guidance", "100", "--teacher-motion-guidance", "50"],
+            "--teacher-motion-guidance given 2 times: name one --motion-classifier for each, in the same order",
+        ),
+        (
+            ["--motion-classifier", "toy/motion", "--motion-classifier", "toy/motion-axes"]
+            + ["--teacher-motion-guidance", "100"],
+            "--motion-classifier given 2 times: give one --teacher-motion-guidance scale for each",
+        ),
+        (
             [
                 "--teacher",
                 "toy/teacher-deep",
