@@ -62,8 +62,9 @@ class MotionClassifierConfig:
     classes: list[str] = field(default_factory=list)
     """class names, in the order of the logits: names of `TARGETS[target]` (empty: all of them)"""
     target: str = "direction"
-    """what the classes name: "direction" (the caption's, up ... down-right) or "axis-speed" (which axes
-    the objects move along and how fast: "horizontal slow" ... "diagonal fast"; both hold over bounces)"""
+    """what the classes name: "direction" (the caption's, up ... down-right: it holds until the first
+    bounce) or "axis-speed" (which axes the objects move along and how fast, "horizontal slow" ... "diagonal
+    fast": they hold over bounces, for the whole clip)"""
     windows: list[int] = field(default_factory=lambda: [0])
     """first latent frame of each window read, increasing; their log-probabilities are summed. Training
     draws each window's start uniformly from the first to the last of them"""
