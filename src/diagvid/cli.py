@@ -552,6 +552,7 @@ def eval_cmd(
     teacher_motion_guidance: list[float] = typer.Option(
         [],
         "--teacher-motion-guidance",
+        metavar="SCALE",
         help="Classifier guidance toward what each prompt asks of the motion classifier, at this scale "
         "(0: off; 100 lifts the toy pair's direction accuracy from 0.31 to 0.53, and to 0.68 with --teacher-eta "
         "1: docs/status.md). Repeat it "
@@ -560,6 +561,7 @@ def eval_cmd(
     motion_classifier: list[str] = typer.Option(
         [],
         "--motion-classifier",
+        metavar="NAME",
         help="A motion classifier for --teacher-motion-guidance (repeatable): a bundled name (toy/motion: "
         "the direction, from the first frames; toy/motion-axes: axes and speed, over the whole clip) or a "
         "folder (diagvid train motion --export DIR); default toy/motion.",
