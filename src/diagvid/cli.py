@@ -1177,8 +1177,9 @@ def train_motion_cmd(
     fresh: bool = _FRESH,
     export: str | None = _EXPORT,
 ) -> None:
-    """Train the motion classifier (the direction objects move in, from noisy latents) for classifier
-    guidance (`diagvid eval --teacher-motion-guidance`); resumes."""
+    """Train a motion classifier (from noisy latents: the direction objects move in, or with the recipe's
+    `model.target = "axis-speed"` their axes and speed) for classifier guidance (`diagvid eval
+    --teacher-motion-guidance`); resumes."""
     from diagvid.config import load_config
     from diagvid.train.motion import MotionTrainConfig, accuracy, labelled_latents, train_motion
 
