@@ -158,8 +158,14 @@ def test_cli_eval_writes_the_report(tmp_path):
             "--teacher-motion-guidance given 2 times: name one --motion-classifier for each, in the same order",
         ),
         (
-            ["--motion-classifier", "toy/motion", "--motion-classifier", "toy/motion-axes"]
-            + ["--teacher-motion-guidance", "100"],
+            [
+                "--motion-classifier",
+                "toy/motion",
+                "--motion-classifier",
+                "toy/motion-axes",
+                "--teacher-motion-guidance",
+                "100",
+            ],
             "--motion-classifier given 2 times: give one --teacher-motion-guidance scale for each",
         ),
         (
