@@ -29,6 +29,7 @@ KINDS = {
     "teacher-high": TeacherConfig,
     "teacher-high-contrast": TeacherConfig,
     "teacher-high-anchor": TeacherConfig,
+    "teacher-high-stem": TeacherConfig,
     "teacher-low": TeacherConfig,
     "ode": OdeConfig,
     "ode-pair": OdeConfig,

@@ -324,3 +324,60 @@ def test_position_grid_adds_one_vector_per_place_in_every_frame(tiny_dit):
         placed(x[..., :4], t, ctx)
     with pytest.raises(ValueError, match=r"position_grid=\(2, 0\) must be two positive ints"):
         replace(tiny_dit.cfg, position_grid=(2, 0))
+
+
+def motion_stem_by_hand(x: torch.Tensor, weight: torch.Tensor, back: int, margin: int) -> torch.Tensor:
+    """The motion stem's tokens [B, D, F, H, W] summed tap by tap: token (f, i, j) of a (1, 2, 2) patch reads
+    latent frames f - back .. f and pixels 2i - margin .. 2i + 1 + margin, zero outside the clip."""
+    b, _, frames, hl, wl = x.shape
+    d, _, kt, kh, kw = weight.shape
+    out = torch.zeros(b, d, frames, hl // 2, wl // 2)
+    for f in range(frames):
+        for i in range(hl // 2):
+            for j in range(wl // 2):
+                for a in range(kt):
+                    for p in range(kh):
+                        for q in range(kw):
+                            ff, yy, xx = f - back + a, 2 * i - margin + p, 2 * j - margin + q
+                            if 0 <= ff < frames and 0 <= yy < hl and 0 <= xx < wl:
+                                out[:, :, f, i, j] += x[:, :, ff, yy, xx] @ weight[:, :, a, p, q].T
+    return out
+
+
+@torch.no_grad()
+def test_motion_stem_reads_the_frames_before_each_patch_and_keeps_block_causal_causal(tiny_dit):
+    """A zero stem is the model without it, bit for bit; a learned one adds to each token what its kernel
+    reads of the earlier frames and the pixels around the patch (a tap-by-tap sum written here); it looks
+    back only, so the block-causal pass stays causal; a KV cache and a bad config are refused by name."""
+    from dataclasses import replace
+
+    x, t, ctx = tiny_inputs(tiny_dit)
+    stemmed = WanDiT(replace(tiny_dit.cfg, motion_stem=(2, 1))).eval()
+    assert stemmed.motion_stem.weight.shape[2:] == (3, 4, 4)
+    stemmed.load_state_dict({**tiny_dit.state_dict(), "motion_stem.weight": stemmed.motion_stem.weight})
+    assert not stemmed.motion_stem.weight.any()  # zero at initialisation
+    assert torch.equal(stemmed(x, t, ctx), tiny_dit(x, t, ctx))
+
+    gen = torch.Generator().manual_seed(7)
+    stemmed.motion_stem.weight.copy_(torch.randn(stemmed.motion_stem.weight.shape, generator=gen) * 0.1)
+    full = stemmed(x, t, ctx)
+    assert not torch.allclose(full, tiny_dit(x, t, ctx))
+    by_hand = copy.deepcopy(tiny_dit)
+    extra = motion_stem_by_hand(x, stemmed.motion_stem.weight, back=2, margin=1)
+    by_hand.patch_embedding.register_forward_hook(lambda module, args, out: out + extra)
+    assert torch.allclose(by_hand(x, t, ctx), full, atol=1e-5)
+
+    # editing the last chunk's frames leaves the earlier chunks' block-causal output alone
+    causal = stemmed(x, t, ctx, attention="causal", frames_per_chunk=K)
+    edited = x.clone()
+    edited[:, :, -K:] += 1.0
+    again = stemmed(edited, t, ctx, attention="causal", frames_per_chunk=K)
+    assert torch.equal(again[:, :, :-K], causal[:, :, :-K])
+    assert not torch.allclose(again[:, :, -K:], causal[:, :, -K:])
+
+    cache = stemmed.new_cache(batch_size=2, latent_hw=(4, 6), capacity_frames=6)
+    with pytest.raises(ValueError, match=r"motion_stem=\(2, 1\) reads the latent frames before each chunk"):
+        stemmed(x[:, :, :K], t[:, :K], ctx, cache=cache)
+    for bad in ((0, 0), (2, -1), (1,), (1.5, 1)):
+        with pytest.raises(ValueError, match=r"motion_stem=.* must be \(frames, margin\)"):
+            replace(tiny_dit.cfg, motion_stem=bad)

@@ -420,3 +420,15 @@ def test_our_embeddings_round_trip_in_our_layout_only(tiny_dit, tmp_path):
     for save in (save_wan, save_diffusers):
         with pytest.raises(ValueError, match="has no place for position_grid"):
             save(placed, tmp_path / f"placed-{save.__name__}")
+
+    stemmed = WanDiT(replace(tiny_dit.cfg, motion_stem=(1, 1)))
+    with torch.no_grad():
+        stemmed.motion_stem.weight.copy_(
+            torch.linspace(-1, 1, stemmed.motion_stem.weight.numel()).view_as(stemmed.motion_stem.weight)
+        )
+    back = load_dit(save_dit(stemmed, tmp_path / "stemmed"))
+    assert back.cfg.motion_stem == (1, 1)
+    assert torch.equal(back.motion_stem.weight, stemmed.motion_stem.weight)
+    for save in (save_wan, save_diffusers):
+        with pytest.raises(ValueError, match="has no place for motion_stem"):
+            save(stemmed, tmp_path / f"stemmed-{save.__name__}")

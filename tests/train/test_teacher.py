@@ -309,6 +309,29 @@ def test_a_run_with_a_position_table_starts_from_a_model_without_one():
         starting_state(run, replace(cfg, position_grid=(3, 2)), where="'x'")
 
 
+def test_a_run_with_a_motion_stem_starts_from_a_model_without_one():
+    """`starting_state` gives a run's motion stem zeros (the start's function, grown or not) and refuses to drop
+    one or to change its extent."""
+    from dataclasses import replace
+
+    from diagvid.model.dit import WanDiT, preset
+    from diagvid.train.teacher import starting_state
+    from tests.conftest import randomize, tiny_inputs
+
+    torch.manual_seed(0)
+    start = randomize(WanDiT(preset("tiny"))).eval()
+    x, t, ctx = tiny_inputs(start)
+    cfg = replace(start.cfg, num_layers=2 * start.cfg.num_layers, motion_stem=(2, 1))
+    run = WanDiT(cfg).eval()
+    run.load_state_dict(starting_state(start, cfg))
+    assert run.motion_stem.weight.shape[2:] == (3, 4, 4) and not run.motion_stem.weight.any()
+    torch.testing.assert_close(run(x, t, ctx), start(x, t, ctx), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="'x' has a motion_stem; this run's model has none"):
+        starting_state(run, replace(cfg, motion_stem=None), where="'x'")
+    with pytest.raises(ValueError, match=r"'x' has motion_stem=\(2, 1\); this run's model has \(1, 1\)"):
+        starting_state(run, replace(cfg, motion_stem=(1, 1)), where="'x'")
+
+
 def test_latent_cache_is_keyed_by_the_vae(codec_folders, tmp_path):
     from diagvid.model.vae import WanVAE, preset
     from diagvid.train.teacher import build_latent_cache

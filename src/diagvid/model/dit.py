@@ -71,9 +71,29 @@ class DiTConfig:
     absolute position in space, which RoPE does not give. Ours, not Wan's, and an experiment: with it, the toy
     expert still did not learn where a caption's motion starts (docs/status.md, "Which way, once more");
     inputs must have exactly this token grid"""
+    motion_stem: tuple[int, int] | None = None
+    """(frames, margin): a second patch embedding, added to the first, whose kernel also covers the `frames`
+    latent frames before each patch (causal in time) and `margin` latent pixels on every side of it, so that
+    each token starts from local motion, read by oriented space-time filters (the bias that lets the small
+    motion classifier read a motion's sign). Zero at initialisation: a model given one computes what it did
+    without it. Ours, not Wan's, and an experiment on why the toy teacher reads a caption's motion axis but
+    not its sign (docs/status.md, "A motion stem"); full and block-causal attention only: a chunk run against
+    a KV cache lacks the frames before it"""
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)  # JSON round trips give lists
+        if self.motion_stem is not None:
+            stem = self.motion_stem
+            if (
+                not isinstance(stem, tuple | list)
+                or len(stem) != 2
+                or any(not isinstance(v, int) or v < 0 for v in stem)
+                or not any(stem)
+            ):
+                raise ValueError(
+                    f"DiTConfig.motion_stem={stem!r} must be (frames, margin): two ints >= 0, not both 0, or None"
+                )
+            self.motion_stem = tuple(stem)
         if self.position_grid is not None:
             grid = self.position_grid
             if (
@@ -114,6 +134,8 @@ class DiTConfig:
         d["patch_size"] = list(self.patch_size)
         if self.position_grid is not None:
             d["position_grid"] = list(self.position_grid)
+        if self.motion_stem is not None:
+            d["motion_stem"] = list(self.motion_stem)
         return d
 
     @classmethod
@@ -322,6 +344,11 @@ class WanDiT(nn.Module):
             self.first_frame = nn.Parameter(torch.zeros(d))
         if cfg.position_grid is not None:
             self.position = nn.Parameter(torch.zeros(cfg.position_grid[0] * cfg.position_grid[1], d))
+        if cfg.motion_stem is not None:
+            back, margin = cfg.motion_stem
+            pt, ph, pw = cfg.patch_size
+            kernel = (pt * (back + 1), ph + 2 * margin, pw + 2 * margin)
+            self.motion_stem = nn.Conv3d(cfg.in_dim, d, kernel_size=kernel, stride=cfg.patch_size, bias=False)
         self.stats = ForwardStats()
         self.gradient_checkpointing = False
         self.init_weights()
@@ -338,6 +365,8 @@ class WanDiT(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
         nn.init.zeros_(self.patch_embedding.bias)
+        if self.cfg.motion_stem is not None:
+            nn.init.zeros_(self.motion_stem.weight)
         for seq in (self.text_embedding, self.time_embedding):
             for m in seq:
                 if isinstance(m, nn.Linear):
@@ -419,6 +448,11 @@ class WanDiT(nn.Module):
         cfg = self.cfg
         f, h, w = self.token_grid(*x.shape[2:])
         if cache is not None:
+            if cfg.motion_stem is not None:
+                raise ValueError(
+                    f"this model's motion_stem={cfg.motion_stem} reads the latent frames before each chunk, "
+                    "which a chunk run against a KV cache does not have: use attention='full' or 'causal'"
+                )
             rope_frame = cache.prepare(start_frame, f).rope_frame
         elif attention in ATTENTION_MODES:
             rope_frame = start_frame
@@ -479,6 +513,11 @@ class WanDiT(nn.Module):
 
         # 2. embed patches, timesteps and text
         tokens = self.patch_embedding(x).flatten(2).transpose(1, 2)  # [B, L, D]
+        if cfg.motion_stem is not None:
+            back, margin = cfg.motion_stem
+            # zeros before frame 0 and around the frame
+            before = F.pad(x, (margin, margin, margin, margin, back * cfg.patch_size[0], 0))
+            tokens = tokens + self.motion_stem(before).flatten(2).transpose(1, 2)
         if cfg.position_grid is not None:
             if (h, w) != cfg.position_grid:
                 raise ValueError(

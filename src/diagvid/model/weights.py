@@ -803,7 +803,7 @@ def write_weights(
             f"shards={shards}: must be between 1 and the {len(sd)} tensors, and 1 for our layout"
         )
     check_state_dict(sd, cfg, "the state dict to write")
-    for ours in ("first_frame_embedding", "position_grid"):
+    for ours in ("first_frame_embedding", "position_grid", "motion_stem"):
         if getattr(cfg, ours) and layout != "diagvid":
             raise ValueError(
                 f"layout={layout!r} has no place for {ours} (ours, not Wan's): write layout='diagvid'"

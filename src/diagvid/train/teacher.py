@@ -121,10 +121,11 @@ class TeacherConfig:
     """a DiT folder or bundled name (e.g. "toy/teacher") to start from when the run has no checkpoint yet; a
     model of half (a third ...) the run's depth is grown to it (`grown`)"""
     anchor_init: float = 0.0
-    """RMS of the seeded random embeddings of ours (`first_frame_embedding`, `position_grid`) given to a run
-    whose init_from has none (a run from scratch starts them at zero, like every fresh WanDiT); 0 keeps the
-    start's function exactly, but a zero embedding gets almost no gradient (nothing uses it yet), so a run
-    that is to learn one needs it near the tokens' scale (the toy patch embedding's RMS is about 0.8)"""
+    """RMS of the seeded random weights of ours (`first_frame_embedding`, `position_grid`, `motion_stem`) given
+    to a run whose init_from has none (a run from scratch starts them at zero, like every fresh WanDiT); 0 keeps
+    the start's function exactly, but a zero embedding gets almost no gradient (nothing uses it yet), so a run
+    that is to learn one needs it near the tokens' scale (the toy patch embedding's RMS is about 0.8). A zero
+    motion stem does get a gradient (its input is the clip), so 0 suits it"""
 
     def __post_init__(self) -> None:
         if self.data.num_frames < 1 or (self.data.num_frames - 1) % 4:
@@ -337,12 +338,17 @@ def starting_state(
 ) -> dict[str, torch.Tensor]:
     """The weights of a run of `cfg` that starts from `start`: grown to the run's depth (`grown`, the same
     function), and given the embeddings of ours the run has and `start` not (`first_frame_embedding`,
-    `position_grid`): zero (the same function again) or, with `anchor_rms` > 0, seeded noise of that RMS."""
+    `position_grid`, `motion_stem`): zero (the same function again) or, with `anchor_rms` > 0, seeded noise
+    of that RMS."""
     from dataclasses import replace
 
     from diagvid.model.weights import expected_shapes
 
-    ours = {"first_frame_embedding": "first_frame", "position_grid": "position"}
+    ours = {
+        "first_frame_embedding": "first_frame",
+        "position_grid": "position",
+        "motion_stem": "motion_stem.weight",
+    }
     for option in ours:
         theirs, mine = getattr(start.cfg, option), getattr(cfg, option)
         if theirs and not mine:
