@@ -147,6 +147,82 @@ def test_frame_noise_noises_each_latent_frame_at_its_own_level(frame_noise):
     torch.testing.assert_close(std, sigma, atol=0.0, rtol=0.15)
 
 
+class _Fixed(torch.nn.Module):
+    """Stands in for the DiT: records its input and predicts a fixed velocity that can take a gradient."""
+
+    def __init__(self, pred: torch.Tensor) -> None:
+        super().__init__()
+        self.pred = torch.nn.Parameter(pred)
+        self.seen: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x_t, t, ctx, attention):
+        self.seen = (x_t, t)
+        return self.pred
+
+
+@pytest.mark.parametrize("frame_noise", [0.0, 1.0])
+def test_clean_first_frame_trains_image_to_video_on_the_frames_after_it(frame_noise):
+    """The clips drawn for image-to-video get latent frame 0 clean at timestep 0 and no loss (nor gradient) on
+    it; every other frame and clip is noised and scored exactly as without the option."""
+    from diagvid.train.teacher import noised_latents
+
+    b, f = 6, 3
+    x0 = torch.randn(b, 2, f, 4, 4, generator=torch.Generator().manual_seed(1))
+    model = _Fixed(torch.randn(b, 2, f, 4, 4, generator=torch.Generator().manual_seed(2)))
+    loss = flow_matching_loss(
+        model,
+        x0,
+        torch.zeros(b, 2, 3),
+        shift=3.0,
+        gen=torch.Generator().manual_seed(5),
+        frame_noise=frame_noise,
+        clean_first_frame=0.5,
+    )
+    # the same draws, made here in the order the loss makes them: levels and noise, then who is clean
+    gen = torch.Generator().manual_seed(5)
+    x_ref, t_ref, target = noised_latents(x0, 3.0, gen, frame_noise)
+    clean = torch.rand(b, generator=gen) < 0.5
+    assert clean.any() and (~clean).any()
+    t_ref = t_ref[:, None].expand(b, f) if t_ref.dim() == 1 else t_ref
+    x_t, t = model.seen
+    assert t.shape == (b, f) and (t[clean, 0] == 0).all() and torch.equal(t[~clean], t_ref[~clean])
+    assert torch.equal(t[:, 1:], t_ref[:, 1:])
+    assert torch.equal(x_t[clean, :, 0], x0[clean, :, 0]) and torch.equal(x_t[~clean], x_ref[~clean])
+    assert torch.equal(x_t[:, :, 1:], x_ref[:, :, 1:])
+
+    err = (model.pred.detach() - target).pow(2)
+    kept = [err[i, :, j].mean() for i in range(b) for j in range(f) if not (clean[i] and j == 0)]
+    torch.testing.assert_close(loss, torch.stack(kept).mean())
+    loss.backward()
+    assert not model.pred.grad[clean, :, 0].any() and model.pred.grad[~clean, :, 0].abs().min() > 0
+
+
+@torch.no_grad()
+def test_caption_sensitivity_as_image_to_video_scores_the_frames_after_the_first(codec_folders):
+    """A model that reads its caption on frame 0 alone is caption-sensitive as text-to-video and blind as
+    image-to-video, where frame 0 is given clean and left out of the loss."""
+    from diagvid.pretrained import load_text_encoder
+    from diagvid.train.teacher import caption_sensitivity
+
+    class FirstFrameReader(torch.nn.Module):
+        def forward(self, x_t, t, ctx, attention):
+            self.seen = (x_t, t)
+            out = torch.zeros_like(x_t)
+            out[:, :, 0] = ctx.float().mean(dim=(1, 2)).view(-1, 1, 1, 1) * 100
+            return out
+
+    text = load_text_encoder(str(codec_folders / "text"))
+    x0 = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    captions = ["a red circle moves left fast", "a blue square moves up slowly"]
+    reader = FirstFrameReader()
+    t2v = caption_sensitivity(reader, x0, captions, text, sigmas=(0.9,))
+    assert abs(t2v["direction"]) > 1e-4 and abs(t2v["colour"]) > 1e-4
+    i2v = caption_sensitivity(reader, x0, captions, text, sigmas=(0.9,), clean_first_frame=True)
+    assert all(v == 0.0 for v in i2v.values())
+    x_t, t = reader.seen
+    assert torch.equal(x_t[:, :, 0], x0[:, :, 0]) and (t[:, 0] == 0).all() and (t[:, 1:] == 900).all()
+
+
 @pytest.mark.parametrize("frame_noise", [0.0, 1.0])
 def test_a_sigma_range_restricts_the_shifted_levels_to_it(frame_noise):
     from diagvid.sampling import shift_sigma, unshift_sigma
@@ -188,6 +264,10 @@ def test_bad_recipes_fail_before_compute(codec_folders, tmp_path):
         from_dict(TeacherConfig, {"direction_contrast": -1.0})
     with pytest.raises(ValueError, match=r"anchor_init=-1.0 must be a finite number >= 0"):
         from_dict(TeacherConfig, {"anchor_init": -1.0})
+    with pytest.raises(ValueError, match=r"clean_first_frame=2.0 must be in \[0, 1\]"):
+        from_dict(TeacherConfig, {"clean_first_frame": 2.0})
+    with pytest.raises(ValueError, match="clean_first_frame and direction_contrast cannot be combined"):
+        from_dict(TeacherConfig, {"clean_first_frame": 0.5, "direction_contrast": 0.1})
     with pytest.raises(ValueError, match=r"contrast_temperature=0.0 must be > 0"):
         from_dict(TeacherConfig, {"contrast_temperature": 0.0})
     with pytest.raises(ValueError, match=r"contrast_with='reverse'; allowed: \('other', 'opposite'\)"):
@@ -210,6 +290,13 @@ def test_validation_loss_is_logged_and_init_from_starts_from_given_weights(codec
         if "eval" in r
     ]
     assert len(evals) == 2 and all(e["val_loss"] > 0 for e in evals)
+    assert "i2v_direction_gap" not in evals[0]
+    i2v = tiny_recipe(codec_folders, tmp_path / "i2v")
+    i2v.clean_first_frame, i2v.steps, i2v.optim.decay_steps = 0.5, 2, 0
+    train_teacher(i2v, progress=False)
+    logged = (tmp_path / "i2v/run/log.jsonl").read_text().splitlines()
+    (last,) = [r["eval"] for r in map(json.loads, logged) if "eval" in r]
+    assert math.isfinite(last["i2v_direction_gap"]) and last["val_loss"] > 0
     folder = export_teacher(tmp_path / "a/run", tmp_path / "teacher")
 
     cfg = tiny_recipe(codec_folders, tmp_path / "b")

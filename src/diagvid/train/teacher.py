@@ -99,6 +99,11 @@ class TeacherConfig:
     frame_noise: float = 0.0
     """fraction of training clips noised with an independent level per latent frame (Diffusion Forcing);
     the others get one level for the whole clip, the state the sampler sees"""
+    clean_first_frame: float = 0.0
+    """fraction of training clips learned as image-to-video: latent frame 0 given clean (timestep 0, as
+    Wan2.2's TI2V model conditions on its first frame) and left out of the loss. On short clips, where a
+    caption's direction holds for most of the clip, this teaches the toy teacher the sign of its direction
+    words, which text-to-video training did not (docs/status.md, "Where the sign is learned")"""
     direction_contrast: float = 0.0
     """weight of the direction contrast (`direction_contrast_loss`): each captioned clip is also denoised
     under its caption with every direction word replaced by another direction, and the model is trained to
@@ -138,6 +143,12 @@ class TeacherConfig:
             )
         if not 0 <= self.frame_noise <= 1:
             raise ValueError(f"frame_noise={self.frame_noise} must be in [0, 1]")
+        if not 0 <= self.clean_first_frame <= 1:
+            raise ValueError(f"clean_first_frame={self.clean_first_frame} must be in [0, 1]")
+        if self.clean_first_frame > 0 and self.direction_contrast > 0:
+            raise ValueError(
+                "clean_first_frame and direction_contrast cannot be combined: set one of them to 0"
+            )
         if self.direction_contrast < 0:
             raise ValueError(f"direction_contrast={self.direction_contrast} must be >= 0 (0: off)")
         if not (math.isfinite(self.anchor_init) and self.anchor_init >= 0):
@@ -212,12 +223,37 @@ def flow_matching_loss(
     gen: torch.Generator | None = None,
     frame_noise: float = 0.0,
     sigmas: tuple[float, float] = (0.0, 1.0),
+    clean_first_frame: float = 0.0,
 ) -> torch.Tensor:
     """MSE between predicted and true velocity at shifted-uniform noise levels in the range `sigmas`: one
-    per sample, or, for a `frame_noise` fraction of the samples, one per latent frame."""
+    per sample, or, for a `frame_noise` fraction of the samples, one per latent frame. A `clean_first_frame`
+    fraction of the samples is image-to-video: latent frame 0 clean, at timestep 0, and out of the loss."""
     x_t, t, target = noised_latents(x0, shift, gen, frame_noise, sigmas)
+    if clean_first_frame <= 0:
+        v = model(x_t, t, ctx, attention="full")
+        return torch.nn.functional.mse_loss(v.float(), target.float())
+    b, f = x0.shape[0], x0.shape[2]
+    clean = torch.rand(b, generator=gen) < clean_first_frame
+    x_t, t = with_clean_first_frame(x0, x_t, t, clean)
     v = model(x_t, t, ctx, attention="full")
-    return torch.nn.functional.mse_loss(v.float(), target.float())
+    weight = torch.ones(b, f)
+    weight[clean, 0] = 0.0
+    per_frame = (v.float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # [B, F]
+    return (per_frame * weight.to(per_frame.device)).sum() / weight.sum().to(per_frame.device)
+
+
+def with_clean_first_frame(
+    x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, per-frame timesteps [B, F]) with latent frame 0 of the clips where `clean` [B] is set replaced
+    by its clean latent at timestep 0: the image-to-video input."""
+    b, f = x0.shape[0], x0.shape[2]
+    t = (t[:, None].expand(b, f) if t.dim() == 1 else t).clone()
+    clean = clean.to(x0.device)
+    t[clean, 0] = 0.0
+    x_t = x_t.clone()
+    x_t[clean, :, 0] = x0[clean, :, 0].to(x_t.dtype)
+    return x_t, t
 
 
 def noised_latents(
@@ -424,11 +460,13 @@ def caption_sensitivity(
     text,
     sigmas: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5),
     seed: int = 0,
+    clean_first_frame: bool = False,
 ) -> dict[str, float]:
     """How much a model relies on each part of the caption: the relative change of its flow-matching loss on
     latents x0 [B, C, F, h, w] when every caption has one word class swapped (`CAPTION_SWAPS`: "direction"
     -> the opposite direction, ...) or is dropped ("null"). Same noise and levels for every variant, so 0.0
-    means the model ignores that part; a teacher that follows its prompts scores clearly above 0."""
+    means the model ignores that part; a teacher that follows its prompts scores clearly above 0. With
+    `clean_first_frame`, as image-to-video: frame 0 given clean and left out of the loss."""
     fm = FlowMatch(shift=1.0, sigma_mode="exact")
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     variants = {"caption": captions, "null": [""] * len(captions)}
@@ -441,9 +479,13 @@ def caption_sensitivity(
     for sigma in sigmas:
         t = torch.full((len(x0),), 1000.0 * sigma)
         x_t = fm.add_noise(x0, noise, t)
+        first = 0
+        if clean_first_frame:
+            x_t, t = with_clean_first_frame(x0, x_t, t, torch.ones(len(x0), dtype=torch.bool))
+            first = 1
         for name, ctx in contexts.items():
             err = model(x_t, t, ctx, attention="full") - fm.velocity_target(x0, noise)
-            loss[name] += err.float().pow(2).mean().item() / len(sigmas)
+            loss[name] += err[:, :, first:].float().pow(2).mean().item() / len(sigmas)
     model.train(was_training)
     return {name: loss[name] / loss["caption"] - 1.0 for name in variants if name != "caption"}
 
@@ -534,7 +576,13 @@ def train_teacher(
             logged = {"fm_loss": fm_loss.item(), "contrast": contrast.item(), "direction_gap": gap.item()}
         else:
             loss = flow_matching_loss(
-                model, x0, ctx, cfg.train_shift, frame_noise=cfg.frame_noise, sigmas=sigmas
+                model,
+                x0,
+                ctx,
+                cfg.train_shift,
+                frame_noise=cfg.frame_noise,
+                sigmas=sigmas,
+                clean_first_frame=cfg.clean_first_frame,
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -554,7 +602,13 @@ def train_teacher(
             return {}
         ctx = torch.cat([embed(c) for c in val_captions])
         loss = validation_loss(ema.model, val_latents, ctx, cfg.train_shift, sigmas=sigmas)
-        return {"val_loss": round(loss, 5)}
+        out = {"val_loss": round(loss, 5)}
+        if cfg.clean_first_frame > 0:  # does the image-to-video model read the sign of its direction words?
+            gaps = caption_sensitivity(
+                ema.model, val_latents, val_captions, text, sigmas=(0.9,), clean_first_frame=True
+            )
+            out["i2v_direction_gap"] = round(gaps["direction"], 5)
+        return out
 
     run_loop(
         out_dir=out,
