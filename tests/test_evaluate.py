@@ -199,6 +199,14 @@ def test_cli_eval_writes_the_report(tmp_path):
             ["--teacher-high", "toy/teacher-high"],
             "--teacher-high toy/teacher-high: name the teacher below the boundary with --teacher",
         ),
+        (
+            ["--teacher-i2v-high", "x"],
+            "--teacher-i2v-high x: name the teacher below the boundary with --teacher",
+        ),
+        (
+            ["--teacher", "toy/teacher-low", "--teacher-i2v-high", "x", "--teacher-start-sigma", "0.5"],
+            "--teacher-i2v-high x: its second pass starts from noise; no --teacher-start-sigma",
+        ),
     ],
 )
 def test_cli_eval_errors(args, message):
@@ -223,6 +231,23 @@ def test_teacher_method_samples_the_asked_length(tiny_pipeline):
         guidance=2.0,
     )(["a red circle moves left"], 9, 0)
     assert not np.array_equal(guided[0], videos[0])  # same noise, another CFG scale
+
+
+def test_teacher_method_resamples_the_frames_after_the_first_with_an_image_to_video_model(tiny_pipeline):
+    """The second pass keeps the first pass's latent frame 0 (the causal VAE decodes it alone into pixel frame
+    0, so that frame is the same bit for bit) and samples the frames after it again: twice the forwards."""
+    models = (tiny_pipeline.generator, tiny_pipeline.vae, tiny_pipeline.text_encoder)
+    prompts = ["a red circle moves left"]
+    plain = ev.teacher_method(*models, size=16, num_steps=2)(prompts, 9, 0)
+    forwards = tiny_pipeline.generator.stats.forwards
+    again = ev.teacher_method(*models, size=16, num_steps=2, image_to_video=tiny_pipeline.generator)(
+        prompts, 9, 0
+    )
+    assert tiny_pipeline.generator.stats.forwards - forwards == 2 * 2
+    assert again[0].shape == plain[0].shape == (9, 16, 16, 3)
+    assert np.array_equal(again[0][0], plain[0][0]) and not np.array_equal(again[0][1:], plain[0][1:])
+    with pytest.raises(ValueError, match=r"its second pass starts from noise; start_sigma=0\.5 must be 1"):
+        ev.teacher_method(*models, start_sigma=0.5, image_to_video=tiny_pipeline.generator)
 
 
 def test_cli_motion_guidance_on_clips_too_short_is_a_clean_error():

@@ -30,6 +30,7 @@ KINDS = {
     "teacher-high-contrast": TeacherConfig,
     "teacher-high-anchor": TeacherConfig,
     "teacher-high-stem": TeacherConfig,
+    "teacher-i2v-high": TeacherConfig,
     "teacher-low": TeacherConfig,
     "ode": OdeConfig,
     "ode-pair": OdeConfig,

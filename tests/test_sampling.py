@@ -132,6 +132,39 @@ def test_euler_sampler_reaches_the_target_of_a_perfect_velocity_field():
     assert torch.equal(traj[0], noise) and torch.equal(traj[8], out)
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_first_frame_given_conditions_the_model_and_lands_frame_zero_on_the_given_latent(eta):
+    """The wrapped model sees frame 0 clean at timestep 0 and the noisy frames after it at theirs; an Euler or
+    ancestral run through it ends with frame 0 on the given latent and the other frames where the model's
+    velocity takes them (here, a perfect field towards a target: exactly onto it)."""
+    from diagvid.sampling import FirstFrameGiven, sample_euler
+
+    gen = torch.Generator().manual_seed(0)
+    target, first = torch.randn(2, 2, 3, 4, 4, generator=gen), torch.randn(1, 2, 1, 4, 4, generator=gen)
+    seen = []
+
+    def perfect(x, t, ctx):
+        seen.append((x.clone(), t.clone()))
+        sigma = (t / 1000).clamp_min(1e-6).view(*t.shape[:2], 1, 1, 1).transpose(1, 2)
+        return (x - target) / sigma
+
+    noise = torch.randn(target.shape, generator=gen)
+    given = FirstFrameGiven(perfect, first)
+    out, _ = sample_euler(given, noise, torch.zeros(2, 1), None, num_steps=6, eta=eta, generator=gen)
+    torch.testing.assert_close(out[:, :, :1], first.expand(2, -1, -1, -1, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:, :, 1:], target[:, :, 1:], atol=1e-5, rtol=0)
+    assert len(seen) == 6
+    for x, t in seen:
+        assert torch.equal(x[:, :, :1], first.expand(2, -1, -1, -1, -1)) and (t[:, 0] == 0).all()
+        assert (t[:, 1:] > 0).all() and (t[:, 1:] == t[:, 1:2]).all()
+    with pytest.raises(
+        ValueError, match=r"first must be one latent frame \[B, C, 1, h, w\]; got \[1, 2, 3, 4, 4\]"
+    ):
+        FirstFrameGiven(perfect, target[:1])
+    with pytest.raises(ValueError, match="image-to-video needs frames after the given one"):
+        given(noise[:, :, :1], torch.full((2,), 500.0), torch.zeros(2, 1))
+
+
 def test_euler_sampler_applies_guidance():
     from diagvid.sampling import sample_euler
 

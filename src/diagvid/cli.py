@@ -543,6 +543,14 @@ def eval_cmd(
         help="The CFG scale of --teacher-high's steps, as Wan2.2 guides its two experts apart (default: "
         "--teacher-guidance).",
     ),
+    teacher_i2v_high: str | None = typer.Option(
+        None,
+        "--teacher-i2v-high",
+        help="An image-to-video high-noise expert (folder or bundled name, trained with clean_first_frame): "
+        "after the teacher samples a clip, the frames after its first are sampled again given that frame, "
+        "by this expert at the levels >= --teacher-boundary and --teacher below it (twice the forwards). "
+        "toy/teacher-i2v-high reads the sign of the direction words, which the text-to-video teacher does not.",
+    ),
     teacher_eta: float = typer.Option(
         0.0,
         "--teacher-eta",
@@ -641,6 +649,7 @@ def eval_cmd(
             teacher_boundary=teacher_boundary,
             teacher_high_guidance=teacher_high_guidance,
             teacher_eta=teacher_eta,
+            teacher_i2v_high=teacher_i2v_high,
             motion=MotionOptions(
                 tuple(motion_classifier),
                 tuple(teacher_motion_guidance),
@@ -684,6 +693,8 @@ def eval_cmd(
             boundary = TOY_BOUNDARY if teacher_boundary is None else teacher_boundary
             high_guidance = teacher_guidance if teacher_high_guidance is None else teacher_high_guidance
             report["teacher_high"] = {"model": teacher_high, "boundary": boundary, "guidance": high_guidance}
+        if teacher_i2v_high:
+            report["teacher_i2v_high"] = teacher_i2v_high
     table = Table(title=f"{cfg.prompts}: means [95% CI]")
     keys = ("colour_accuracy", "shape_accuracy", "direction_accuracy", "speed_accuracy", "saturation_slope")
     for col in ("method", "length", *keys, "fvd_world"):
@@ -741,6 +752,7 @@ def _eval_methods(
     teacher_boundary: float | None = None,
     teacher_high_guidance: float | None = None,
     teacher_eta: float = 0.0,
+    teacher_i2v_high: str | None = None,
     motion: MotionOptions = MotionOptions(),
     fp8: bool = False,
 ):
@@ -798,8 +810,19 @@ def _eval_methods(
             f"--teacher-high {teacher_high}: name the teacher below the boundary with --teacher "
             "(toy/teacher-high pairs with --teacher toy/teacher-low, trained below its boundary)"
         )
-    if teacher_boundary is not None and not teacher_high:
-        raise ValueError(f"--teacher-boundary {teacher_boundary}: only means something with --teacher-high")
+    if teacher_i2v_high and not teacher:
+        raise ValueError(
+            f"--teacher-i2v-high {teacher_i2v_high}: name the teacher below the boundary with --teacher "
+            "(toy/teacher-low)"
+        )
+    if teacher_i2v_high and teacher_start_sigma < 1:
+        raise ValueError(
+            f"--teacher-i2v-high {teacher_i2v_high}: its second pass starts from noise; no --teacher-start-sigma"
+        )
+    if teacher_boundary is not None and not (teacher_high or teacher_i2v_high):
+        raise ValueError(
+            f"--teacher-boundary {teacher_boundary}: only means something with --teacher-high or --teacher-i2v-high"
+        )
     if teacher_boundary is not None and not 0 < teacher_boundary < 1:
         raise ValueError(f"--teacher-boundary {teacher_boundary}: must be a noise level in (0, 1)")
     if teacher_high_guidance is not None and not teacher_high:
@@ -877,6 +900,13 @@ def _eval_methods(
                 motion_scale=scale,
                 motion_sigma_min=motion_sigma,
                 motion_candidates=motion_candidates,
+                image_to_video=(
+                    fp8_if_asked(
+                        load_teacher(teacher, teacher_i2v_high, teacher_boundary, device=codec.device)
+                    )
+                    if teacher_i2v_high
+                    else None
+                ),
             )
         else:
             pipe, schedule, context = load_toy_student(

@@ -138,6 +138,7 @@ def teacher_method(
     motion_scale: float | Sequence[float] = 0.0,
     motion_sigma_min: float = 0.5,
     motion_candidates: int = 1,
+    image_to_video: torch.nn.Module | None = None,
 ) -> Method:
     """The undistilled teacher: full attention over the whole clip, Euler + CFG, then one decode to
     `size` x `size` pixels.
@@ -157,10 +158,21 @@ def teacher_method(
     (`sample_euler_best_of`): N seeded noises, the prompt's own first, run together down to `motion_sigma_min`,
     where the classifiers pick the one most likely to move the asked way (the sum of their log-probabilities);
     its high-noise steps cost N times.
+    `image_to_video` (a model trained with `clean_first_frame`, alone or in a `NoiseExperts` pair): a second
+    pass. The frames after the first are sampled again by this model, from fresh noise drawn from the same
+    generator, given the first pass's latent frame 0 (`FirstFrameGiven`), with the same steps and guidance:
+    twice the teacher's forwards. The text-to-video teacher does not learn the sign of a caption's direction;
+    an image-to-video one, given where the clip starts, does (docs/status.md, "Where the sign is learned").
     """
     from diagvid.model.motion import MotionGuidance, prompt_label
     from diagvid.model.vae import frames_to_tensor, latent_frames, tensor_to_frames
-    from diagvid.sampling import NUM_TRAIN_TIMESTEPS, partial_timesteps, sample_euler, sample_euler_best_of
+    from diagvid.sampling import (
+        NUM_TRAIN_TIMESTEPS,
+        FirstFrameGiven,
+        partial_timesteps,
+        sample_euler,
+        sample_euler_best_of,
+    )
 
     start = partial_timesteps(num_steps, shift, start_sigma)[0] / NUM_TRAIN_TIMESTEPS  # fails early if empty
     classifiers = [] if motion is None else list(motion) if isinstance(motion, Sequence) else [motion]
@@ -173,6 +185,10 @@ def teacher_method(
         scales *= len(classifiers)
     guided = [(i, s) for i, s in enumerate(scales) if s]  # (classifier index, scale)
 
+    if image_to_video is not None and start_sigma < 1:
+        raise ValueError(
+            f"image_to_video: its second pass starts from noise; start_sigma={start_sigma} must be 1"
+        )
     if motion_candidates < 1:
         raise ValueError(f"motion_candidates={motion_candidates}: must be >= 1")
     if motion_candidates > 1:
@@ -235,6 +251,11 @@ def teacher_method(
                 )
             else:
                 x0, _ = sample_euler(teacher, noise, ctx, null, start_sigma=start_sigma, **steps)
+            if image_to_video is not None:
+                again = torch.randn(noise.shape, generator=gen).to(dev)
+                given = FirstFrameGiven(image_to_video, x0[:, :, :1])
+                x1, _ = sample_euler(given, again, ctx, null, **steps)
+                x0 = torch.cat([x0[:, :, :1], x1[:, :, 1:]], dim=2)
             out.append(tensor_to_frames(vae.decode(x0)[0]))
         return out
 

@@ -373,6 +373,31 @@ def _guidance_list(
     return [motion_guidance]
 
 
+class FirstFrameGiven(torch.nn.Module):
+    """Image-to-video through any text-to-video sampler: `model` sees latent frame 0 as the clean `first`
+    [1 or B, C, 1, h, w] at timestep 0 (how a model trained with `clean_first_frame` is conditioned, as in
+    Wan2.2's TI2V), and frame 0's velocity is the one whose clean prediction is `first` (x - sigma v =
+    first), so Euler, ancestral and guided steps alike carry frame 0 to `first` while the model denoises the
+    frames after it."""
+
+    def __init__(self, model: torch.nn.Module, first: torch.Tensor) -> None:
+        super().__init__()
+        if first.dim() != 5 or first.shape[2] != 1:
+            raise ValueError(f"first must be one latent frame [B, C, 1, h, w]; got {list(first.shape)}")
+        self.model, self.first = model, first
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, **kwargs) -> torch.Tensor:
+        b, f = x.shape[0], x.shape[2]
+        if f < 2:
+            raise ValueError(f"image-to-video needs frames after the given one; got {f} latent frame")
+        t = (t[:, None].expand(b, f) if t.dim() == 1 else t).clone()
+        sigma = (t[:, 0] / NUM_TRAIN_TIMESTEPS).clamp_min(1e-6).view(b, 1, 1, 1, 1)
+        first = self.first.to(x.dtype).expand(b, *self.first.shape[1:])
+        t[:, 0] = 0.0
+        v = self.model(torch.cat([first, x[:, :, 1:]], dim=2), t, context, **kwargs)
+        return torch.cat([(x[:, :, :1] - first) / sigma, v[:, :, 1:]], dim=2)
+
+
 def sample_euler_best_of(
     model: torch.nn.Module,
     noise: torch.Tensor,
