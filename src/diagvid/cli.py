@@ -549,7 +549,8 @@ def eval_cmd(
         help="An image-to-video high-noise expert (folder or bundled name, trained with clean_first_frame): "
         "after the teacher samples a clip, the frames after its first are sampled again given that frame, "
         "by this expert at the levels >= --teacher-boundary and --teacher below it (twice the forwards). "
-        "toy/teacher-i2v-high reads the sign of the direction words, which the text-to-video teacher does not.",
+        "configs/toy/teacher-i2v-high.toml trains one that reads the sign of the direction words, which the "
+        'text-to-video teacher does not (docs/status.md, "Where the sign is learned").',
     ),
     teacher_eta: float = typer.Option(
         0.0,

@@ -77,8 +77,8 @@ class DiTConfig:
     each token starts from local motion, read by oriented space-time filters (the bias that lets the small
     motion classifier read a motion's sign). Zero at initialisation: a model given one computes what it did
     without it. Ours, not Wan's, and an experiment on why the toy teacher reads a caption's motion axis but
-    not its sign (docs/status.md, "A motion stem"); full and block-causal attention only: a chunk run against
-    a KV cache lacks the frames before it"""
+    not its sign; it did not help (docs/status.md, "Where the sign is learned"). Full and block-causal
+    attention only: a chunk run against a KV cache lacks the frames before it"""
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(self.patch_size)  # JSON round trips give lists
