@@ -377,6 +377,7 @@ def test_teacher_from_a_renoised_real_clip_is_sdedit_written_out():
 def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path):
     from diagvid import evaluate as ev_module
     from diagvid.cli import MotionOptions, _eval_methods
+    from diagvid.model.experts import TOY_BOUNDARY, NoiseExperts
     from diagvid.model.motion import MotionClassifier, MotionClassifierConfig
     from diagvid.pretrained import DEFAULT_MOTION_CLASSIFIER, load_motion_classifier
 
@@ -407,7 +408,22 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
         "motion_scale": 0.0,
         "motion_sigma_min": 0.5,
         "motion_candidates": 1,
+        "image_to_video": None,
     }
+    # a second, image-to-video pass: its expert above the boundary, --teacher below
+    _eval_methods(
+        "teacher",
+        "toy/vae",
+        "toy/teacher-low",
+        "toy/text",
+        [],
+        "cpu",
+        teacher_high="toy/teacher-high",
+        teacher_i2v_high="toy/teacher-high",
+    )
+    second = seen["image_to_video"]
+    assert isinstance(second, NoiseExperts) and second.boundary == TOY_BOUNDARY
+    assert second.high.cfg.num_layers == second.low.cfg.num_layers == 12
     MotionClassifier().save(tmp_path / "motion")
     options = MotionOptions((str(tmp_path / "motion"),), (150.0,), 0.7, 4)
     _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", motion=options)
