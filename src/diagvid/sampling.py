@@ -373,6 +373,22 @@ def _guidance_list(
     return [motion_guidance]
 
 
+def with_first_frame(
+    x_t: torch.Tensor, t: torch.Tensor, first: torch.Tensor, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image-to-video input: (x_t, per-frame timesteps [B, F]) with latent frame 0 replaced by the clean
+    `first` [B, C, 1, h, w] at timestep 0, in the clips where `rows` [B] is set (every clip by default), as
+    Wan2.2's TI2V conditions on its first frame. `t` is [B] (one level a clip) or [B, F]."""
+    b, f = x_t.shape[0], x_t.shape[2]
+    t = (t[:, None].expand(b, f) if t.dim() == 1 else t).clone()
+    rows = torch.ones(b, dtype=torch.bool) if rows is None else rows
+    rows = rows.to(x_t.device)
+    t[rows, 0] = 0.0
+    x_t = x_t.clone()
+    x_t[rows, :, :1] = first[rows].to(x_t.dtype)
+    return x_t, t
+
+
 class FirstFrameGiven(torch.nn.Module):
     """Image-to-video through any text-to-video sampler: `model` sees latent frame 0 as the clean `first`
     [1 or B, C, 1, h, w] at timestep 0 (how a model trained with `clean_first_frame` is conditioned, as in
@@ -390,11 +406,10 @@ class FirstFrameGiven(torch.nn.Module):
         b, f = x.shape[0], x.shape[2]
         if f < 2:
             raise ValueError(f"image-to-video needs frames after the given one; got {f} latent frame")
-        t = (t[:, None].expand(b, f) if t.dim() == 1 else t).clone()
-        sigma = (t[:, 0] / NUM_TRAIN_TIMESTEPS).clamp_min(1e-6).view(b, 1, 1, 1, 1)
+        level = t if t.dim() == 1 else t[:, 0]
+        sigma = (level / NUM_TRAIN_TIMESTEPS).clamp_min(1e-6).view(b, 1, 1, 1, 1)
         first = self.first.to(x.dtype).expand(b, *self.first.shape[1:])
-        t[:, 0] = 0.0
-        v = self.model(torch.cat([first, x[:, :, 1:]], dim=2), t, context, **kwargs)
+        v = self.model(*with_first_frame(x, t, first), context, **kwargs)
         return torch.cat([(x[:, :, :1] - first) / sigma, v[:, :, 1:]], dim=2)
 
 

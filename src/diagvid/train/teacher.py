@@ -19,7 +19,7 @@ import torch
 
 from diagvid.config import to_dict
 from diagvid.model.dit import DiTConfig, WanDiT, preset
-from diagvid.sampling import FlowMatch, shift_sigma, unshift_sigma
+from diagvid.sampling import FlowMatch, shift_sigma, unshift_sigma, with_first_frame
 from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, start_run
 
 log = logging.getLogger("diagvid.train")
@@ -234,26 +234,12 @@ def flow_matching_loss(
         return torch.nn.functional.mse_loss(v.float(), target.float())
     b, f = x0.shape[0], x0.shape[2]
     clean = torch.rand(b, generator=gen) < clean_first_frame
-    x_t, t = with_clean_first_frame(x0, x_t, t, clean)
+    x_t, t = with_first_frame(x_t, t, x0[:, :, :1], clean)
     v = model(x_t, t, ctx, attention="full")
     weight = torch.ones(b, f)
     weight[clean, 0] = 0.0
     per_frame = (v.float() - target.float()).pow(2).mean(dim=(1, 3, 4))  # [B, F]
     return (per_frame * weight.to(per_frame.device)).sum() / weight.sum().to(per_frame.device)
-
-
-def with_clean_first_frame(
-    x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clean: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, per-frame timesteps [B, F]) with latent frame 0 of the clips where `clean` [B] is set replaced
-    by its clean latent at timestep 0: the image-to-video input."""
-    b, f = x0.shape[0], x0.shape[2]
-    t = (t[:, None].expand(b, f) if t.dim() == 1 else t).clone()
-    clean = clean.to(x0.device)
-    t[clean, 0] = 0.0
-    x_t = x_t.clone()
-    x_t[clean, :, 0] = x0[clean, :, 0].to(x_t.dtype)
-    return x_t, t
 
 
 def noised_latents(
@@ -481,7 +467,7 @@ def caption_sensitivity(
         x_t = fm.add_noise(x0, noise, t)
         first = 0
         if clean_first_frame:
-            x_t, t = with_clean_first_frame(x0, x_t, t, torch.ones(len(x0), dtype=torch.bool))
+            x_t, t = with_first_frame(x_t, t, x0[:, :, :1])
             first = 1
         for name, ctx in contexts.items():
             err = model(x_t, t, ctx, attention="full") - fm.velocity_target(x0, noise)
