@@ -384,7 +384,7 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
     seen = {}
 
     def spy(teacher, vae, text_encoder, **kwargs):
-        seen.update(kwargs)
+        seen.update(kwargs, teacher=teacher)
         return lambda prompts, num_frames, seed: []
 
     monkeypatch.setattr(ev_module, "teacher_method", spy)
@@ -399,6 +399,7 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
         teacher_start_sigma=0.5,
         teacher_eta=0.5,
     )
+    assert seen.pop("teacher") is not None
     assert seen == {
         "guidance": 2.0,
         "start_sigma": 0.5,
@@ -424,6 +425,8 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
     second = seen["image_to_video"]
     assert isinstance(second, NoiseExperts) and second.boundary == TOY_BOUNDARY
     assert second.high.cfg.num_layers == second.low.cfg.num_layers == 12
+    assert second.low is seen["teacher"].low  # the teacher's own low-noise expert, not a second copy
+    assert second.high is not seen["teacher"].high
     MotionClassifier().save(tmp_path / "motion")
     options = MotionOptions((str(tmp_path / "motion"),), (150.0,), 0.7, 4)
     _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", motion=options)

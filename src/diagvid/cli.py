@@ -759,6 +759,7 @@ def _eval_methods(
 ):
     """Build the evaluation methods the options ask for (errors name the bad option)."""
     from diagvid import evaluate as ev
+    from diagvid.model.experts import NoiseExperts
     from diagvid.pretrained import (
         DEFAULT_MOTION_CLASSIFIER,
         TOY_STUDENT_METHODS,
@@ -769,6 +770,7 @@ def _eval_methods(
         load_toy_student,
         load_vae,
         with_decoder,
+        with_high_expert,
     )
 
     allowed = ("real", "vae", "teacher", *TOY_STUDENT_METHODS)
@@ -882,6 +884,13 @@ def _eval_methods(
             guidance_above = None
             if teacher_high_guidance is not None:
                 guidance_above = (dit.boundary, teacher_high_guidance)
+            second_pass = None
+            if teacher_i2v_high:  # the image-to-video expert above the boundary, the teacher's low half below
+                low = dit.low if isinstance(dit, NoiseExperts) else dit
+                second_pass = with_high_expert(
+                    low, teacher, teacher_i2v_high, teacher_boundary, device=codec.device
+                )
+                fp8_if_asked(second_pass.high)  # the low half is the teacher's own, already done
             classifier, scale = None, motion_scales[0] if motion_scales else 0.0
             if motion_used:  # one classifier and scale as they are; several as lists
                 names = motion_folders or (DEFAULT_MOTION_CLASSIFIER,)
@@ -901,13 +910,7 @@ def _eval_methods(
                 motion_scale=scale,
                 motion_sigma_min=motion_sigma,
                 motion_candidates=motion_candidates,
-                image_to_video=(
-                    fp8_if_asked(
-                        load_teacher(teacher, teacher_i2v_high, teacher_boundary, device=codec.device)
-                    )
-                    if teacher_i2v_high
-                    else None
-                ),
+                image_to_video=second_pass,
             )
         else:
             pipe, schedule, context = load_toy_student(

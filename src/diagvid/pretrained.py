@@ -193,17 +193,31 @@ def load_teacher(
     rest. What eval, the ODE pairs and the DMD real score load as "the teacher". A model whose folder records
     a `noise_range` (a noise expert) warns when asked to denoise levels outside it: alone, or on the wrong
     side of `boundary`."""
-    from diagvid.model.experts import TOY_BOUNDARY, NoiseExperts
-
     if boundary is not None and high is None:
         raise ValueError(f"teacher boundary {boundary}: only means something with a high-noise expert")
     low = load_dit_model(name_or_path, device=device, dtype=dtype)
     if high is None:
         _warn_outside_training(name_or_path, (0.0, 1.0), "alone")
         return low
+    return with_high_expert(low, name_or_path, high, boundary, device=device, dtype=dtype)
+
+
+def with_high_expert(
+    low,
+    low_name: str | Path,
+    high: str | Path,
+    boundary: float | None = None,
+    device=None,
+    dtype=None,
+):
+    """`NoiseExperts` of a loaded low-noise model (`low_name` names it in warnings) and the high-noise expert
+    `high`, loaded here, at `boundary` (default: the toy expert's 0.7): how `load_teacher` pairs them, and how
+    eval pairs an image-to-video expert with the teacher it already holds, without loading that twice."""
+    from diagvid.model.experts import TOY_BOUNDARY, NoiseExperts
+
     boundary = TOY_BOUNDARY if boundary is None else boundary
     expert = load_dit_model(high, device=device, dtype=dtype)
-    _warn_outside_training(name_or_path, (0.0, boundary), "as the low-noise expert")
+    _warn_outside_training(low_name, (0.0, boundary), "as the low-noise expert")
     _warn_outside_training(high, (boundary, 1.0), "as the high-noise expert")
     return NoiseExperts(expert, low, boundary)
 
