@@ -213,3 +213,16 @@ def test_a_list_of_guidances_adds_their_shifts():
     one, _ = sample_euler(dit, x, ctx, null, num_steps=1, shift=3.0, guidance=2.0, motion_guidance=[a, b])
     plain, _ = sample_euler(dit, x, ctx, null, num_steps=1, shift=3.0, guidance=2.0)
     torch.testing.assert_close(one - plain, -(a.velocity_shift(x, 1.0) + b.velocity_shift(x, 1.0)))
+
+
+def test_a_discriminator_guides_every_prompt_toward_real():
+    cfg = MotionClassifierConfig(target="realness")
+    assert cfg.classes == ["real", "generated"]
+    for prompt in (
+        "a red circle moves up-left fast",
+        "a blue square moves left fast and a green square moves down",
+    ):
+        assert prompt_label(prompt, cfg.classes, "realness") == 0
+    assert prompt_label("a red circle moves left", ["generated", "real"], "realness") == 1
+    with pytest.raises(ValueError, match="unknown word 'sideways'"):
+        prompt_label("a red circle moves sideways", cfg.classes, "realness")

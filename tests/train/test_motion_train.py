@@ -123,3 +123,65 @@ def test_a_window_classifier_learns_on_windows_across_its_span(vae_folder, tmp_p
     both = run([0, 1], "both")
     assert not torch.allclose(run([0, 1], "both-edited", edit=0)(probe, sigma), both(probe, sigma))
     assert not torch.allclose(run([0, 1], "both-edited-last", edit=2)(probe, sigma), both(probe, sigma))
+
+
+def test_a_realness_discriminator_learns_world_clips_against_the_sampler_s(vae_folder, tmp_path, monkeypatch):
+    """8 cached clips labelled real, 5 sampled ones generated; 2 of each held out, the 3 sampled training
+    clips repeated twice to balance the 6 real ones. The sampled clips are the sampler's, sampled once."""
+    from diagvid import pretrained
+    from diagvid.model.weights import load_dit
+    from diagvid.pretrained import load_text_encoder
+    from diagvid.sampling import sample_euler
+    from diagvid.train.motion import _realness_split
+    from tests.distill_setup import codecs
+
+    models = codecs(tmp_path / "models")
+    sampler = {
+        "count": 5,
+        "batch_size": 2,
+        "teacher": str(models / "teacher"),
+        "teacher_high": None,
+        "text": str(models / "text"),
+        "num_steps": 3,
+        "motion": None,
+        "out_dir": str(tmp_path / "sampled"),
+    }
+    model = {"in_dim": 4, "frames": 2, "width": 8, "groups": 2, "freq_dim": 8, "hidden": 16}
+    cfg = recipe(vae_folder, tmp_path, model={**model, "target": "realness"}, sampler=sampler, heldout=4)
+    x, y, hx, hy = labelled_latents(cfg)
+    real, gen = cfg.model.classes.index("real"), cfg.model.classes.index("generated")
+    assert y.tolist() == [real] * 6 + [gen] * 6 and hy.tolist() == [real] * 2 + [gen] * 2
+    assert torch.equal(x[6:9], x[9:12])
+
+    # clip 4 (the third batch, alone): the sampler from the noise seeded 10_000_000 + 4
+    blob = torch.load(tmp_path / "sampled/sampled-000004.pt", weights_only=True)
+    caption = json.loads(blob["captions"])
+    text, teacher = load_text_encoder(models / "text"), load_dit(models / "teacher")
+    draws = torch.Generator().manual_seed(10_000_004)  # the start noise, then the ancestral steps' noise
+    noise = torch.randn((1, 4, 2, 4, 4), generator=draws)
+    want, _ = sample_euler(
+        teacher,
+        noise,
+        text.encode(caption)[0],
+        text.encode([""])[0],
+        num_steps=3,
+        guidance=2.0,
+        eta=1.0,
+        generator=draws,
+    )
+    torch.testing.assert_close(blob["latents"].float(), want, atol=2e-3, rtol=0)
+    torch.testing.assert_close(hx[-1], want[0].half().float())
+
+    # read back, not sampled again; other settings in the same folder are refused
+    monkeypatch.setattr(pretrained, "load_teacher", lambda *a, **k: pytest.fail("sampled again"))
+    again = labelled_latents(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(again, (x, y, hx, hy), strict=True))
+    other = recipe(
+        vae_folder, tmp_path, model={**model, "target": "realness"}, sampler={**sampler, "eta": 0.0}
+    )
+    with pytest.raises(ValueError, match="other sampler settings"):
+        labelled_latents(other)
+    with pytest.raises(ValueError, match=r"raise sampler\.count"):
+        _realness_split(cfg, x[:8], x[:2])
+    net = train_motion(cfg, progress=False, data=(x, y, hx, hy))
+    assert net(hx, torch.full((4,), 0.5)).shape == (4, 2)

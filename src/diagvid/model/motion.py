@@ -14,6 +14,12 @@ until the first bounce, but which axes move and how fast (`target = "axis-speed"
 so a window classifier of those guides every part of it (docs/status.md, "What the guided samples get
 wrong").
 
+A discriminator (`target = "realness"`, classes "real" and "generated") is the same network trained on the
+world's clips against a sampler's (`diagvid.train.motion.SamplerConfig`). Guidance toward "real" adds the
+gradient of log D(x_t), which estimates where the sampler's distribution at that noise level falls short of
+the world's: discriminator guidance (Kim et al., 2023, "Refining Generative Process with Discriminator
+Guidance in Score-based Diffusion Models").
+
 Shape letters: B batch, C latent channels, F latent frames, h, w latent height and width, K classes.
 """
 
@@ -39,6 +45,7 @@ AXES = {"horizontal": (True, False), "vertical": (False, True), "diagonal": (Tru
 TARGETS = {
     "direction": list(DIRECTIONS),
     "axis-speed": [f"{axis} {speed}" for axis in AXES for speed in SPEEDS],
+    "realness": ["real", "generated"],
 }
 """what a classifier's classes name, with every class name that target allows"""
 
@@ -64,7 +71,8 @@ class MotionClassifierConfig:
     target: str = "direction"
     """what the classes name: "direction" (the caption's, up ... down-right: it holds until the first
     bounce) or "axis-speed" (which axes the objects move along and how fast, "horizontal slow" ... "diagonal
-    fast": they hold over bounces, for the whole clip)"""
+    fast": they hold over bounces, for the whole clip) or "realness" (a world clip or a sampler's: a
+    discriminator, whose guidance toward "real" pulls every prompt's samples toward the world's clips)"""
     windows: list[int] = field(default_factory=lambda: [0])
     """first latent frame of each window read, increasing; their log-probabilities are summed. Training
     draws each window's start uniformly from the first to the last of them"""
@@ -231,8 +239,9 @@ class MotionGuidance:
 
 def prompt_label(prompt: str, classes: Sequence[str], target: str = "direction") -> int:
     """The index in `classes` of what a prompt asks for under `target` ("direction": its objects' direction;
-    "axis-speed": the axes they move along and their speed, e.g. "diagonal fast") when all its objects share
-    it, else -1 (unguided). Unknown words raise, as `parse_caption` does."""
+    "axis-speed": the axes they move along and their speed, e.g. "diagonal fast"; "realness": "real", for
+    every prompt) when all its objects share it, else -1 (unguided). Unknown words raise, as `parse_caption`
+    does."""
     from diagvid.world.captions import parse_caption
 
     if target not in TARGETS:
@@ -250,6 +259,8 @@ def prompt_label(prompt: str, classes: Sequence[str], target: str = "direction")
 
 def _class_of(direction: str | None, speed: str | None, target: str) -> str | None:
     """One object's class name under `target`; None where the caption leaves out what it needs."""
+    if target == "realness":
+        return "real"  # every prompt asks for a clip like the world's
     if target == "direction":
         return direction
     if direction is None or speed is None:

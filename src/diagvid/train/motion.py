@@ -7,11 +7,19 @@ of several windows learns on one window per clip, its start drawn uniformly from
 last's. The last `heldout` usable clips of the cache are held out; accuracy (of the windows' summed
 log-probabilities, as guidance reads them) is reported on them per noise level, with fixed noise, so runs
 compare.
+
+A realness discriminator (`target = "realness"`) learns the world's cached clips against clips of a sampler
+(`SamplerConfig`): `sampler_latents` samples them once, in files written atomically and kept, so an
+interrupted run goes on where it stopped. Guided toward "real", it pulls that sampler's clips toward the
+world's (discriminator guidance, Kim et al., 2023).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +30,37 @@ from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, seeded, start_r
 from diagvid.train.teacher import DataConfig, build_latent_cache
 
 EVAL_SIGMAS = (0.3, 0.5, 0.7, 0.8, 0.9)
+log = logging.getLogger("diagvid.train")
+
+
+@dataclass
+class SamplerConfig:
+    """The sampler whose clips a realness discriminator learns to tell from the world's: clip i is sampled
+    for the caption of cached world clip i, i < `count` (`evaluate.teacher_method`'s settings)."""
+
+    count: int = 0
+    """clips to sample (a realness discriminator needs some; other targets none)"""
+    out_dir: str = "data/toy-sampled"
+    """where the sampled latents are kept (git-ignored), one file a batch"""
+    batch_size: int = 8
+    teacher: str = "toy/teacher-low"
+    teacher_high: str | None = "toy/teacher-high"
+    """the high-noise expert of the pair (None: `teacher` alone)"""
+    text: str = "toy/text"
+    num_steps: int = 50
+    shift: float = 5.0
+    guidance: float = 2.0
+    eta: float = 1.0
+    motion: str | None = "toy/motion"
+    """a classifier guiding the sampler toward each caption's direction (None: unguided)"""
+    motion_scale: float = 100.0
+    motion_sigma_min: float = 0.5
+    seed: int = 10_000_000
+    """the noise of the batch whose first clip is i comes from the generator seeded seed + i"""
+
+    def __post_init__(self) -> None:
+        if self.count < 0 or self.batch_size < 1:
+            raise ValueError(f"sampler count={self.count} must be >= 0 and batch_size={self.batch_size} >= 1")
 
 
 @dataclass
@@ -41,6 +80,8 @@ class MotionTrainConfig:
     weight_decay: float = 0.01
     ema_decay: float = 0.995
     seed: int = 0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    """the clips a realness discriminator learns as "generated" (used by `target = "realness"` only)"""
     out_dir: str = "runs/toy-motion"
     log_every: int = 10
     ckpt_every: int = 250
@@ -74,8 +115,85 @@ def labelled_latents(
             f"clips of {latents.shape[2]} latent frames; the classifier's windows {cfg.model.windows} of "
             f"{cfg.model.frames} frames read {span}"
         )
+    if cfg.model.target == "realness":
+        fake = sampler_latents(cfg, captions, latents.shape[-2:])
+        return _realness_split(cfg, latents[:, :, :span], fake[:, :, :span])
     x, y = latents[keep][:, :, :span].contiguous(), labels[keep]
     return x[: -cfg.heldout], y[: -cfg.heldout], x[-cfg.heldout :], y[-cfg.heldout :]
+
+
+def _realness_split(cfg: MotionTrainConfig, real: torch.Tensor, fake: torch.Tensor):
+    """World clips labelled "real", sampled ones "generated"; half of `heldout` from the end of each is held
+    out, and the sampled training clips are repeated to about as many as the real ones (balanced classes)."""
+    h = cfg.heldout // 2
+    if min(len(real), len(fake)) <= h or h < 1:
+        raise ValueError(
+            f"{len(real)} world and {len(fake)} sampled clips for heldout={cfg.heldout} (half from each): "
+            "need heldout >= 2 and more than heldout / 2 of each (raise sampler.count)"
+        )
+    real_id, fake_id = cfg.model.classes.index("real"), cfg.model.classes.index("generated")
+    rep = max(1, (len(real) - h) // (len(fake) - h))
+    x = torch.cat([real[:-h], fake[:-h].repeat(rep, 1, 1, 1, 1)]).contiguous()
+    y = torch.tensor([real_id] * (len(real) - h) + [fake_id] * (rep * (len(fake) - h)))
+    hy = torch.tensor([real_id] * h + [fake_id] * h)
+    return x, y, torch.cat([real[-h:], fake[-h:]]), hy
+
+
+@torch.no_grad()
+def sampler_latents(
+    cfg: MotionTrainConfig, captions: list[str], latent_hw: tuple[int, int], progress: bool = True
+) -> torch.Tensor:
+    """[count, C, F, h, w]: the clips `cfg.sampler` samples at `latent_hw` for the first `count` captions, sampled once
+    (one file a batch, written atomically; files already there are read back, if made by these settings)."""
+    from diagvid.model.motion import MotionGuidance
+    from diagvid.model.vae import latent_frames
+    from diagvid.pretrained import load_motion_classifier, load_teacher, load_text_encoder
+    from diagvid.sampling import sample_euler
+    from diagvid.train.checkpoint import save_atomic, write_text_atomic
+
+    sc = cfg.sampler
+    if sc.count > len(captions):
+        raise ValueError(f"sampler.count={sc.count} is more than the {len(captions)} cached captions")
+    out = Path(sc.out_dir)
+    recipe = json.dumps({**to_dict(sc), "data": to_dict(cfg.data)}, sort_keys=True)
+    recipe = {k: v for k, v in json.loads(recipe).items() if k not in ("count", "out_dir")}
+    if (out / "sampler.json").exists() and json.loads((out / "sampler.json").read_text()) != recipe:
+        raise ValueError(f"{out} holds clips of other sampler settings; choose another sampler.out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(json.dumps(recipe, indent=2) + "\n", out / "sampler.json")
+    starts = range(0, sc.count, sc.batch_size)
+    todo = [a for a in starts if not (out / f"sampled-{a:06d}.pt").exists()]
+    if todo:
+        teacher = load_teacher(sc.teacher, sc.teacher_high).eval().requires_grad_(False)
+        text = load_text_encoder(sc.text)
+        clf = load_motion_classifier(sc.motion) if sc.motion else None
+        null = text.encode([""])[0]
+        log.info("sampling %d clips into %s", sum(min(sc.batch_size, sc.count - a) for a in todo), out)
+    for k, a in enumerate(todo):
+        caps = captions[a : min(a + sc.batch_size, sc.count)]
+        gen = torch.Generator().manual_seed(sc.seed + a)
+        shape = (len(caps), teacher.cfg.in_dim, latent_frames(cfg.data.num_frames), *latent_hw)
+        guide = []
+        if clf is not None and sc.motion_scale > 0:
+            labels = torch.tensor([prompt_label(c, clf.cfg.classes, clf.cfg.target) for c in caps])
+            guide = [MotionGuidance(clf, labels, sc.motion_scale, sc.motion_sigma_min)]
+        x0, _ = sample_euler(
+            teacher,
+            torch.randn(shape, generator=gen),
+            text.encode(caps)[0],
+            null.expand(len(caps), -1, -1),
+            num_steps=sc.num_steps,
+            shift=sc.shift,
+            guidance=sc.guidance,
+            eta=sc.eta,
+            generator=gen,
+            motion_guidance=guide,
+        )
+        save_atomic({"latents": x0.half(), "captions": json.dumps(caps)}, out / f"sampled-{a:06d}.pt")
+        if progress:
+            log.info("sampled batch %d of %d", k + 1, len(todo))
+    blobs = [torch.load(out / f"sampled-{a:06d}.pt", weights_only=True) for a in starts]
+    return torch.cat([b["latents"] for b in blobs]).float() if blobs else torch.empty(0)
 
 
 def noised(x0: torch.Tensor, sigma: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
