@@ -233,3 +233,36 @@ def test_the_shipped_axes_classifier_names_axes_and_speed_over_the_whole_clip():
             noisy = (1 - sigma) * latents + sigma * torch.randn(latents.shape, generator=gen)
             hits = (clf.class_log_probs(noisy, sigma).argmax(1) == labels).float().mean().item()
             assert hits >= least, f"sigma {sigma}: {hits:.2f} of held-out clips named right"
+
+
+def test_the_shipped_discriminator_tells_world_clips_from_frozen_and_shuffled_ones():
+    """toy/realness rates the toy codec's latents of 12 held-out world clips (81 frames), noised, as real, and
+    the same clips frozen after their first latent frame or with those frames shuffled in time as generated:
+    it reads whether the motion is the world's, which its guidance pulls a sampler toward."""
+    import torch
+
+    from diagvid.model.vae import frames_to_tensor, latent_frames
+    from diagvid.pretrained import load_motion_classifier
+    from diagvid.world import eval_specs, render
+
+    disc, vae = load_motion_classifier("toy/realness"), load_vae("toy/vae")
+    assert disc.cfg.target == "realness" and disc.cfg.span == latent_frames(81)
+    real_class = disc.cfg.classes.index("real")
+    specs = eval_specs("heldout-48", num_frames=81)[:48:4]
+    with torch.no_grad():
+        real = vae.encode(torch.stack([frames_to_tensor(render(s).frames) for s in specs]))
+        frozen, shuffled = real.clone(), real.clone()
+        frozen[:, :, 1:] = real[:, :, 1:2]
+        shuffled[:, :, 1:] = real[:, :, torch.randperm(20, generator=torch.Generator().manual_seed(0)) + 1]
+        for sigma, least, most in ((0.3, 0.9, 0.25), (0.5, 0.75, 0.34)):
+            noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
+
+            def rated_real(x: torch.Tensor, sigma: float = sigma, noise: torch.Tensor = noise) -> float:
+                logp = disc.class_log_probs((1 - sigma) * x + sigma * noise, sigma)
+                return (logp.argmax(1) == real_class).float().mean().item()
+
+            assert rated_real(real) >= least, (
+                f"sigma {sigma}: {rated_real(real):.2f} of real clips rated real"
+            )
+            for name, x in (("frozen", frozen), ("shuffled", shuffled)):
+                assert rated_real(x) <= most, f"sigma {sigma}: {rated_real(x):.2f} of {name} clips rated real"

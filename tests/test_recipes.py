@@ -46,6 +46,7 @@ KINDS = {
     "features": FeaturesTrainConfig,
     "motion": MotionTrainConfig,
     "motion-axes": MotionTrainConfig,
+    "realness": MotionTrainConfig,
     "tiny-decoder": TinyDecoderTrainConfig,
     "tiny-decoder-edge": TinyDecoderTrainConfig,
 }
