@@ -148,7 +148,7 @@ def test_a_realness_discriminator_learns_world_clips_against_the_sampler_s(vae_f
     }
     model = {"in_dim": 4, "frames": 2, "width": 8, "groups": 2, "freq_dim": 8, "hidden": 16}
     cfg = recipe(vae_folder, tmp_path, model={**model, "target": "realness"}, sampler=sampler, heldout=4)
-    x, y, hx, hy = labelled_latents(cfg)
+    x, y, hx, hy = labelled_latents(cfg, progress=False)
     real, gen = cfg.model.classes.index("real"), cfg.model.classes.index("generated")
     assert y.tolist() == [real] * 6 + [gen] * 6 and hy.tolist() == [real] * 2 + [gen] * 2
     assert torch.equal(x[6:9], x[9:12])
@@ -181,6 +181,14 @@ def test_a_realness_discriminator_learns_world_clips_against_the_sampler_s(vae_f
     )
     with pytest.raises(ValueError, match="other sampler settings"):
         labelled_latents(other)
+    # a larger count samples the clips it adds, the last batch of the smaller count whole again
+    monkeypatch.undo()
+    more = recipe(
+        vae_folder, tmp_path, model={**model, "target": "realness"}, sampler={**sampler, "count": 6}
+    )
+    labelled_latents(more, progress=False)
+    grown = torch.load(tmp_path / "sampled/sampled-000004.pt", weights_only=True)
+    assert len(grown["latents"]) == 2 and json.loads(grown["captions"])[:1] == caption
     with pytest.raises(ValueError, match=r"raise sampler\.count"):
         _realness_split(cfg, x[:8], x[:2])
     net = train_motion(cfg, progress=False, data=(x, y, hx, hy))

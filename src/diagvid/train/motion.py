@@ -95,10 +95,10 @@ class MotionTrainConfig:
 
 
 def labelled_latents(
-    cfg: MotionTrainConfig, vae=None
+    cfg: MotionTrainConfig, vae=None, progress: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train latents, train labels, held-out latents, held-out labels), latents cut to the frames the
-    windows span."""
+    windows span. A realness discriminator's sampled clips are sampled first if missing (`progress`: a bar)."""
     from diagvid.pretrained import load_vae
 
     latents, captions = build_latent_cache(cfg.data, vae if vae is not None else load_vae(cfg.vae))
@@ -116,7 +116,7 @@ def labelled_latents(
             f"{cfg.model.frames} frames read {span}"
         )
     if cfg.model.target == "realness":
-        fake = sampler_latents(cfg, captions, latents.shape[-2:])
+        fake = sampler_latents(cfg, captions, latents.shape[-2:], progress)
         return _realness_split(cfg, latents[:, :, :span], fake[:, :, :span])
     x, y = latents[keep][:, :, :span].contiguous(), labels[keep]
     return x[: -cfg.heldout], y[: -cfg.heldout], x[-cfg.heldout :], y[-cfg.heldout :]
@@ -162,15 +162,27 @@ def sampler_latents(
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(json.dumps(recipe, indent=2) + "\n", out / "sampler.json")
     starts = range(0, sc.count, sc.batch_size)
-    todo = [a for a in starts if not (out / f"sampled-{a:06d}.pt").exists()]
+
+    def size(a: int) -> int:  # clips in the batch that starts at clip a
+        return min(sc.batch_size, sc.count - a)
+
+    def done(a: int) -> bool:  # on disk and whole (a last batch of a smaller count is sampled again)
+        path = out / f"sampled-{a:06d}.pt"
+        return path.exists() and len(torch.load(path, weights_only=True)["latents"]) == size(a)
+
+    todo = [a for a in starts if not done(a)]
+    bar = None
     if todo:
         teacher = load_teacher(sc.teacher, sc.teacher_high).eval().requires_grad_(False)
         text = load_text_encoder(sc.text)
         clf = load_motion_classifier(sc.motion) if sc.motion else None
         null = text.encode([""])[0]
-        log.info("sampling %d clips into %s", sum(min(sc.batch_size, sc.count - a) for a in todo), out)
+        log.info("sampling %d clips into %s", sum(map(size, todo)), out)
+        from diagvid.train.ode import _bar
+
+        bar = _bar(progress, sum(map(size, todo)), "sampled clips")
     for k, a in enumerate(todo):
-        caps = captions[a : min(a + sc.batch_size, sc.count)]
+        caps = captions[a : a + size(a)]
         gen = torch.Generator().manual_seed(sc.seed + a)
         shape = (len(caps), teacher.cfg.in_dim, latent_frames(cfg.data.num_frames), *latent_hw)
         guide = []
@@ -190,8 +202,11 @@ def sampler_latents(
             motion_guidance=guide,
         )
         save_atomic({"latents": x0.half(), "captions": json.dumps(caps)}, out / f"sampled-{a:06d}.pt")
-        if progress:
-            log.info("sampled batch %d of %d", k + 1, len(todo))
+        log.info("sampled batch %d of %d", k + 1, len(todo))
+        if bar is not None:
+            bar[0].update(bar[1], advance=len(caps))
+    if bar is not None:
+        bar[0].stop()
     blobs = [torch.load(out / f"sampled-{a:06d}.pt", weights_only=True) for a in starts]
     return torch.cat([b["latents"] for b in blobs]).float() if blobs else torch.empty(0)
 

@@ -343,13 +343,14 @@ def write_ode_pairs(cfg: OdeConfig, *, progress: bool = True) -> Path:
         rt.close()
 
 
-def _bar(show: bool, total: int) -> tuple[Any, Any] | None:
+def _bar(show: bool, total: int, label: str = "ode pairs") -> tuple[Any, Any] | None:
+    """A rich progress bar over `total` samples (started), with its task; None when not shown."""
     if not show:
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    bar = Progress(TextColumn("[bold]ode pairs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    task = bar.add_task("ode", total=total)
+    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    task = bar.add_task(label, total=total)
     bar.start()
     return bar, task
 
