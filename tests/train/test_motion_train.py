@@ -191,5 +191,13 @@ def test_a_realness_discriminator_learns_world_clips_against_the_sampler_s(vae_f
     assert len(grown["latents"]) == 2 and json.loads(grown["captions"])[:1] == caption
     with pytest.raises(ValueError, match=r"raise sampler\.count"):
         _realness_split(cfg, x[:8], x[:2])
+    with pytest.raises(ValueError, match=r"sampler\.count=2: a realness discriminator"):
+        recipe(
+            vae_folder,
+            tmp_path,
+            model={**model, "target": "realness"},
+            sampler={**sampler, "count": 2},
+            heldout=4,
+        )
     net = train_motion(cfg, progress=False, data=(x, y, hx, hy))
     assert net(hx, torch.full((4,), 0.5)).shape == (4, 2)

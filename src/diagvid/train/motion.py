@@ -92,6 +92,11 @@ class MotionTrainConfig:
             raise ValueError(
                 f"steps={self.steps}, batch_size={self.batch_size} and heldout={self.heldout} must be >= 1"
             )
+        if self.model.target == "realness" and self.sampler.count <= self.heldout // 2:
+            raise ValueError(
+                f"sampler.count={self.sampler.count}: a realness discriminator learns sampled clips against the "
+                f"world's; sample more than heldout / 2 = {self.heldout // 2} of them"
+            )
 
 
 def labelled_latents(
@@ -143,8 +148,9 @@ def _realness_split(cfg: MotionTrainConfig, real: torch.Tensor, fake: torch.Tens
 def sampler_latents(
     cfg: MotionTrainConfig, captions: list[str], latent_hw: tuple[int, int], progress: bool = True
 ) -> torch.Tensor:
-    """[count, C, F, h, w]: the clips `cfg.sampler` samples at `latent_hw` for the first `count` captions, sampled once
-    (one file a batch, written atomically; files already there are read back, if made by these settings)."""
+    """[count, C, F, h, w]: the clips `cfg.sampler` samples at `latent_hw` for the first `count` captions,
+    sampled once (one file a batch, written atomically; files already there are read back, if made by these
+    settings)."""
     from diagvid.model.motion import MotionGuidance
     from diagvid.model.vae import latent_frames
     from diagvid.pretrained import load_motion_classifier, load_teacher, load_text_encoder
@@ -155,8 +161,9 @@ def sampler_latents(
     if sc.count > len(captions):
         raise ValueError(f"sampler.count={sc.count} is more than the {len(captions)} cached captions")
     out = Path(sc.out_dir)
-    recipe = json.dumps({**to_dict(sc), "data": to_dict(cfg.data)}, sort_keys=True)
-    recipe = {k: v for k, v in json.loads(recipe).items() if k not in ("count", "out_dir")}
+    # what decides the clips, through JSON so that it compares with the file (not how many, nor where)
+    recipe = json.loads(json.dumps({**to_dict(sc), "data": to_dict(cfg.data)}))
+    recipe = {k: v for k, v in recipe.items() if k not in ("count", "out_dir")}
     if (out / "sampler.json").exists() and json.loads((out / "sampler.json").read_text()) != recipe:
         raise ValueError(f"{out} holds clips of other sampler settings; choose another sampler.out_dir")
     out.mkdir(parents=True, exist_ok=True)
