@@ -173,11 +173,16 @@ def sampler_latents(
     def size(a: int) -> int:  # clips in the batch that starts at clip a
         return min(sc.batch_size, sc.count - a)
 
-    def done(a: int) -> bool:  # on disk and whole (a last batch of a smaller count is sampled again)
-        path = out / f"sampled-{a:06d}.pt"
-        return path.exists() and len(torch.load(path, weights_only=True)["latents"]) == size(a)
+    def path(a: int) -> Path:
+        return out / f"sampled-{a:06d}.pt"
 
-    todo = [a for a in starts if not done(a)]
+    kept = {}  # batch start -> its latents, read once; a last batch of a smaller count is sampled again whole
+    for a in starts:
+        if path(a).exists():
+            z = torch.load(path(a), weights_only=True)["latents"]
+            if len(z) == size(a):
+                kept[a] = z
+    todo = [a for a in starts if a not in kept]
     bar = None
     if todo:
         teacher = load_teacher(sc.teacher, sc.teacher_high).eval().requires_grad_(False)
@@ -208,14 +213,14 @@ def sampler_latents(
             generator=gen,
             motion_guidance=guide,
         )
-        save_atomic({"latents": x0.half(), "captions": json.dumps(caps)}, out / f"sampled-{a:06d}.pt")
+        kept[a] = x0.half()
+        save_atomic({"latents": kept[a], "captions": json.dumps(caps)}, path(a))
         log.info("sampled batch %d of %d", k + 1, len(todo))
         if bar is not None:
             bar[0].update(bar[1], advance=len(caps))
     if bar is not None:
         bar[0].stop()
-    blobs = [torch.load(out / f"sampled-{a:06d}.pt", weights_only=True) for a in starts]
-    return torch.cat([b["latents"] for b in blobs]).float() if blobs else torch.empty(0)
+    return torch.cat([kept[a] for a in starts]).float() if kept else torch.empty(0)
 
 
 def noised(x0: torch.Tensor, sigma: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
