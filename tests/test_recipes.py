@@ -47,6 +47,7 @@ KINDS = {
     "motion": MotionTrainConfig,
     "motion-axes": MotionTrainConfig,
     "realness": MotionTrainConfig,
+    "realness-direction": MotionTrainConfig,
     "tiny-decoder": TinyDecoderTrainConfig,
     "tiny-decoder-edge": TinyDecoderTrainConfig,
 }

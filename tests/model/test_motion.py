@@ -226,3 +226,26 @@ def test_a_discriminator_guides_every_prompt_toward_real():
     assert prompt_label("a red circle moves left", ["generated", "real"], "realness") == 1
     with pytest.raises(ValueError, match="unknown word 'sideways'"):
         prompt_label("a red circle moves sideways", cfg.classes, "realness")
+
+
+def test_a_caption_aware_discriminator_guides_toward_real_clips_of_the_asked_direction():
+    cfg = MotionClassifierConfig(target="realness-direction")
+    assert len(cfg.classes) == 16 and cfg.classes[:2] == ["real up", "real down"]
+    assert cfg.classes.index("generated up-left") == 8 + cfg.classes.index("real up-left")
+    assert (
+        cfg.classes[prompt_label("a red circle moves up-left fast", cfg.classes, cfg.target)]
+        == "real up-left"
+    )
+    both = "a blue square moves left fast and a green circle moves left"
+    assert cfg.classes[prompt_label(both, cfg.classes, cfg.target)] == "real left"
+    assert prompt_label("a blue square moves left and a green circle moves up", cfg.classes, cfg.target) == -1
+    assert prompt_label("a red circle moves fast", cfg.classes, cfg.target) == -1  # no direction: unguided
+    pair = MotionClassifierConfig(target="realness-direction", classes=["generated left", "real left"])
+    assert prompt_label("a red circle moves left", pair.classes, pair.target) == 1
+    # a side without its other side cannot be trained: sampled clips of "left" need a "generated left"
+    with pytest.raises(ValueError, match="need their 'generated left' class"):
+        MotionClassifierConfig(target="realness-direction", classes=["real left", "real up", "generated up"])
+    with pytest.raises(ValueError, match="need their 'real up' class"):
+        MotionClassifierConfig(
+            target="realness-direction", classes=["generated up", "real left", "generated left"]
+        )

@@ -190,7 +190,7 @@ def test_a_realness_discriminator_learns_world_clips_against_the_sampler_s(vae_f
     grown = torch.load(tmp_path / "sampled/sampled-000004.pt", weights_only=True)
     assert len(grown["latents"]) == 2 and json.loads(grown["captions"])[:1] == caption
     with pytest.raises(ValueError, match=r"raise sampler\.count"):
-        _realness_split(cfg, x[:8], x[:2])
+        _realness_split(cfg, x[:8], x[:2], ["a red circle moves left"] * 8)
     with pytest.raises(ValueError, match=r"sampler\.count=2: a realness discriminator"):
         recipe(
             vae_folder,
@@ -201,3 +201,33 @@ def test_a_realness_discriminator_learns_world_clips_against_the_sampler_s(vae_f
         )
     net = train_motion(cfg, progress=False, data=(x, y, hx, hy))
     assert net(hx, torch.full((4,), 0.5)).shape == (4, 2)
+
+
+def test_a_caption_aware_discriminator_labels_each_side_by_its_caption_s_direction():
+    """World clip i is "real <its direction>", sampled clip i (sampled for caption i) "generated <the same>";
+    captions without one direction are left out on both sides; half of heldout from the end of each side."""
+    from diagvid.train.motion import _realness_split
+
+    captions = [
+        "a red circle moves left",
+        "a red circle moves up and a blue square moves down",  # two directions: no class
+        "a green square moves up fast",
+        "a blue circle moves left slow",
+        "a red circle moves down-right",
+        "a green circle moves up",
+    ]
+    cfg = from_dict(
+        MotionTrainConfig, {"model": {"target": "realness-direction"}, "heldout": 2, "sampler": {"count": 4}}
+    )
+    real = torch.arange(6.0).view(6, 1, 1, 1, 1)
+    fake = 10 + torch.arange(4.0).view(4, 1, 1, 1, 1)  # sampled for captions 0-3
+    x, y, hx, hy = _realness_split(cfg, real, fake, captions)
+    name = [cfg.model.classes[i] for i in y.tolist()]
+    # real: clips 0, 2, 3, 4 train, 5 held out; sampled: 10, 12 train (repeated to 4 // 2 = 2x), 13 held out
+    assert x.flatten().tolist() == [0, 2, 3, 4, 10, 12, 10, 12]
+    assert (
+        name
+        == ["real left", "real up", "real left", "real down-right"] + ["generated left", "generated up"] * 2
+    )
+    assert hx.flatten().tolist() == [5, 13]
+    assert [cfg.model.classes[i] for i in hy.tolist()] == ["real up", "generated left"]

@@ -46,6 +46,7 @@ TARGETS = {
     "direction": list(DIRECTIONS),
     "axis-speed": [f"{axis} {speed}" for axis in AXES for speed in SPEEDS],
     "realness": ["real", "generated"],
+    "realness-direction": [f"{kind} {d}" for kind in ("real", "generated") for d in DIRECTIONS],
 }
 """what a classifier's classes name, with every class name that target allows"""
 
@@ -72,7 +73,9 @@ class MotionClassifierConfig:
     """what the classes name: "direction" (the caption's, up ... down-right: it holds until the first
     bounce) or "axis-speed" (which axes the objects move along and how fast, "horizontal slow" ... "diagonal
     fast": they hold over bounces, for the whole clip) or "realness" (a world clip or a sampler's: a
-    discriminator, whose guidance toward "real" pulls every prompt's samples toward the world's clips)"""
+    discriminator, whose guidance toward "real" pulls every prompt's samples toward the world's clips) or
+    "realness-direction" (the same per captioned direction: "real up" ... "generated down-right"; a prompt
+    asks for "real" and its direction)"""
     windows: list[int] = field(default_factory=lambda: [0])
     """first latent frame of each window read, increasing; their log-probabilities are summed. Training
     draws each window's start uniformly from the first to the last of them"""
@@ -93,6 +96,12 @@ class MotionClassifierConfig:
         if unknown:
             raise ValueError(
                 f"classes {unknown} are not {self.target} classes; allowed: {', '.join(TARGETS[self.target])}"
+            )
+        paired = self.target.startswith("realness")
+        unpaired = [c for c in self.classes if paired and partner_class(c) not in self.classes]
+        if unpaired:
+            raise ValueError(
+                f"classes {unpaired} of a discriminator need their {partner_class(unpaired[0])!r} class"
             )
         if not self.windows or self.windows[0] < 0 or list(self.windows) != sorted(set(self.windows)):
             raise ValueError(f"windows={self.windows}: increasing first latent frames >= 0, at least one")
@@ -240,8 +249,8 @@ class MotionGuidance:
 def prompt_label(prompt: str, classes: Sequence[str], target: str = "direction") -> int:
     """The index in `classes` of what a prompt asks for under `target` ("direction": its objects' direction;
     "axis-speed": the axes they move along and their speed, e.g. "diagonal fast"; "realness": "real", for
-    every prompt) when all its objects share it, else -1 (unguided). Unknown words raise, as `parse_caption`
-    does."""
+    every prompt; "realness-direction": "real" and the direction, e.g. "real up-left") when all its objects
+    share it, else -1 (unguided). Unknown words raise, as `parse_caption` does."""
     from diagvid.world.captions import parse_caption
 
     if target not in TARGETS:
@@ -257,12 +266,20 @@ def prompt_label(prompt: str, classes: Sequence[str], target: str = "direction")
     return list(classes).index(name)
 
 
+def partner_class(name: str) -> str:
+    """A discriminator's class of the other side: "real up" <-> "generated up", "real" <-> "generated"."""
+    kind, _, rest = name.partition(" ")
+    return " ".join(filter(None, ["generated" if kind == "real" else "real", rest]))
+
+
 def _class_of(direction: str | None, speed: str | None, target: str) -> str | None:
     """One object's class name under `target`; None where the caption leaves out what it needs."""
     if target == "realness":
         return "real"  # every prompt asks for a clip like the world's
     if target == "direction":
         return direction
+    if target == "realness-direction":
+        return None if direction is None else f"real {direction}"
     if direction is None or speed is None:
         return None
     ux, uy = DIRECTIONS[direction]

@@ -8,8 +8,8 @@ last's. The last `heldout` usable clips of the cache are held out; accuracy (of 
 log-probabilities, as guidance reads them) is reported on them per noise level, with fixed noise, so runs
 compare.
 
-A realness discriminator (`target = "realness"`) learns the world's cached clips against clips of a sampler
-(`SamplerConfig`): `sampler_latents` samples them once, in files written atomically and kept, so an
+A realness discriminator (`target = "realness"`, or per captioned direction "realness-direction") learns the
+world's cached clips against clips of a sampler (`SamplerConfig`): `sampler_latents` samples them once, in files written atomically and kept, so an
 interrupted run goes on where it stopped. Guided toward "real", it pulls that sampler's clips toward the
 world's (discriminator guidance, Kim et al., 2023).
 """
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from diagvid.config import to_dict
-from diagvid.model.motion import MotionClassifier, MotionClassifierConfig, prompt_label
+from diagvid.model.motion import MotionClassifier, MotionClassifierConfig, partner_class, prompt_label
 from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, seeded, start_run
 from diagvid.train.teacher import DataConfig, build_latent_cache
 
@@ -81,7 +81,7 @@ class MotionTrainConfig:
     ema_decay: float = 0.995
     seed: int = 0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    """the clips a realness discriminator learns as "generated" (used by `target = "realness"` only)"""
+    """the clips a realness discriminator learns as "generated" (used by the "realness" targets only)"""
     out_dir: str = "runs/toy-motion"
     log_every: int = 10
     ckpt_every: int = 250
@@ -92,7 +92,7 @@ class MotionTrainConfig:
             raise ValueError(
                 f"steps={self.steps}, batch_size={self.batch_size} and heldout={self.heldout} must be >= 1"
             )
-        if self.model.target == "realness" and self.sampler.count <= self.heldout // 2:
+        if self.model.target.startswith("realness") and self.sampler.count <= self.heldout // 2:
             raise ValueError(
                 f"sampler.count={self.sampler.count}: a realness discriminator learns sampled clips against the "
                 f"world's; sample more than heldout / 2 = {self.heldout // 2} of them"
@@ -120,28 +120,35 @@ def labelled_latents(
             f"clips of {latents.shape[2]} latent frames; the classifier's windows {cfg.model.windows} of "
             f"{cfg.model.frames} frames read {span}"
         )
-    if cfg.model.target == "realness":
+    if cfg.model.target.startswith("realness"):
         fake = sampler_latents(cfg, captions, latents.shape[-2:], progress)
-        return _realness_split(cfg, latents[:, :, :span], fake[:, :, :span])
+        return _realness_split(cfg, latents[:, :, :span], fake[:, :, :span], captions)
     x, y = latents[keep][:, :, :span].contiguous(), labels[keep]
     return x[: -cfg.heldout], y[: -cfg.heldout], x[-cfg.heldout :], y[-cfg.heldout :]
 
 
-def _realness_split(cfg: MotionTrainConfig, real: torch.Tensor, fake: torch.Tensor):
-    """World clips labelled "real", sampled ones "generated"; half of `heldout` from the end of each is held
-    out, and the sampled training clips are repeated to about as many as the real ones (balanced classes)."""
+def _realness_split(cfg: MotionTrainConfig, real: torch.Tensor, fake: torch.Tensor, captions: list[str]):
+    """World clip i labelled as its caption asks ("real", or "real <direction>"), sampled clip i (sampled for
+    caption i) as the same class's "generated" side; clips whose caption has no class are left out. Half of
+    `heldout` from the end of each side is held out, and the sampled training clips are repeated to about as
+    many as the real ones (balanced sides)."""
+    classes, target = cfg.model.classes, cfg.model.target
+    labels = torch.tensor([prompt_label(c, classes, target) for c in captions])
+    fake_labels = torch.tensor([classes.index(partner_class(classes[i])) if i >= 0 else -1 for i in labels])
+    real, real_y = real[labels >= 0], labels[labels >= 0]
+    keep = fake_labels[: len(fake)] >= 0
+    fake, fake_y = fake[keep], fake_labels[: len(fake)][keep]
     h = cfg.heldout // 2
     if min(len(real), len(fake)) <= h or h < 1:
         raise ValueError(
-            f"{len(real)} world and {len(fake)} sampled clips for heldout={cfg.heldout} (half from each): "
-            "need heldout >= 2 and more than heldout / 2 of each (raise sampler.count)"
+            f"{len(real)} world and {len(fake)} sampled clips with one {target} class for heldout="
+            f"{cfg.heldout} (half from each): need heldout >= 2 and more than heldout / 2 of each (raise "
+            "sampler.count)"
         )
-    real_id, fake_id = cfg.model.classes.index("real"), cfg.model.classes.index("generated")
     rep = max(1, (len(real) - h) // (len(fake) - h))
     x = torch.cat([real[:-h], fake[:-h].repeat(rep, 1, 1, 1, 1)]).contiguous()
-    y = torch.tensor([real_id] * (len(real) - h) + [fake_id] * (rep * (len(fake) - h)))
-    hy = torch.tensor([real_id] * h + [fake_id] * h)
-    return x, y, torch.cat([real[-h:], fake[-h:]]), hy
+    y = torch.cat([real_y[:-h], fake_y[:-h].repeat(rep)])
+    return x, y, torch.cat([real[-h:], fake[-h:]]), torch.cat([real_y[-h:], fake_y[-h:]])
 
 
 @torch.no_grad()
