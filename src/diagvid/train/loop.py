@@ -183,19 +183,8 @@ def run_loop(
         stop["flag"] = True
 
     old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = None
-    if progress and writer:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        bar = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-        )
-        task = bar.add_task("train", total=max_steps, completed=step, info="")
-        bar.start()
+    shown = progress_bar(progress and writer, "train", max_steps, completed=step, info=True)
+    bar, task = shown if shown is not None else (None, None)
     try:
         t0 = time.perf_counter()
         while step < max_steps:
@@ -229,6 +218,22 @@ def run_loop(
         for s, handler in old.items():
             signal.signal(s, handler)
     return step
+
+
+def progress_bar(
+    show: bool, label: str, total: int, *, completed: int = 0, info: bool = False
+) -> tuple[Any, Any] | None:
+    """A started rich progress bar over `total` items (with a free-text `info` field when asked) and its task;
+    None when not shown. The caller stops it."""
+    if not show:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    bar = Progress(*columns, *([TextColumn("{task.fields[info]}")] if info else []))
+    task = bar.add_task(label, total=total, completed=completed, info="")
+    bar.start()
+    return bar, task
 
 
 def write_model_config(out_dir: Path, model: torch.nn.Module) -> None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from diagvid.config import to_dict
 from diagvid.model.motion import MotionClassifier, MotionClassifierConfig, partner_class, prompt_label
-from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, seeded, start_run
+from diagvid.train.loop import EMA, adamw_with_warmup, progress_bar, run_loop, seeded, start_run
 from diagvid.train.teacher import DataConfig, build_latent_cache
 
 EVAL_SIGMAS = (0.3, 0.5, 0.7, 0.8, 0.9)
@@ -197,9 +197,7 @@ def sampler_latents(
         clf = load_motion_classifier(sc.motion) if sc.motion else None
         null = text.encode([""])[0]
         log.info("sampling %d clips into %s", sum(map(size, todo)), out)
-        from diagvid.train.ode import _bar
-
-        bar = _bar(progress, sum(map(size, todo)), "sampled clips")
+        bar = progress_bar(progress, "sampled clips", sum(map(size, todo)))
     for k, a in enumerate(todo):
         caps = captions[a : a + size(a)]
         gen = torch.Generator().manual_seed(sc.seed + a)

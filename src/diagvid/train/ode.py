@@ -19,7 +19,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -27,7 +26,7 @@ from diagvid.config import to_dict
 from diagvid.model.dit import WanDiT
 from diagvid.model.experts import TOY_BOUNDARY, check_experts
 from diagvid.sampling import NUM_TRAIN_TIMESTEPS, FlowMatch, sample_euler, teacher_timesteps
-from diagvid.train.loop import seeded
+from diagvid.train.loop import progress_bar, seeded
 
 log = logging.getLogger("diagvid.train")
 
@@ -293,7 +292,7 @@ def write_ode_pairs(cfg: OdeConfig, *, progress: bool = True) -> Path:
             for stale in out.glob(f".{shard_name(i)}.*.tmp"):  # a writer killed mid-file
                 stale.unlink(missing_ok=True)
         log.info("ODE pairs: %d of %d shards to write in %s", len(todo), len(mine), out)
-        bar = _bar(progress and rt.main, sum(counts[i] for i in todo))
+        bar = progress_bar(progress and rt.main, "ode pairs", sum(counts[i] for i in todo))
         dtype = next(teacher.parameters()).dtype
         shape = tuple(manifest["sample_shape"][1:])
         null = text.encode([cfg.negative_prompt])[0].to(dtype)
@@ -341,18 +340,6 @@ def write_ode_pairs(cfg: OdeConfig, *, progress: bool = True) -> Path:
         return out
     finally:
         rt.close()
-
-
-def _bar(show: bool, total: int, label: str = "ode pairs") -> tuple[Any, Any] | None:
-    """A rich progress bar over `total` samples (started), with its task; None when not shown."""
-    if not show:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    task = bar.add_task(label, total=total)
-    bar.start()
-    return bar, task
 
 
 class OdeShards:
