@@ -572,9 +572,10 @@ def eval_cmd(
         "--motion-classifier",
         metavar="NAME",
         help="A motion classifier for --teacher-motion-guidance (repeatable): a bundled name (toy/motion: "
-        "the direction, from the first frames; toy/motion-axes: axes and speed, over the whole clip) or a "
-        "folder (diagvid train motion --export DIR; a realness discriminator guides toward real clips); "
-        "default toy/motion.",
+        "the direction, from the first frames; toy/motion-axes: axes and speed, over the whole clip; "
+        "toy/realness: a discriminator, toward the world's clips; toy/realness-direction: one per captioned "
+        "direction, toward the world's clips that move the asked way) or a folder (diagvid train motion "
+        "--export DIR); default toy/motion.",
     ),
     teacher_motion_sigma: float = typer.Option(
         0.5,
@@ -1214,7 +1215,8 @@ def train_motion_cmd(
 ) -> None:
     """Train a motion classifier (from noisy latents: the direction objects move in, or with the recipe's
     `model.target = "axis-speed"` their axes and speed, or with "realness" a discriminator of the world's clips
-    against a sampler's, which it samples first) for classifier guidance (`diagvid eval
+    against a sampler's, which it samples first; "realness-direction": the same per captioned direction) for
+    classifier guidance (`diagvid eval
     --teacher-motion-guidance`); resumes."""
     from diagvid.config import load_config
     from diagvid.train.motion import MotionTrainConfig, accuracy, labelled_latents, train_motion
