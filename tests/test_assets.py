@@ -298,9 +298,8 @@ def test_the_shipped_caption_aware_discriminator_names_real_clips_and_their_dire
             noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
 
             def scores(x: torch.Tensor, sigma: float = sigma, noise: torch.Tensor = noise) -> torch.Tensor:
-                return disc.class_log_probs(
-                    (1 - sigma) * x + sigma * noise, sigma
-                ).exp()  # windows multiplied
+                # the product of the three windows' probabilities, per class
+                return disc.class_log_probs((1 - sigma) * x + sigma * noise, sigma).exp()
 
             def rated_real(x: torch.Tensor) -> float:  # the real side outweighs the generated one
                 p = scores(x)

@@ -1216,8 +1216,7 @@ def train_motion_cmd(
     """Train a motion classifier (from noisy latents: the direction objects move in, or with the recipe's
     `model.target = "axis-speed"` their axes and speed, or with "realness" a discriminator of the world's clips
     against a sampler's, which it samples first; "realness-direction": the same per captioned direction) for
-    classifier guidance (`diagvid eval
-    --teacher-motion-guidance`); resumes."""
+    classifier guidance (`diagvid eval --teacher-motion-guidance`); resumes."""
     from diagvid.config import load_config
     from diagvid.train.motion import MotionTrainConfig, accuracy, labelled_latents, train_motion
 

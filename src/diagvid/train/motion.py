@@ -9,9 +9,9 @@ log-probabilities, as guidance reads them) is reported on them per noise level, 
 compare.
 
 A realness discriminator (`target = "realness"`, or per captioned direction "realness-direction") learns the
-world's cached clips against clips of a sampler (`SamplerConfig`): `sampler_latents` samples them once, in files written atomically and kept, so an
-interrupted run goes on where it stopped. Guided toward "real", it pulls that sampler's clips toward the
-world's (discriminator guidance, Kim et al., 2023).
+world's cached clips against clips of a sampler (`SamplerConfig`): `sampler_latents` samples them once, in
+files written atomically and kept, so an interrupted run goes on where it stopped. Guided toward "real", it
+pulls that sampler's clips toward the world's (discriminator guidance, Kim et al., 2023).
 """
 
 from __future__ import annotations
@@ -135,9 +135,9 @@ def _realness_split(cfg: MotionTrainConfig, real: torch.Tensor, fake: torch.Tens
     classes, target = cfg.model.classes, cfg.model.target
     labels = torch.tensor([prompt_label(c, classes, target) for c in captions])
     fake_labels = torch.tensor([classes.index(partner_class(classes[i])) if i >= 0 else -1 for i in labels])
+    fake_labels = fake_labels[: len(fake)]  # the sampled clips are those of the first captions
     real, real_y = real[labels >= 0], labels[labels >= 0]
-    keep = fake_labels[: len(fake)] >= 0
-    fake, fake_y = fake[keep], fake_labels[: len(fake)][keep]
+    fake, fake_y = fake[fake_labels >= 0], fake_labels[fake_labels >= 0]
     h = cfg.heldout // 2
     if min(len(real), len(fake)) <= h or h < 1:
         raise ValueError(
