@@ -235,25 +235,37 @@ def test_the_shipped_axes_classifier_names_axes_and_speed_over_the_whole_clip():
             assert hits >= least, f"sigma {sigma}: {hits:.2f} of held-out clips named right"
 
 
+def _world_frozen_shuffled(vae, specs):
+    """The toy codec's latents of the world clips `specs` (81 frames: 21 latent frames), and the same frozen
+    after their first latent frame, and with those 20 frames shuffled in time (a fixed permutation)."""
+    import torch
+
+    from diagvid.model.vae import frames_to_tensor
+    from diagvid.world import render
+
+    real = vae.encode(torch.stack([frames_to_tensor(render(s).frames) for s in specs]))
+    frozen, shuffled = real.clone(), real.clone()
+    frozen[:, :, 1:] = real[:, :, 1:2]
+    shuffled[:, :, 1:] = real[:, :, torch.randperm(20, generator=torch.Generator().manual_seed(0)) + 1]
+    return real, frozen, shuffled
+
+
 def test_the_shipped_discriminator_tells_world_clips_from_frozen_and_shuffled_ones():
     """toy/realness rates the toy codec's latents of 12 held-out world clips (81 frames), noised, as real, and
     the same clips frozen after their first latent frame or with those frames shuffled in time as generated:
     it reads whether the motion is the world's, which its guidance pulls a sampler toward."""
     import torch
 
-    from diagvid.model.vae import frames_to_tensor, latent_frames
+    from diagvid.model.vae import latent_frames
     from diagvid.pretrained import load_motion_classifier
-    from diagvid.world import eval_specs, render
+    from diagvid.world import eval_specs
 
     disc, vae = load_motion_classifier("toy/realness"), load_vae("toy/vae")
     assert disc.cfg.target == "realness" and disc.cfg.span == latent_frames(81)
     real_class = disc.cfg.classes.index("real")
     specs = eval_specs("heldout-48", num_frames=81)[:48:4]
     with torch.no_grad():
-        real = vae.encode(torch.stack([frames_to_tensor(render(s).frames) for s in specs]))
-        frozen, shuffled = real.clone(), real.clone()
-        frozen[:, :, 1:] = real[:, :, 1:2]
-        shuffled[:, :, 1:] = real[:, :, torch.randperm(20, generator=torch.Generator().manual_seed(0)) + 1]
+        real, frozen, shuffled = _world_frozen_shuffled(vae, specs)
         for sigma, least, most in ((0.3, 0.9, 0.25), (0.5, 0.75, 0.34)):
             noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
 
@@ -276,9 +288,9 @@ def test_the_shipped_caption_aware_discriminator_names_real_clips_and_their_dire
     import torch
 
     from diagvid.model.motion import prompt_label
-    from diagvid.model.vae import frames_to_tensor, latent_frames
+    from diagvid.model.vae import latent_frames
     from diagvid.pretrained import load_motion_classifier
-    from diagvid.world import eval_prompts, eval_specs, render
+    from diagvid.world import eval_prompts, eval_specs
     from diagvid.world.render import DIRECTIONS
 
     disc, vae = load_motion_classifier("toy/realness-direction"), load_vae("toy/vae")
@@ -290,10 +302,7 @@ def test_the_shipped_caption_aware_discriminator_names_real_clips_and_their_dire
     assert sorted(disc.cfg.classes[i] for i in asked) == sorted(f"real {d}" for d in DIRECTIONS for _ in "ab")
     real_side = torch.tensor([c.startswith("real") for c in disc.cfg.classes])
     with torch.no_grad():
-        real = vae.encode(torch.stack([frames_to_tensor(render(s).frames) for s in specs]))
-        frozen, shuffled = real.clone(), real.clone()
-        frozen[:, :, 1:] = real[:, :, 1:2]
-        shuffled[:, :, 1:] = real[:, :, torch.randperm(20, generator=torch.Generator().manual_seed(0)) + 1]
+        real, frozen, shuffled = _world_frozen_shuffled(vae, specs)
         for sigma in (0.3, 0.5):
             noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
 

@@ -190,7 +190,7 @@ def test_a_realness_discriminator_learns_world_clips_against_the_sampler_s(vae_f
     grown = torch.load(tmp_path / "sampled/sampled-000004.pt", weights_only=True)
     assert len(grown["latents"]) == 2 and json.loads(grown["captions"])[:1] == caption
     with pytest.raises(ValueError, match=r"raise sampler\.count"):
-        _realness_split(cfg, x[:8], x[:2], ["a red circle moves left"] * 8)
+        _realness_split(cfg, x[:8], x[:2], torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match=r"sampler\.count=2: a realness discriminator"):
         recipe(
             vae_folder,
@@ -221,7 +221,8 @@ def test_a_caption_aware_discriminator_labels_each_side_by_its_caption_s_directi
     )
     real = torch.arange(6.0).view(6, 1, 1, 1, 1)
     fake = 10 + torch.arange(4.0).view(4, 1, 1, 1, 1)  # sampled for captions 0-3
-    x, y, hx, hy = _realness_split(cfg, real, fake, captions)
+    labels = torch.tensor([prompt_label(c, cfg.model.classes, cfg.model.target) for c in captions])
+    x, y, hx, hy = _realness_split(cfg, real, fake, labels)
     name = [cfg.model.classes[i] for i in y.tolist()]
     # real: clips 0, 2, 3, 4 train, 5 held out; sampled: 10, 12 train (repeated to 4 // 2 = 2x), 13 held out
     assert x.flatten().tolist() == [0, 2, 3, 4, 10, 12, 10, 12]

@@ -122,18 +122,18 @@ def labelled_latents(
         )
     if cfg.model.target.startswith("realness"):
         fake = sampler_latents(cfg, captions, latents.shape[-2:], progress)
-        return _realness_split(cfg, latents[:, :, :span], fake[:, :, :span], captions)
+        return _realness_split(cfg, latents[:, :, :span], fake[:, :, :span], labels)
     x, y = latents[keep][:, :, :span].contiguous(), labels[keep]
     return x[: -cfg.heldout], y[: -cfg.heldout], x[-cfg.heldout :], y[-cfg.heldout :]
 
 
-def _realness_split(cfg: MotionTrainConfig, real: torch.Tensor, fake: torch.Tensor, captions: list[str]):
-    """World clip i labelled as its caption asks ("real", or "real <direction>"), sampled clip i (sampled for
-    caption i) as the same class's "generated" side; clips whose caption has no class are left out. Half of
+def _realness_split(cfg: MotionTrainConfig, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor):
+    """World clip i labelled as its caption asks (`labels`, the `prompt_label` of each cached caption: "real",
+    or "real <direction>"), sampled clip i (sampled for caption i) as the same class's "generated" side; clips
+    whose caption has no class (-1) are left out. Half of
     `heldout` from the end of each side is held out, and the sampled training clips are repeated to about as
     many as the real ones (balanced sides)."""
     classes, target = cfg.model.classes, cfg.model.target
-    labels = torch.tensor([prompt_label(c, classes, target) for c in captions])
     fake_labels = torch.tensor([classes.index(partner_class(classes[i])) if i >= 0 else -1 for i in labels])
     fake_labels = fake_labels[: len(fake)]  # the sampled clips are those of the first captions
     real, real_y = real[labels >= 0], labels[labels >= 0]
