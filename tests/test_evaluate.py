@@ -320,6 +320,53 @@ def test_teacher_method_with_motion_guidance(tiny_pipeline):
         ev.teacher_method(*models, **both, motion_scale=[1.0, 2.0, 3.0])
 
 
+def test_best_of_starts_chosen_by_some_classifiers_only(tiny_pipeline, monkeypatch):
+    """motion_choose: the start is picked by the named classifiers' log-probabilities alone, while every
+    classifier with a scale still guides; a prompt that asks the choosers nothing is sampled once."""
+    from diagvid import sampling
+    from diagvid.model.motion import MotionClassifier, MotionClassifierConfig, prompt_label
+
+    torch.manual_seed(0)
+    small = dict(in_dim=4, frames=2, width=8, groups=2, freq_dim=8, hidden=8)
+    direction = MotionClassifier(MotionClassifierConfig(**small))
+    axes = MotionClassifier(MotionClassifierConfig(**small, target="axis-speed", windows=[0, 1]))
+    models = (tiny_pipeline.generator, tiny_pipeline.vae, tiny_pipeline.text_encoder)
+    prompts = ["a circle moves left slowly", "a red circle"]
+    run = dict(size=16, num_steps=4, motion_candidates=3, motion_sigma_min=0.7)
+    # the direction classifier chooses and guides; the other, at scale 0 and not choosing, changes nothing
+    alone = ev.teacher_method(*models, **run, motion=direction, motion_scale=50.0)(prompts, 9, 0)
+    both = dict(run, motion=[direction, axes], motion_scale=[50.0, 0.0])
+    chosen = ev.teacher_method(*models, **both, motion_choose=[0])(prompts, 9, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(alone, chosen, strict=True))
+
+    scores = []
+    real = sampling.sample_euler_best_of
+
+    def spy(model, noise, context, null_context, score, select_sigma, **steps):
+        def recorded(x, sigma):
+            scores.append((x, sigma, score(x, sigma)))
+            return scores[-1][2]
+
+        return real(model, noise, context, null_context, recorded, select_sigma, **steps)
+
+    monkeypatch.setattr(sampling, "sample_euler_best_of", spy)
+    ev.teacher_method(*models, **both, motion_choose=[1])(prompts, 9, 0)
+    ((x, sigma, got),) = scores  # one prompt asks for axes and a speed; "a red circle" asks nothing
+    label = prompt_label(prompts[0], axes.cfg.classes, axes.cfg.target)
+    want = axes.log_prob(x, sigma, torch.full((3,), label))
+    torch.testing.assert_close(got, want)  # the axes classifier's alone, not the sum with the direction's
+    asked = prompt_label(prompts[0], direction.cfg.classes, direction.cfg.target)
+    assert not torch.allclose(got, want + direction.log_prob(x, sigma, torch.full((3,), asked)))
+    for choose, kwargs, message in [
+        ([1], dict(run, motion_candidates=1), "needs motion_candidates >= 2"),
+        ([2], both, r"indices into the 2 motion classifiers \(0 to 1\)"),
+        ([0, 0], both, "name each choosing classifier once"),
+        ([], both, "name each choosing classifier once"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ev.teacher_method(*models, **{**kwargs, "motion": [direction, axes]}, motion_choose=choose)
+
+
 def test_sampling_from_a_midpoint_of_the_schedule_finishes_the_same_trajectory(tiny_dit):
     from diagvid.sampling import partial_timesteps, sample_euler, teacher_timesteps
 
@@ -409,6 +456,7 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
         "motion_scale": 0.0,
         "motion_sigma_min": 0.5,
         "motion_candidates": 1,
+        "motion_choose": None,
         "image_to_video": None,
     }
     # a second, image-to-video pass: its expert above the boundary, --teacher below
@@ -439,6 +487,18 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
     _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", motion=options)
     assert [c.cfg.target for c in seen["motion"]] == ["direction", "axis-speed"]
     assert seen["motion_scale"] == [100.0, 50.0]
+    # best of 4 starts picked by the second classifier alone, named as it was given
+    options = MotionOptions((DEFAULT_MOTION_CLASSIFIER, str(tmp_path / "axes")), (100.0, 50.0), 0.5, 4)
+    _eval_methods(
+        "teacher",
+        "toy/vae",
+        None,
+        "toy/text",
+        [],
+        "cpu",
+        motion=options._replace(choose_by=(str(tmp_path / "axes"),)),
+    )
+    assert seen["motion_choose"] == [1] and seen["motion_candidates"] == 4
     for options, message in [
         (MotionOptions((), (100.0, 50.0)), "given 2 times: name one --motion-classifier for each"),
         (
@@ -447,6 +507,15 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
         ),
         (MotionOptions((), (float("nan"),)), "--teacher-motion-guidance nan: the scale must be"),
         (MotionOptions(("toy/motion",), (0.0,)), "--motion-classifier toy/motion: only means something"),
+        (
+            MotionOptions(("toy/motion",), (100.0,), choose_by=("toy/motion",)),
+            "--teacher-motion-choose-by toy/motion: picks among starts; only means something with",
+        ),
+        (
+            MotionOptions(("toy/motion",), (100.0,), 0.5, 4, ("toy/realness",)),
+            r"--teacher-motion-choose-by toy/realness: name each chooser once, as given to --motion-classifier "
+            r"\(toy/motion\)",
+        ),
     ]:
         with pytest.raises(ValueError, match=message):
             _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", motion=options)

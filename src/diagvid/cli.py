@@ -588,6 +588,14 @@ def eval_cmd(
         help="Best of N starts: N noises per prompt run together down to --teacher-motion-sigma, where the "
         "motion classifier keeps the one most likely to move the asked way (N times the high-noise steps).",
     ),
+    teacher_motion_choose_by: list[str] = typer.Option(
+        [],
+        "--teacher-motion-choose-by",
+        metavar="NAME",
+        help="With --teacher-motion-candidates: only this --motion-classifier (repeatable, named as given "
+        "there) picks the start; default every one. E.g. toy/motion picks while toy/realness-direction "
+        "guides too.",
+    ),
     fp8: bool = typer.Option(
         False,
         "--fp8",
@@ -658,6 +666,7 @@ def eval_cmd(
                 tuple(teacher_motion_guidance),
                 teacher_motion_sigma,
                 teacher_motion_candidates,
+                tuple(teacher_motion_choose_by),
             ),
             fp8=fp8,
         )
@@ -690,6 +699,8 @@ def eval_cmd(
                 "sigma_min": teacher_motion_sigma,
                 "candidates": teacher_motion_candidates,
             }
+            if teacher_motion_choose_by:
+                report["teacher_motion_guidance"]["choose_by"] = teacher_motion_choose_by
         if teacher_high:
             from diagvid.model.experts import TOY_BOUNDARY
 
@@ -730,6 +741,8 @@ class MotionOptions(NamedTuple):
     """one guidance scale per classifier; none: 0 (no guidance)"""
     sigma_min: float = 0.5
     candidates: int = 1
+    choose_by: tuple[str, ...] = ()
+    """the classifiers (named as in `classifiers`) whose log-probabilities pick the start; none: all"""
 
 
 def _parse_int(text: str, option: str) -> int:
@@ -782,7 +795,7 @@ def _eval_methods(
         raise ValueError(f"--teacher-start-sigma {teacher_start_sigma}: must be in (0, 1]")
     if not 0 <= teacher_eta <= 1:
         raise ValueError(f"--teacher-eta {teacher_eta}: must be in [0, 1] (0: Euler, 1: DDPM ancestral)")
-    motion_folders, motion_scales, motion_sigma, motion_candidates = motion
+    motion_folders, motion_scales, motion_sigma, motion_candidates, choose_by = motion
     for scale in motion_scales:
         if not (math.isfinite(scale) and scale >= 0):
             raise ValueError(f"--teacher-motion-guidance {scale}: the scale must be a finite number >= 0")
@@ -805,6 +818,21 @@ def _eval_methods(
             f"--teacher-motion-candidates {motion_candidates}: the starts are noise; no --teacher-start-sigma"
         )
     motion_used = any(motion_scales) or motion_candidates > 1
+    motion_choose = None
+    if choose_by:
+        if motion_candidates < 2:
+            raise ValueError(
+                f"--teacher-motion-choose-by {', '.join(choose_by)}: picks among starts; only means something "
+                "with --teacher-motion-candidates N >= 2"
+            )
+        named = list(motion_folders) or [DEFAULT_MOTION_CLASSIFIER]
+        unknown = [n for n in choose_by if n not in named]
+        if unknown or len(set(choose_by)) != len(choose_by):
+            raise ValueError(
+                f"--teacher-motion-choose-by {', '.join(unknown or choose_by)}: name each chooser once, as "
+                f"given to --motion-classifier ({', '.join(named)})"
+            )
+        motion_choose = [named.index(n) for n in choose_by]
     if motion_folders and not motion_used:
         raise ValueError(
             f"--motion-classifier {', '.join(motion_folders)}: only means something with "
@@ -912,6 +940,7 @@ def _eval_methods(
                 motion_scale=scale,
                 motion_sigma_min=motion_sigma,
                 motion_candidates=motion_candidates,
+                motion_choose=motion_choose,
                 image_to_video=second_pass,
             )
         else:

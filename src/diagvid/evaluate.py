@@ -138,6 +138,7 @@ def teacher_method(
     motion_scale: float | Sequence[float] = 0.0,
     motion_sigma_min: float = 0.5,
     motion_candidates: int = 1,
+    motion_choose: Sequence[int] | None = None,
     image_to_video: torch.nn.Module | None = None,
 ) -> Method:
     """The undistilled teacher: full attention over the whole clip, Euler + CFG, then one decode to
@@ -154,10 +155,13 @@ def teacher_method(
     scale per classifier): classifier guidance toward what each prompt asks of each classifier (its
     direction; its axes and speed) at the levels >= `motion_sigma_min` (`MotionGuidance`, summed over the
     classifiers); a prompt whose objects move different ways is sampled without it.
-    `motion_candidates` N > 1 (with `motion`): best of N starts for each prompt that asks for one direction
-    (`sample_euler_best_of`): N seeded noises, the prompt's own first, run together down to `motion_sigma_min`,
-    where the classifiers pick the one most likely to move the asked way (the sum of their log-probabilities);
-    its high-noise steps cost N times.
+    `motion_candidates` N > 1 (with `motion`): best of N starts for each prompt that asks the choosing
+    classifiers for a class (the direction classifier: one direction; `sample_euler_best_of`): N seeded
+    noises, the prompt's own first, run together down to `motion_sigma_min`, where the classifiers pick the
+    one most likely to move the asked way (the sum of their log-probabilities); its high-noise steps cost N
+    times. `motion_choose` (indices into `motion`): only these classifiers'
+    log-probabilities make the choice (default: all), e.g. the direction classifier's alone while a
+    discriminator guides beside it, whose term would otherwise outweigh the direction's.
     `image_to_video` (a model trained with `clean_first_frame`, alone or in a `NoiseExperts` pair): a second
     pass. The frames after the first are sampled again by this model, from fresh noise drawn from the same
     generator, given the first pass's latent frame 0 (`FirstFrameGiven`), with the same steps and guidance:
@@ -184,6 +188,22 @@ def teacher_method(
             raise ValueError(f"motion_scale={motion_scale}: one scale per classifier ({len(classifiers)})")
         scales *= len(classifiers)
     guided = [(i, s) for i, s in enumerate(scales) if s]  # (classifier index, scale)
+    choosers = list(range(len(classifiers))) if motion_choose is None else list(motion_choose)
+    if motion_choose is not None:
+        if motion_candidates < 2:
+            raise ValueError(
+                f"motion_choose={motion_choose}: picks among starts; needs motion_candidates >= 2 "
+                f"(got {motion_candidates})"
+            )
+        if not choosers or len(set(choosers)) != len(choosers):
+            raise ValueError(
+                f"motion_choose={motion_choose}: name each choosing classifier once, at least one"
+            )
+        if any(not 0 <= i < len(classifiers) for i in choosers):
+            raise ValueError(
+                f"motion_choose={motion_choose}: indices into the {len(classifiers)} motion classifiers "
+                f"(0 to {len(classifiers) - 1})"
+            )
 
     if image_to_video is not None and start_sigma < 1:
         raise ValueError(
@@ -212,10 +232,7 @@ def teacher_method(
 
     def log_p(labels: list[int]):
         def score(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            return sum(
-                c.log_prob(x, sigma, torch.full((len(x),), y))
-                for c, y in zip(classifiers, labels, strict=True)
-            )
+            return sum(classifiers[i].log_prob(x, sigma, torch.full((len(x),), labels[i])) for i in choosers)
 
         return score
 
@@ -224,7 +241,8 @@ def teacher_method(
         dev = next(teacher.parameters()).device
         null = text_encoder.encode([""])[0].to(dev)
         hw = (size // vae.spatial_stride,) * 2
-        for c in classifiers if motion_candidates > 1 else [classifiers[i] for i, _ in guided]:
+        read = {i for i, _ in guided} | (set(choosers) if motion_candidates > 1 else set())
+        for c in (classifiers[i] for i in sorted(read)):
             if latent_frames(num_frames) < c.cfg.span:
                 raise ValueError(
                     f"motion guidance reads {c.cfg.span} latent frames; clips of {num_frames} frames have "
@@ -244,7 +262,7 @@ def teacher_method(
             asked = labels(p)
             steps = dict(num_steps=num_steps, shift=shift, guidance=guidance, guidance_above=guidance_above)
             steps.update(eta=eta, generator=gen, motion_guidance=guide(asked))
-            if motion_candidates > 1 and max(asked) >= 0:
+            if motion_candidates > 1 and max(asked[i] for i in choosers) >= 0:
                 more = torch.randn(motion_candidates - 1, *noise.shape[1:], generator=gen).to(dev)
                 x0, _ = sample_euler_best_of(
                     teacher, torch.cat([noise, more]), ctx, null, log_p(asked), motion_sigma_min, **steps
