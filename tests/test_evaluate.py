@@ -488,16 +488,9 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
     assert [c.cfg.target for c in seen["motion"]] == ["direction", "axis-speed"]
     assert seen["motion_scale"] == [100.0, 50.0]
     # best of 4 starts picked by the second classifier alone, named as it was given
-    options = MotionOptions((DEFAULT_MOTION_CLASSIFIER, str(tmp_path / "axes")), (100.0, 50.0), 0.5, 4)
-    _eval_methods(
-        "teacher",
-        "toy/vae",
-        None,
-        "toy/text",
-        [],
-        "cpu",
-        motion=options._replace(choose_by=(str(tmp_path / "axes"),)),
-    )
+    axes = str(tmp_path / "axes")
+    options = MotionOptions((DEFAULT_MOTION_CLASSIFIER, axes), (100.0, 50.0), 0.5, 4, (axes,))
+    _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", motion=options)
     assert seen["motion_choose"] == [1] and seen["motion_candidates"] == 4
     for options, message in [
         (MotionOptions((), (100.0, 50.0)), "given 2 times: name one --motion-classifier for each"),
