@@ -188,23 +188,6 @@ def teacher_method(
             raise ValueError(f"motion_scale={motion_scale}: one scale per classifier ({len(classifiers)})")
         scales *= len(classifiers)
     guided = [(i, s) for i, s in enumerate(scales) if s]  # (classifier index, scale)
-    choosers = list(range(len(classifiers))) if motion_choose is None else list(motion_choose)
-    if motion_choose is not None:
-        if motion_candidates < 2:
-            raise ValueError(
-                f"motion_choose={motion_choose}: picks among starts; needs motion_candidates >= 2 "
-                f"(got {motion_candidates})"
-            )
-        if not choosers or len(set(choosers)) != len(choosers):
-            raise ValueError(
-                f"motion_choose={motion_choose}: name each choosing classifier once, at least one"
-            )
-        if any(not 0 <= i < len(classifiers) for i in choosers):
-            raise ValueError(
-                f"motion_choose={motion_choose}: indices into the {len(classifiers)} motion classifiers "
-                f"(0 to {len(classifiers) - 1})"
-            )
-
     if image_to_video is not None and start_sigma < 1:
         raise ValueError(
             f"image_to_video: its second pass starts from noise; start_sigma={start_sigma} must be 1"
@@ -220,6 +203,22 @@ def teacher_method(
             raise ValueError(
                 f"motion_candidates={motion_candidates}: the choice is made at motion_sigma_min="
                 f"{motion_sigma_min}, which must be in (0, 1)"
+            )
+    choosers = list(range(len(classifiers))) if motion_choose is None else list(motion_choose)
+    if motion_choose is not None:
+        if motion_candidates < 2:
+            raise ValueError(
+                f"motion_choose={motion_choose}: picks among starts; needs motion_candidates >= 2 "
+                f"(got {motion_candidates})"
+            )
+        if not choosers or len(set(choosers)) != len(choosers):
+            raise ValueError(
+                f"motion_choose={motion_choose}: name each choosing classifier once, at least one"
+            )
+        if any(not 0 <= i < len(classifiers) for i in choosers):
+            raise ValueError(
+                f"motion_choose={motion_choose}: indices into the {len(classifiers)} motion classifiers "
+                f"(0 to {len(classifiers) - 1})"
             )
 
     def labels(prompt: str) -> list[int]:
