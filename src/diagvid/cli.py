@@ -796,6 +796,7 @@ def _eval_methods(
     if not 0 <= teacher_eta <= 1:
         raise ValueError(f"--teacher-eta {teacher_eta}: must be in [0, 1] (0: Euler, 1: DDPM ancestral)")
     motion_folders, motion_scales, motion_sigma, motion_candidates, choose_by = motion
+    motion_names = motion_folders or (DEFAULT_MOTION_CLASSIFIER,)  # the classifiers, when motion is used
     for scale in motion_scales:
         if not (math.isfinite(scale) and scale >= 0):
             raise ValueError(f"--teacher-motion-guidance {scale}: the scale must be a finite number >= 0")
@@ -825,14 +826,13 @@ def _eval_methods(
                 f"--teacher-motion-choose-by {', '.join(choose_by)}: picks among starts; only means something "
                 "with --teacher-motion-candidates N >= 2"
             )
-        named = list(motion_folders) or [DEFAULT_MOTION_CLASSIFIER]
-        unknown = [n for n in choose_by if n not in named]
+        unknown = [n for n in choose_by if n not in motion_names]
         if unknown or len(set(choose_by)) != len(choose_by):
             raise ValueError(
                 f"--teacher-motion-choose-by {', '.join(unknown or choose_by)}: name each chooser once, as "
-                f"given to --motion-classifier ({', '.join(named)})"
+                f"given to --motion-classifier ({', '.join(motion_names)})"
             )
-        motion_choose = [named.index(n) for n in choose_by]
+        motion_choose = [motion_names.index(n) for n in choose_by]
     if motion_folders and not motion_used:
         raise ValueError(
             f"--motion-classifier {', '.join(motion_folders)}: only means something with "
@@ -923,8 +923,7 @@ def _eval_methods(
                 fp8_if_asked(second_pass.high)  # the low half is the teacher's own, already done
             classifier, scale = None, motion_scales[0] if motion_scales else 0.0
             if motion_used:  # one classifier and scale as they are; several as lists
-                names = motion_folders or (DEFAULT_MOTION_CLASSIFIER,)
-                loaded = [load_motion_classifier(name, codec.device) for name in names]
+                loaded = [load_motion_classifier(name, codec.device) for name in motion_names]
                 classifier = loaded[0] if len(loaded) == 1 else loaded
                 if len(loaded) > 1:
                     scale = list(motion_scales) if motion_scales else [0.0] * len(loaded)

@@ -130,12 +130,13 @@ def labelled_latents(
 def _realness_split(cfg: MotionTrainConfig, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor):
     """World clip i labelled as its caption asks (`labels`, the `prompt_label` of each cached caption: "real",
     or "real <direction>"), sampled clip i (sampled for caption i) as the same class's "generated" side; clips
-    whose caption has no class (-1) are left out. Half of
-    `heldout` from the end of each side is held out, and the sampled training clips are repeated to about as
-    many as the real ones (balanced sides)."""
+    whose caption has no class (-1) are left out. Half of `heldout` from the end of each side is held out, and
+    the sampled training clips are repeated to about as many as the real ones (balanced sides)."""
     classes, target = cfg.model.classes, cfg.model.target
-    fake_labels = torch.tensor([classes.index(partner_class(classes[i])) if i >= 0 else -1 for i in labels])
-    fake_labels = fake_labels[: len(fake)]  # the sampled clips are those of the first captions
+    # the sampled clips are those of the first captions
+    fake_labels = torch.tensor(
+        [classes.index(partner_class(classes[i])) if i >= 0 else -1 for i in labels[: len(fake)]]
+    )
     real, real_y = real[labels >= 0], labels[labels >= 0]
     fake, fake_y = fake[fake_labels >= 0], fake_labels[fake_labels >= 0]
     h = cfg.heldout // 2
