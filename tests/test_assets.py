@@ -27,6 +27,7 @@ def test_shipped_weights_are_small_and_readable_by_all(weights):
         ("toy/teacher", 6, (0.0, 1.0)),
         ("toy/teacher-deep", 12, (0.0, 1.0)),
         ("toy/teacher-high", 12, (0.7, 1.0)),  # configs/toy/teacher-high.toml: sigma_min 0.7
+        ("toy/teacher-high-tuned", 12, (0.7, 1.0)),  # configs/toy/teacher-high-tuned.toml: the same levels
         ("toy/teacher-low", 12, (0.0, 0.7)),  # configs/toy/teacher-low.toml: sigma_max 0.7
     ],
 )
