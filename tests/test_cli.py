@@ -119,7 +119,11 @@ def test_info_json():
     data = json.loads(result.stdout)
     assert data["torch"] and "bundled" in data
     # the bundled noise experts, with the levels their folders record
-    assert data["noise_experts"] == {"toy/teacher-high": [0.7, 1.0], "toy/teacher-low": [0.0, 0.7]}
+    assert data["noise_experts"] == {
+        "toy/teacher-high": [0.7, 1.0],
+        "toy/teacher-high-tuned": [0.7, 1.0],
+        "toy/teacher-low": [0.0, 0.7],
+    }
     text = " ".join(runner.invoke(app, ["info"]).output.split())
     assert "toy/teacher-low (noise expert: levels 0-0.7):" in text
     assert "toy/teacher-deep:" in text and "toy/teacher-deep (" not in text

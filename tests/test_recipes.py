@@ -27,6 +27,7 @@ KINDS = {
     "teacher-contrast": TeacherConfig,
     "teacher-deep": TeacherConfig,
     "teacher-high": TeacherConfig,
+    "teacher-high-tuned": TeacherConfig,
     "teacher-high-contrast": TeacherConfig,
     "teacher-high-anchor": TeacherConfig,
     "teacher-high-stem": TeacherConfig,
