@@ -122,6 +122,7 @@ def test_info_json():
     assert data["noise_experts"] == {
         "toy/teacher-high": [0.7, 1.0],
         "toy/teacher-high-tuned": [0.7, 1.0],
+        "toy/teacher-i2v-high": [0.5, 1.0],
         "toy/teacher-low": [0.0, 0.7],
     }
     text = " ".join(runner.invoke(app, ["info"]).output.split())

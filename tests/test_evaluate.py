@@ -144,6 +144,22 @@ def test_cli_eval_writes_the_report(tmp_path):
         (["--teacher-eta", "nan"], "--teacher-eta nan: must be in [0, 1]"),
         (["--teacher-motion-candidates", "0"], "--teacher-motion-candidates 0: must be >= 1"),
         (
+            ["--teacher-verifier", "toy/teacher-i2v-high"],
+            "--teacher-verifier toy/teacher-i2v-high: picks among finished samples; give "
+            "--teacher-motion-candidates N >= 2",
+        ),
+        (
+            [
+                "--teacher-verifier",
+                "x",
+                "--teacher-motion-candidates",
+                "2",
+                "--teacher-motion-choose-by",
+                "x",
+            ],
+            "--teacher-motion-choose-by x: --teacher-verifier x makes the choice; give one of them",
+        ),
+        (
             ["--teacher-motion-candidates", "2", "--teacher-start-sigma", "0.5"],
             "--teacher-motion-candidates 2: the starts are noise",
         ),
@@ -367,6 +383,52 @@ def test_best_of_starts_chosen_by_some_classifiers_only(tiny_pipeline, monkeypat
             ev.teacher_method(*models, **{**kwargs, "motion": [direction, axes]}, motion_choose=choose)
 
 
+def test_best_of_finished_samples_chosen_by_a_verifier(tiny_pipeline, monkeypatch):
+    """verifier: every start of a prompt that asks a direction is sampled to the end and the verifier's score
+    of the finished samples picks one; no motion classifier is needed, and a prompt that asks no direction
+    is sampled once, as by the plain sampler."""
+    from diagvid import sampling
+    from diagvid.model.vae import tensor_to_frames
+    from diagvid.verify import DirectionVerifier
+
+    models = (tiny_pipeline.generator, tiny_pipeline.vae, tiny_pipeline.text_encoder)
+    verifier = DirectionVerifier(
+        tiny_pipeline.generator.eval(), tiny_pipeline.text_encoder, draws=1, frames=2
+    )
+    prompts = ["a circle moves left slowly", "a red circle"]
+    run = dict(size=16, num_steps=3, motion_candidates=3)
+    calls = []
+    real = sampling.sample_euler_best_of
+
+    def spy(model, noise, context, null_context, score, select_sigma, **steps):
+        def recorded(x, sigma):
+            calls.append((x, sigma, score(x, sigma)))
+            return calls[-1][2]
+
+        return real(model, noise, context, null_context, recorded, select_sigma, **steps)
+
+    monkeypatch.setattr(sampling, "sample_euler_best_of", spy)
+    videos = ev.teacher_method(*models, **run, verifier=verifier)(prompts, 9, 0)
+    ((x, sigma, got),) = calls  # only the prompt that asks for a direction
+    assert sigma == 0.0 and x.shape[0] == 3
+    torch.testing.assert_close(got, verifier.score(x, prompts[0]))
+    plain = ev.teacher_method(*models, size=16, num_steps=3)(prompts, 9, 0)
+    assert np.array_equal(videos[1], plain[1])
+    best = int(got.argmax())  # the video is the decode of the finished sample the verifier rated highest
+    assert np.array_equal(videos[0], tensor_to_frames(tiny_pipeline.vae.decode(x[best : best + 1])[0]))
+    assert not all(
+        np.array_equal(videos[0], tensor_to_frames(tiny_pipeline.vae.decode(x[j : j + 1])[0]))
+        for j in range(3)
+    )  # the candidates differ
+    for kwargs, message in [
+        (dict(motion_candidates=1), "needs motion_candidates >= 2"),
+        (dict(motion_candidates=2, start_sigma=0.5), "start from pure noise; start_sigma=0.5 must be 1"),
+        (dict(motion_candidates=2, motion_choose=[0]), "the verifier makes the choice; give one of them"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ev.teacher_method(*models, verifier=verifier, **kwargs)
+
+
 def test_sampling_from_a_midpoint_of_the_schedule_finishes_the_same_trajectory(tiny_dit):
     from diagvid.sampling import partial_timesteps, sample_euler, teacher_timesteps
 
@@ -458,6 +520,7 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
         "motion_candidates": 1,
         "motion_choose": None,
         "image_to_video": None,
+        "verifier": None,
     }
     # a second, image-to-video pass: its expert above the boundary, --teacher below
     _eval_methods(
@@ -475,6 +538,19 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
     assert second.high.cfg.num_layers == second.low.cfg.num_layers == 12
     assert second.low is seen["teacher"].low  # the teacher's own low-noise expert, not a second copy
     assert second.high is not seen["teacher"].high
+    # best of 4 finished samples judged by an image-to-video expert: no motion classifier is loaded for it
+    _eval_methods(
+        "teacher",
+        "toy/vae",
+        None,
+        "toy/text",
+        [],
+        "cpu",
+        teacher_verifier="toy/teacher-i2v-high",
+        motion=MotionOptions(candidates=4),
+    )
+    assert seen["motion"] is None and seen["motion_candidates"] == 4
+    assert seen["verifier"].model.cfg.num_layers == 12 and not seen["verifier"].model.training
     MotionClassifier().save(tmp_path / "motion")
     options = MotionOptions((str(tmp_path / "motion"),), (150.0,), 0.7, 4)
     _eval_methods("teacher", "toy/vae", None, "toy/text", [], "cpu", motion=options)

@@ -331,3 +331,31 @@ def test_best_of_n_keeps_the_start_the_score_prefers_and_one_start_is_the_plain_
         sample_euler_best_of(
             _nonlinear_field, noise, ctx, null, prefer_the_largest_mean, 0.5, start_sigma=0.8
         )
+
+
+def test_best_of_n_at_sigma_0_judges_finished_samples():
+    """select_sigma 0: every start runs to the end and the score picks among the finished samples."""
+    from diagvid.sampling import sample_euler, sample_euler_best_of
+
+    noise = torch.randn(3, 1, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+    ctx, null = torch.tensor([[0.5]]), torch.tensor([[0.1]])
+    steps = dict(num_steps=9, guidance=2.0)
+    seen = []
+
+    def prefer_the_smallest_mean(x, sigma):
+        seen.append(sigma)
+        return -x.flatten(1).mean(1)
+
+    out, best = sample_euler_best_of(
+        _nonlinear_field, noise, ctx, null, prefer_the_smallest_mean, 0.0, **steps
+    )
+    finished, _ = sample_euler(_nonlinear_field, noise, ctx.expand(3, 1), null.expand(3, 1), **steps)
+    assert seen == [0.0] and best == int(finished.flatten(1).mean(1).argmin())
+    torch.testing.assert_close(out, finished[best : best + 1], rtol=0, atol=0)
+    alone, _ = sample_euler(_nonlinear_field, noise[best : best + 1], ctx, null, **steps)
+    torch.testing.assert_close(out, alone, rtol=1e-6, atol=1e-6)  # the same as sampling that start alone
+    for sigma in (1.0, -0.1):
+        with pytest.raises(
+            ValueError, match=rf"select_sigma={sigma}: the choice is made at a noise level in \[0, 1\)"
+        ):
+            sample_euler_best_of(_nonlinear_field, noise, ctx, null, prefer_the_smallest_mean, sigma, **steps)

@@ -586,7 +586,17 @@ def eval_cmd(
         1,
         "--teacher-motion-candidates",
         help="Best of N starts: N noises per prompt run together down to --teacher-motion-sigma, where the "
-        "motion classifier keeps the one most likely to move the asked way (N times the high-noise steps).",
+        "motion classifier keeps the one most likely to move the asked way (N times the high-noise steps); "
+        "with --teacher-verifier, run to the end and judged finished.",
+    ),
+    teacher_verifier: str | None = typer.Option(
+        None,
+        "--teacher-verifier",
+        help="With --teacher-motion-candidates N: sample all N starts of each prompt that asks for a "
+        "direction to the end (N times the steps) and keep the one this image-to-video expert (folder or "
+        "bundled name, trained with clean_first_frame: toy/teacher-i2v-high), given the sample's first "
+        "frame, finds the prompt explains better than the prompt with its direction reversed "
+        '(docs/status.md, "An image-to-video expert as the judge").',
     ),
     teacher_motion_choose_by: list[str] = typer.Option(
         [],
@@ -661,6 +671,7 @@ def eval_cmd(
             teacher_high_guidance=teacher_high_guidance,
             teacher_eta=teacher_eta,
             teacher_i2v_high=teacher_i2v_high,
+            teacher_verifier=teacher_verifier,
             motion=MotionOptions(
                 tuple(motion_classifier),
                 tuple(teacher_motion_guidance),
@@ -688,7 +699,7 @@ def eval_cmd(
         report["teacher_guidance"] = teacher_guidance
         report["teacher_start_sigma"] = teacher_start_sigma
         report["teacher_eta"] = teacher_eta
-        if any(teacher_motion_guidance) or teacher_motion_candidates > 1:
+        if any(teacher_motion_guidance) or (teacher_motion_candidates > 1 and not teacher_verifier):
             from diagvid.pretrained import DEFAULT_MOTION_CLASSIFIER
 
             names = motion_classifier or [DEFAULT_MOTION_CLASSIFIER]
@@ -709,6 +720,8 @@ def eval_cmd(
             report["teacher_high"] = {"model": teacher_high, "boundary": boundary, "guidance": high_guidance}
         if teacher_i2v_high:
             report["teacher_i2v_high"] = teacher_i2v_high
+        if teacher_verifier:
+            report["teacher_verifier"] = {"model": teacher_verifier, "candidates": teacher_motion_candidates}
     table = Table(title=f"{cfg.prompts}: means [95% CI]")
     keys = ("colour_accuracy", "shape_accuracy", "direction_accuracy", "speed_accuracy", "saturation_slope")
     for col in ("method", "length", *keys, "fvd_world"):
@@ -769,6 +782,7 @@ def _eval_methods(
     teacher_high_guidance: float | None = None,
     teacher_eta: float = 0.0,
     teacher_i2v_high: str | None = None,
+    teacher_verifier: str | None = None,
     motion: MotionOptions = MotionOptions(),
     fp8: bool = False,
 ):
@@ -778,6 +792,7 @@ def _eval_methods(
     from diagvid.pretrained import (
         DEFAULT_MOTION_CLASSIFIER,
         TOY_STUDENT_METHODS,
+        load_dit_model,
         load_motion_classifier,
         load_pipeline,
         load_teacher,
@@ -818,7 +833,17 @@ def _eval_methods(
         raise ValueError(
             f"--teacher-motion-candidates {motion_candidates}: the starts are noise; no --teacher-start-sigma"
         )
-    motion_used = any(motion_scales) or motion_candidates > 1
+    if teacher_verifier and motion_candidates < 2:
+        raise ValueError(
+            f"--teacher-verifier {teacher_verifier}: picks among finished samples; give "
+            "--teacher-motion-candidates N >= 2"
+        )
+    if teacher_verifier and choose_by:
+        raise ValueError(
+            f"--teacher-motion-choose-by {', '.join(choose_by)}: --teacher-verifier {teacher_verifier} makes "
+            "the choice; give one of them"
+        )
+    motion_used = any(motion_scales) or (motion_candidates > 1 and not teacher_verifier)
     motion_choose = None
     if choose_by:
         if motion_candidates < 2:
@@ -921,6 +946,12 @@ def _eval_methods(
                     low, teacher, teacher_i2v_high, teacher_boundary, device=codec.device
                 )
                 fp8_if_asked(second_pass.high)  # the low half is the teacher's own, already done
+            verifier = None
+            if teacher_verifier:
+                from diagvid.verify import DirectionVerifier
+
+                judge = load_dit_model(teacher_verifier, device=codec.device).eval()
+                verifier = DirectionVerifier(fp8_if_asked(judge), load_text_encoder(text))
             classifier, scale = None, motion_scales[0] if motion_scales else 0.0
             if motion_used:  # one classifier and scale as they are; several as lists
                 loaded = [load_motion_classifier(name, codec.device) for name in motion_names]
@@ -941,6 +972,7 @@ def _eval_methods(
                 motion_candidates=motion_candidates,
                 motion_choose=motion_choose,
                 image_to_video=second_pass,
+                verifier=verifier,
             )
         else:
             pipe, schedule, context = load_toy_student(

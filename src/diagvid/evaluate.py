@@ -33,6 +33,7 @@ from diagvid.world.render import FPS
 
 if TYPE_CHECKING:
     from diagvid.model.motion import MotionClassifier
+    from diagvid.verify import DirectionVerifier
 
 Method = Callable[[Sequence[str], int, int], list[np.ndarray]]
 """(prompts, num_frames, seed) -> one uint8 [T, H, W, 3] video per prompt"""
@@ -140,6 +141,7 @@ def teacher_method(
     motion_candidates: int = 1,
     motion_choose: Sequence[int] | None = None,
     image_to_video: torch.nn.Module | None = None,
+    verifier: DirectionVerifier | None = None,
 ) -> Method:
     """The undistilled teacher: full attention over the whole clip, Euler + CFG, then one decode to
     `size` x `size` pixels.
@@ -162,6 +164,10 @@ def teacher_method(
     times. `motion_choose` (indices into `motion`): only these classifiers'
     log-probabilities make the choice (default: all), e.g. the direction classifier's alone while a
     discriminator guides beside it, whose term would otherwise outweigh the direction's.
+    `verifier` (`diagvid.verify.DirectionVerifier`, with `motion_candidates` N > 1) makes the choice instead:
+    for each prompt that asks for a direction, all N starts are sampled to the end (N times every step) and
+    it keeps the finished sample that an image-to-video expert, given its first frame, finds the prompt
+    explains better than the prompt's reverse. No motion classifier is needed for it; any still guide.
     `image_to_video` (a model trained with `clean_first_frame`, alone or in a `NoiseExperts` pair): a second
     pass. The frames after the first are sampled again by this model, from fresh noise drawn from the same
     generator, given the first pass's latent frame 0 (`FirstFrameGiven`), with the same steps and guidance:
@@ -194,7 +200,20 @@ def teacher_method(
         )
     if motion_candidates < 1:
         raise ValueError(f"motion_candidates={motion_candidates}: must be >= 1")
-    if motion_candidates > 1:
+    if verifier is not None:
+        if motion_candidates < 2:
+            raise ValueError(
+                f"verifier: picks among finished samples; needs motion_candidates >= 2 (got {motion_candidates})"
+            )
+        if motion_choose is not None:
+            raise ValueError(
+                f"motion_choose={motion_choose}: the verifier makes the choice; give one of them"
+            )
+        if start_sigma < 1:
+            raise ValueError(
+                f"verifier: the candidates start from pure noise; start_sigma={start_sigma} must be 1"
+            )
+    elif motion_candidates > 1:
         if motion is None:
             raise ValueError(f"motion_candidates={motion_candidates}: the choice needs a motion classifier")
         if start_sigma < 1:
@@ -235,12 +254,19 @@ def teacher_method(
 
         return score
 
+    def judged(prompt: str):
+        def score(x: torch.Tensor, sigma: float) -> torch.Tensor:  # sigma 0: finished samples
+            return verifier.score(x, prompt)
+
+        return score
+
     @torch.no_grad()
     def run(prompts: Sequence[str], num_frames: int, seed: int) -> list[np.ndarray]:
         dev = next(teacher.parameters()).device
         null = text_encoder.encode([""])[0].to(dev)
         hw = (size // vae.spatial_stride,) * 2
-        read = {i for i, _ in guided} | (set(choosers) if motion_candidates > 1 else set())
+        by_classifier = motion_candidates > 1 and verifier is None
+        read = {i for i, _ in guided} | (set(choosers) if by_classifier else set())
         for c in (classifiers[i] for i in sorted(read)):
             if latent_frames(num_frames) < c.cfg.span:
                 raise ValueError(
@@ -261,7 +287,12 @@ def teacher_method(
             asked = labels(p)
             steps = dict(num_steps=num_steps, shift=shift, guidance=guidance, guidance_above=guidance_above)
             steps.update(eta=eta, generator=gen, motion_guidance=guide(asked))
-            if motion_candidates > 1 and max(asked[i] for i in choosers) >= 0:
+            if verifier is not None and verifier.judges(p):
+                more = torch.randn(motion_candidates - 1, *noise.shape[1:], generator=gen).to(dev)
+                x0, _ = sample_euler_best_of(
+                    teacher, torch.cat([noise, more]), ctx, null, judged(p), 0.0, **steps
+                )
+            elif by_classifier and max(asked[i] for i in choosers) >= 0:
                 more = torch.randn(motion_candidates - 1, *noise.shape[1:], generator=gen).to(dev)
                 x0, _ = sample_euler_best_of(
                     teacher, torch.cat([noise, more]), ctx, null, log_p(asked), motion_sigma_min, **steps

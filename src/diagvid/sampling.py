@@ -429,7 +429,8 @@ def sample_euler_best_of(
     goes on to the end. Returns the sample [1, ...] and the index of the kept start.
 
     The high-noise steps, where the layout and motion of a clip are decided, cost N times; the rest once. With
-    N = 1 it is `sample_euler` itself. `steps` are `sample_euler`'s keywords (num_steps, shift, guidance, ...;
+    N = 1 it is `sample_euler` itself. `select_sigma` = 0 runs every candidate to the end and `score` rates
+    the finished samples (a judge of whole clips, `diagvid.verify.DirectionVerifier`): N times every step. `steps` are `sample_euler`'s keywords (num_steps, shift, guidance, ...;
     a run from pure noise: no start_sigma or trajectory_at); `motion_guidance` (labels [1]; one or a list)
     guides every candidate.
     """
@@ -438,6 +439,8 @@ def sample_euler_best_of(
         raise ValueError(f"one prompt's context [1, L, D] for its {n} starts; got batch {context.shape[0]}")
     if {"start_sigma", "trajectory_at"} & steps.keys():
         raise ValueError("sample_euler_best_of starts from pure noise and keeps no trajectory")
+    if not 0 <= select_sigma < 1:
+        raise ValueError(f"select_sigma={select_sigma}: the choice is made at a noise level in [0, 1)")
 
     def each(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
         return None if t is None else t.expand(k, *t.shape[1:])
@@ -453,6 +456,8 @@ def sample_euler_best_of(
         **steps,
     )
     best = int(score(x, select_sigma).argmax())
+    if select_sigma == 0:  # every candidate is finished
+        return x[best : best + 1], best
     x, _ = sample_euler(
         model,
         x[best : best + 1],

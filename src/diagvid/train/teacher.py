@@ -21,6 +21,7 @@ from diagvid.config import to_dict
 from diagvid.model.dit import DiTConfig, WanDiT, preset
 from diagvid.sampling import FlowMatch, shift_sigma, unshift_sigma, with_first_frame
 from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, start_run
+from diagvid.world.captions import OPPOSITE
 
 log = logging.getLogger("diagvid.train")
 
@@ -416,16 +417,7 @@ def validation_loss(
 
 # word swaps that change one attribute of a caption and keep it grammatical
 CAPTION_SWAPS: dict[str, dict[str, str]] = {
-    "direction": {
-        "left": "right",
-        "right": "left",
-        "up": "down",
-        "down": "up",
-        "up-left": "down-right",
-        "down-right": "up-left",
-        "up-right": "down-left",
-        "down-left": "up-right",
-    },
+    "direction": dict(OPPOSITE),
     "speed": {"fast": "slowly", "slowly": "fast", "slow": "fast", "quickly": "slowly"},
     "colour": {
         "red": "blue",

@@ -35,6 +35,18 @@ VOCABULARY: tuple[str, ...] = (
 
 assert set(_SPEED_OF_WORD.values()) == set(SPEEDS), "every speed class needs caption words"
 
+OPPOSITE: dict[str, str] = {
+    word: next(other for other, (ox, oy) in DIRECTIONS.items() if (ox, oy) == (-dx, -dy))
+    for word, (dx, dy) in DIRECTIONS.items()
+}
+"""Each direction word and its reverse ("up-left" -> "down-right")."""
+
+
+def reversed_caption(caption: str) -> str:
+    """The caption with every direction word reversed, so each object is asked to move the other way along
+    the same line ("a red circle moves up left" -> "a red circle moves down right")."""
+    return " ".join(OPPOSITE.get(word, word) for word in caption.split())
+
 
 @dataclass(frozen=True)
 class PromptObject:
