@@ -336,10 +336,28 @@ def test_teacher_method_with_motion_guidance(tiny_pipeline):
         ev.teacher_method(*models, **both, motion_scale=[1.0, 2.0, 3.0])
 
 
+def _record_best_of_scores(monkeypatch) -> list:
+    """Spy on `sample_euler_best_of`: the list it returns fills with (candidates, sigma, their scores) of
+    every choice the sampler makes."""
+    from diagvid import sampling
+
+    calls = []
+    real = sampling.sample_euler_best_of
+
+    def spy(model, noise, context, null_context, score, select_sigma, **steps):
+        def recorded(x, sigma):
+            calls.append((x, sigma, score(x, sigma)))
+            return calls[-1][2]
+
+        return real(model, noise, context, null_context, recorded, select_sigma, **steps)
+
+    monkeypatch.setattr(sampling, "sample_euler_best_of", spy)
+    return calls
+
+
 def test_best_of_starts_chosen_by_some_classifiers_only(tiny_pipeline, monkeypatch):
     """motion_choose: the start is picked by the named classifiers' log-probabilities alone, while every
     classifier with a scale still guides; a prompt that asks the choosers nothing is sampled once."""
-    from diagvid import sampling
     from diagvid.model.motion import MotionClassifier, MotionClassifierConfig, prompt_label
 
     torch.manual_seed(0)
@@ -355,17 +373,7 @@ def test_best_of_starts_chosen_by_some_classifiers_only(tiny_pipeline, monkeypat
     chosen = ev.teacher_method(*models, **both, motion_choose=[0])(prompts, 9, 0)
     assert all(np.array_equal(a, b) for a, b in zip(alone, chosen, strict=True))
 
-    scores = []
-    real = sampling.sample_euler_best_of
-
-    def spy(model, noise, context, null_context, score, select_sigma, **steps):
-        def recorded(x, sigma):
-            scores.append((x, sigma, score(x, sigma)))
-            return scores[-1][2]
-
-        return real(model, noise, context, null_context, recorded, select_sigma, **steps)
-
-    monkeypatch.setattr(sampling, "sample_euler_best_of", spy)
+    scores = _record_best_of_scores(monkeypatch)
     ev.teacher_method(*models, **both, motion_choose=[1])(prompts, 9, 0)
     ((x, sigma, got),) = scores  # one prompt asks for axes and a speed; "a red circle" asks nothing
     label = prompt_label(prompts[0], axes.cfg.classes, axes.cfg.target)
@@ -387,7 +395,6 @@ def test_best_of_finished_samples_chosen_by_a_verifier(tiny_pipeline, monkeypatc
     """verifier: every start of a prompt that asks a direction is sampled to the end and the verifier's score
     of the finished samples picks one; no motion classifier is needed, and a prompt that asks no direction
     is sampled once, as by the plain sampler."""
-    from diagvid import sampling
     from diagvid.model.vae import tensor_to_frames
     from diagvid.verify import DirectionVerifier
 
@@ -397,17 +404,7 @@ def test_best_of_finished_samples_chosen_by_a_verifier(tiny_pipeline, monkeypatc
     )
     prompts = ["a circle moves left slowly", "a red circle"]
     run = dict(size=16, num_steps=3, motion_candidates=3)
-    calls = []
-    real = sampling.sample_euler_best_of
-
-    def spy(model, noise, context, null_context, score, select_sigma, **steps):
-        def recorded(x, sigma):
-            calls.append((x, sigma, score(x, sigma)))
-            return calls[-1][2]
-
-        return real(model, noise, context, null_context, recorded, select_sigma, **steps)
-
-    monkeypatch.setattr(sampling, "sample_euler_best_of", spy)
+    calls = _record_best_of_scores(monkeypatch)
     videos = ev.teacher_method(*models, **run, verifier=verifier)(prompts, 9, 0)
     ((x, sigma, got),) = calls  # only the prompt that asks for a direction
     assert sigma == 0.0 and x.shape[0] == 3
@@ -539,15 +536,9 @@ def test_cli_teacher_guidance_reaches_the_teacher_sampler(monkeypatch, tmp_path)
     assert second.low is seen["teacher"].low  # the teacher's own low-noise expert, not a second copy
     assert second.high is not seen["teacher"].high
     # best of 4 finished samples judged by an image-to-video expert: no motion classifier is loaded for it
+    bundled_teacher = ("teacher", "toy/vae", None, "toy/text", [], "cpu")
     _eval_methods(
-        "teacher",
-        "toy/vae",
-        None,
-        "toy/text",
-        [],
-        "cpu",
-        teacher_verifier="toy/teacher-i2v-high",
-        motion=MotionOptions(candidates=4),
+        *bundled_teacher, teacher_verifier="toy/teacher-i2v-high", motion=MotionOptions(candidates=4)
     )
     assert seen["motion"] is None and seen["motion_candidates"] == 4
     assert seen["verifier"].model.cfg.num_layers == 12 and not seen["verifier"].model.training
