@@ -430,9 +430,9 @@ def sample_euler_best_of(
 
     The high-noise steps, where the layout and motion of a clip are decided, cost N times; the rest once. With
     N = 1 it is `sample_euler` itself. `select_sigma` = 0 runs every candidate to the end and `score` rates
-    the finished samples (a judge of whole clips, `diagvid.verify.DirectionVerifier`): N times every step. `steps` are `sample_euler`'s keywords (num_steps, shift, guidance, ...;
-    a run from pure noise: no start_sigma or trajectory_at); `motion_guidance` (labels [1]; one or a list)
-    guides every candidate.
+    the finished samples (a judge of whole clips, `diagvid.verify.DirectionVerifier`): N times every step.
+    `steps` are `sample_euler`'s keywords (num_steps, shift, guidance, ...; a run from pure noise: no
+    start_sigma or trajectory_at); `motion_guidance` (labels [1]; one or a list) guides every candidate.
     """
     n = noise.shape[0]
     if context.shape[0] != 1:
