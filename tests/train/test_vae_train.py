@@ -52,7 +52,7 @@ def test_warm_up_streams_the_cache_then_trains_on_the_rest(tmp_path):
     with torch.no_grad():
         whole = vae.decode(vae.encode(x))
         for warm, cut in ((0, 0), (1, 1), (3, 9)):
-            rec, target, m = _reconstruct_after_warmup(vae, x, mask, warm)
+            rec, target, m, _ = _reconstruct_after_warmup(vae, x, mask, warm)
             assert target.shape[2] == 17 - cut == rec.shape[2] and m.shape[2] == 17 - cut
             torch.testing.assert_close(rec, whole[:, :, cut:], atol=1e-5, rtol=1e-4)
 
@@ -149,11 +149,84 @@ def test_latent_noise_reaches_the_decoder_and_resumes_exactly(tmp_path, warm_chu
     assert any(not torch.equal(noisy[k], clean[k]) for k in noisy if k.startswith("model.decoder."))
 
 
-def test_latent_noise_needs_a_frozen_encoder():
+def test_latent_noise_needs_a_frozen_or_anchored_encoder():
     with pytest.raises(ValueError, match=r"latent_noise=0\.3 must be >= 0, and > 0 only with freeze_encoder"):
         VAETrainConfig(latent_noise=0.3)
     with pytest.raises(ValueError, match=r"latent_noise=-0\.1"):
         VAETrainConfig(latent_noise=-0.1, freeze_encoder=True, init_from="x")
+    VAETrainConfig(latent_noise=0.3, latent_anchor=1.0, init_from="x")  # anchored: init_from's units
+
+
+def test_latent_anchor_is_checked():
+    for bad in (dict(latent_anchor=1.0), dict(latent_anchor=1.0, init_from="x", freeze_encoder=True)):
+        with pytest.raises(ValueError, match=r"latent_anchor=1\.0 must be >= 0, and > 0 only with init_from"):
+            VAETrainConfig(**bad)
+    with pytest.raises(ValueError, match=r"latent_anchor=-1\.0"):
+        VAETrainConfig(latent_anchor=-1.0, init_from="x")
+
+
+def test_anchor_latents_are_the_frozen_codecs_on_the_trained_frames():
+    """The anchor is the frozen codec's streamed latents after the warm-up: the tail of its whole-clip
+    latents, and `latent_drift` compares in its units whatever the trained codec's statistics."""
+    from diagvid.model.vae import WanVAE, preset
+    from diagvid.train.vae import _anchor_latents, latent_drift
+
+    torch.manual_seed(0)
+    frozen = WanVAE(preset("tiny")).eval()
+    frozen.latents_mean.normal_()
+    frozen.latents_std.uniform_(0.5, 2.0)
+    x = torch.rand(1, 3, 17, 16, 16) * 2 - 1
+    with torch.no_grad():
+        whole = frozen.encode(x)
+        for warm in (0, 1, 3):
+            torch.testing.assert_close(
+                _anchor_latents(frozen, x, warm), whole[:, :, warm:], atol=1e-5, rtol=1e-4
+            )
+        same = WanVAE(preset("tiny")).eval()  # the same weights, raw statistics (0 and 1), as in training
+        same.model.load_state_dict(frozen.model.state_dict())
+        raw = same.encode(x)
+        assert latent_drift(raw, same, whole, frozen).item() < 1e-10
+        expected = ((0.1 / frozen.latents_std) ** 2).expand_as(whole).mean()
+        torch.testing.assert_close(latent_drift(raw + 0.1, same, whole, frozen), expected, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("warm_chunks_max", [0, 2])
+def test_latent_anchor_holds_the_trained_encoder_near_its_start(tmp_path, warm_chunks_max):
+    """With the anchor the encoder still trains, its drift is logged, the exported codec keeps init_from's
+    statistics, and a strong anchor keeps its latents nearer the start than no anchor does."""
+    from diagvid.model.vae import WanVAE
+    from diagvid.train.vae import latent_drift
+
+    train_vae(recipe(tmp_path / "a"), progress=False).save(tmp_path / "shipped")
+    shipped = WanVAE.load(tmp_path / "shipped")
+
+    def tune(out, anchor):
+        cfg = recipe(out)
+        cfg.init_from, cfg.latent_anchor, cfg.lr, cfg.warmup, cfg.steps = (
+            str(tmp_path / "shipped"),
+            anchor,
+            3e-3,
+            1,
+            8,
+        )
+        cfg.warm_chunks_max, cfg.eval_frames, cfg.ema_decay = warm_chunks_max, 9, 0.0
+        return train_vae(cfg, progress=False)
+
+    anchored, free = tune(tmp_path / "n", 100.0), tune(tmp_path / "f", 0.0)
+    x = torch.rand(2, 3, 9, 32, 32) * 2 - 1
+    with torch.no_grad():
+        start = shipped.encode(x)
+        drift = {
+            name: latent_drift(v.encode(x), v, start, shipped).item()
+            for name, v in (("n", anchored), ("f", free))
+        }
+    assert 0 < drift["n"] < drift["f"]
+    assert (
+        anchored.cfg.latents_std == shipped.cfg.latents_std
+        and free.cfg.latents_std != shipped.cfg.latents_std
+    )
+    log = (tmp_path / "n" / "log.jsonl").read_text()
+    assert '"drift"' in log
 
 
 @pytest.mark.parametrize("px", [1, 2, 3])

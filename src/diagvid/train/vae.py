@@ -64,8 +64,13 @@ class VAETrainConfig:
     loaded from `init_from`, so a better decoder can replace the shipped one without retraining the DiT"""
     init_from: str = ""
     """a VAE folder (e.g. the shipped toy VAE) whose weights start the run when it has no checkpoint yet"""
+    latent_anchor: float = 0.0
+    """with `init_from` and a trained encoder: weight of an extra loss, the mean squared distance between the
+    encoder's latents and `init_from`'s on the same frames, in the DiT's units (init_from's statistics,
+    which the exported codec keeps). It lets the encoder sharpen what it writes while staying in the
+    latent space the shipped DiTs were trained on; 0 leaves the encoder free (a new latent space)"""
     latent_noise: float = 0.0
-    """with `freeze_encoder`: Gaussian noise added to the latents before decoding, its std (in the DiT's
+    """with `freeze_encoder` or `latent_anchor`: Gaussian noise added to the latents before decoding, its std (in the DiT's
     normalised units, init_from's statistics) drawn from U(0, latent_noise) per clip. A generator's latents
     are never exactly on the encoder's manifold, and the first frame's decoder path (the encoder barely
     separates colours there) turns an error of 0.2 into coloured speckle; this teaches it to stay clean"""
@@ -91,10 +96,15 @@ class VAETrainConfig:
             raise ValueError(f"first_chunk_share={self.first_chunk_share} must be in [0, 1]")
         if self.freeze_encoder and not self.init_from:
             raise ValueError("freeze_encoder=true needs init_from: a trained encoder to keep")
-        if self.latent_noise < 0 or (self.latent_noise and not self.freeze_encoder):
+        if self.latent_anchor < 0 or (self.latent_anchor and (self.freeze_encoder or not self.init_from)):
             raise ValueError(
-                f"latent_noise={self.latent_noise} must be >= 0, and > 0 only with freeze_encoder=true "
-                "(its scale is the frozen encoder's latent statistics)"
+                f"latent_anchor={self.latent_anchor} must be >= 0, and > 0 only with init_from (the latents to "
+                "stay near) and a trained encoder (freeze_encoder=false)"
+            )
+        if self.latent_noise < 0 or (self.latent_noise and not (self.freeze_encoder or self.latent_anchor)):
+            raise ValueError(
+                f"latent_noise={self.latent_noise} must be >= 0, and > 0 only with freeze_encoder=true or "
+                "latent_anchor > 0 (its scale is init_from's latent statistics)"
             )
         if not 8 <= self.crop <= self.size:
             raise ValueError(f"crop={self.crop} must be in [8, size={self.size}]")
@@ -252,21 +262,45 @@ def add_latent_noise(
     return latents + std.view(-1, 1, 1, 1, 1).to(latents) * scale.to(latents) * noise
 
 
+def _warm_cut(warm: int) -> int:
+    """Pixel frames that make the first `warm` latent frames."""
+    return 0 if warm == 0 else 1 + 4 * (warm - 1)
+
+
 def _reconstruct_after_warmup(
     vae: WanVAE, x: torch.Tensor, mask: torch.Tensor, warm: int, corrupt=lambda z: z
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stream the first `warm` latent frames of x through encoder and decoder without gradient, then the rest
-    with gradient; returns (reconstruction, target frames, their masks) of the trained part only.
-    `corrupt` is applied to the latents of each part before they are decoded."""
+    with gradient; returns (reconstruction, target frames, their masks, their latents) of the trained part
+    only. `corrupt` is applied to the latents of each part before they are decoded (the returned latents are
+    the encoder's, before it)."""
     from diagvid.model.vae import StreamingDecoder, StreamingEncoder
 
     enc, dec = StreamingEncoder(vae), StreamingDecoder(vae)
-    cut = 0 if warm == 0 else 1 + 4 * (warm - 1)  # pixel frames that make the first `warm` latent frames
+    cut = _warm_cut(warm)
     if cut:
         with torch.no_grad():
             dec.decode(corrupt(enc.encode(x[:, :, :cut])))
-    rec = dec.decode(corrupt(enc.encode(x[:, :, cut:])))
-    return rec, x[:, :, cut:], mask[:, :, cut:]
+    z = enc.encode(x[:, :, cut:])
+    rec = dec.decode(corrupt(z))
+    return rec, x[:, :, cut:], mask[:, :, cut:], z
+
+
+@torch.no_grad()
+def _anchor_latents(frozen: WanVAE, x: torch.Tensor, warm: int) -> torch.Tensor:
+    """The frozen codec's latents (its DiT units) of the frames after the first `warm` latent frames of x."""
+    from diagvid.model.vae import StreamingEncoder
+
+    enc, cut = StreamingEncoder(frozen), _warm_cut(warm)
+    if cut:
+        enc.encode(x[:, :, :cut])
+    return enc.encode(x[:, :, cut:])
+
+
+def latent_drift(z: torch.Tensor, vae: WanVAE, anchor: torch.Tensor, frozen: WanVAE) -> torch.Tensor:
+    """Mean squared distance between latents `z` of `vae` and `anchor` of `frozen` on the same frames, both
+    expressed in the frozen codec's normalised units (the DiT's)."""
+    return F.mse_loss(frozen.normalize(vae.denormalize(z)), anchor)
 
 
 def train_vae(
@@ -275,9 +309,9 @@ def train_vae(
     """Train (or continue) the VAE; returns the EMA model with latent statistics filled in."""
     out = start_run(cfg.out_dir, to_dict(cfg), cfg.seed)
     vae = WanVAE(preset(cfg.preset, **cfg.overrides))
-    # with the encoder frozen, init_from's latent statistics stay the codec's: they scale `latent_noise` and
-    # the exported model keeps them bit for bit
-    frozen = WanVAE.load(cfg.init_from) if cfg.freeze_encoder else None
+    # with the encoder frozen or anchored, init_from's latent statistics stay the codec's: they scale
+    # `latent_noise` and the exported model keeps them bit for bit
+    frozen = WanVAE.load(cfg.init_from).float() if cfg.freeze_encoder or cfg.latent_anchor else None
     if cfg.init_from and not (out / "checkpoint.pt").exists():
         start = frozen or WanVAE.load(cfg.init_from)
         if start.cfg.summary() != vae.cfg.summary():
@@ -312,26 +346,34 @@ def train_vae(
         vae.train()
         if cfg.warm_chunks_max:
             warm = warm_chunks(cfg, step)
-            x, mask = _batch(cfg, step, extra_frames=4 * warm)
-            rec, x, mask = _reconstruct_after_warmup(vae, x, mask, warm, lambda z: corrupt(z, True))
+            x_all, mask = _batch(cfg, step, extra_frames=4 * warm)
+            rec, x, mask, z = _reconstruct_after_warmup(vae, x_all, mask, warm, lambda z: corrupt(z, True))
             kl = torch.zeros(())
         else:
+            warm, x_all = 0, None
             x, mask = _batch(cfg, step)
             posterior = vae.model.encode(x).latent_dist
             # the posterior mean, not a sample: at init the posterior std is ~1 and buries the ~0.15-scale
             # signal, which stalls training at a constant grey; the DiT only ever sees the mean anyway
+            z = vae.normalize(posterior.mode())
             rec = vae.model.decode(corrupt(posterior.mode(), False)).sample
             kl = posterior.kl().mean() / x[0].numel()
         rec_loss = decoder_loss(rec, x, mask, fg, cfg.edge_weight, cfg.edge_px)
         l1 = (rec - x).abs().mean()
-        loss = rec_loss + cfg.kl_weight * kl
+        drift = torch.zeros(())
+        if cfg.latent_anchor:
+            drift = latent_drift(z, vae, _anchor_latents(frozen, x if x_all is None else x_all, warm), frozen)
+        loss = rec_loss + cfg.kl_weight * kl + cfg.latent_anchor * drift
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
         ema.update(vae)
-        return {"loss": loss.item(), "l1": l1.item(), "psnr": psnr(rec.detach(), x), "kl": kl.item()}
+        stats = {"loss": loss.item(), "l1": l1.item(), "psnr": psnr(rec.detach(), x), "kl": kl.item()}
+        if cfg.latent_anchor:
+            stats["drift"] = drift.item()
+        return stats
 
     run_loop(
         out_dir=out,
@@ -347,7 +389,7 @@ def train_vae(
         progress=progress,
     )
     final = ema.model
-    if frozen is not None:  # the latents are the init encoder's: keep its statistics bit for bit
+    if frozen is not None:  # the latents are (near) the init encoder's: keep its statistics bit for bit
         mean, std = frozen.cfg.latents_mean, frozen.cfg.latents_std
     else:
         mean, std = latent_statistics(final, held)
