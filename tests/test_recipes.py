@@ -23,6 +23,7 @@ KINDS = {
     "vae-decoder": VAETrainConfig,
     "vae-decoder-robust": VAETrainConfig,
     "vae-decoder-edge": VAETrainConfig,
+    "vae-anchored": VAETrainConfig,
     "teacher": TeacherConfig,
     "teacher-contrast": TeacherConfig,
     "teacher-deep": TeacherConfig,
