@@ -121,6 +121,7 @@ def test_cli_eval_writes_the_report(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["config"]["prompts"] == "heldout-8" and report["config"]["lengths"] == [1]
+    assert report["vae"] == "toy/vae"  # which codec the vae method and the teacher used
     assert report["results"]["real"]["1x"]["summary"]["all_accuracy"]["mean"] == 1.0
     assert report["results"]["real"]["1x"]["fvd_world"] == report["fvd_world"]["floor"]["1x"] > 0
     assert "fvd_world" in result.output

@@ -24,6 +24,7 @@ KINDS = {
     "vae-decoder-robust": VAETrainConfig,
     "vae-decoder-edge": VAETrainConfig,
     "vae-anchored": VAETrainConfig,
+    "vae-decoder-edge2": VAETrainConfig,
     "teacher": TeacherConfig,
     "teacher-contrast": TeacherConfig,
     "teacher-deep": TeacherConfig,

@@ -691,6 +691,7 @@ def eval_cmd(
     except ValueError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from err
+    report["vae"] = vae  # the codec of the vae method and the teacher (students decode with their own)
     report["decoder"] = decoder
     report["decoder_dtype"] = decoder_dtype or "fp32"
     report["fp8"] = fp8  # the generators' transformer blocks in float8 (the teacher's and every student's)
