@@ -350,8 +350,9 @@ def train_vae(
             rec, x, mask, z = _reconstruct_after_warmup(vae, x_all, mask, warm, lambda z: corrupt(z, True))
             kl = torch.zeros(())
         else:
-            warm, x_all = 0, None
+            warm = 0
             x, mask = _batch(cfg, step)
+            x_all = x
             posterior = vae.model.encode(x).latent_dist
             # the posterior mean, not a sample: at init the posterior std is ~1 and buries the ~0.15-scale
             # signal, which stalls training at a constant grey; the DiT only ever sees the mean anyway
@@ -362,7 +363,7 @@ def train_vae(
         l1 = (rec - x).abs().mean()
         drift = torch.zeros(())
         if cfg.latent_anchor:
-            drift = latent_drift(z, vae, _anchor_latents(frozen, x if x_all is None else x_all, warm), frozen)
+            drift = latent_drift(z, vae, _anchor_latents(frozen, x_all, warm), frozen)
         loss = rec_loss + cfg.kl_weight * kl + cfg.latent_anchor * drift
         opt.zero_grad(set_to_none=True)
         loss.backward()
