@@ -202,13 +202,8 @@ def test_latent_anchor_holds_the_trained_encoder_near_its_start(tmp_path, warm_c
 
     def tune(out, anchor):
         cfg = recipe(out)
-        cfg.init_from, cfg.latent_anchor, cfg.lr, cfg.warmup, cfg.steps = (
-            str(tmp_path / "shipped"),
-            anchor,
-            3e-3,
-            1,
-            8,
-        )
+        cfg.init_from, cfg.latent_anchor = str(tmp_path / "shipped"), anchor
+        cfg.lr, cfg.warmup, cfg.steps = 3e-3, 1, 8
         cfg.warm_chunks_max, cfg.eval_frames, cfg.ema_decay = warm_chunks_max, 9, 0.0
         return train_vae(cfg, progress=False)
 

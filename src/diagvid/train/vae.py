@@ -311,7 +311,7 @@ def train_vae(
     vae = WanVAE(preset(cfg.preset, **cfg.overrides))
     # with the encoder frozen or anchored, init_from's latent statistics stay the codec's: they scale
     # `latent_noise` and the exported model keeps them bit for bit
-    frozen = WanVAE.load(cfg.init_from).float() if cfg.freeze_encoder or cfg.latent_anchor else None
+    frozen = WanVAE.load(cfg.init_from) if cfg.freeze_encoder or cfg.latent_anchor else None
     if cfg.init_from and not (out / "checkpoint.pt").exists():
         start = frozen or WanVAE.load(cfg.init_from)
         if start.cfg.summary() != vae.cfg.summary():
@@ -356,8 +356,9 @@ def train_vae(
             posterior = vae.model.encode(x).latent_dist
             # the posterior mean, not a sample: at init the posterior std is ~1 and buries the ~0.15-scale
             # signal, which stalls training at a constant grey; the DiT only ever sees the mean anyway
-            z = vae.normalize(posterior.mode())
-            rec = vae.model.decode(corrupt(posterior.mode(), False)).sample
+            mu = posterior.mode()
+            z = vae.normalize(mu)
+            rec = vae.model.decode(corrupt(mu, False)).sample
             kl = posterior.kl().mean() / x[0].numel()
         rec_loss = decoder_loss(rec, x, mask, fg, cfg.edge_weight, cfg.edge_px)
         l1 = (rec - x).abs().mean()
