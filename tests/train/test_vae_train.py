@@ -295,3 +295,27 @@ def test_decoder_loss_weights_objects_and_their_outlines():
     assert torch.equal(decoder_loss(rec, x, mask, 4.0, 3.0, 1), reconstruction_loss(rec, x, weight))
     assert torch.equal(decoder_loss(rec, x, mask, 4.0), reconstruction_loss(rec, x, 1.0 + 4.0 * mask))
     assert not torch.allclose(decoder_loss(rec, x, mask, 4.0, 3.0, 1), decoder_loss(rec, x, mask, 4.0))
+
+
+def test_a_wider_decoder_starts_from_init_froms_widened_decoder(tmp_path):
+    """overrides.decoder_base_dim wider than init_from's: the run starts from init_from's decoder, widened,
+    so at step 0 it decodes exactly as init_from does; the encoder and latents stay as they were."""
+    from diagvid.model.vae import WanVAE
+    from diagvid.train.teacher import vae_fingerprint
+
+    train_vae(recipe(tmp_path / "a"), progress=False).save(tmp_path / "shipped")
+    shipped = WanVAE.load(tmp_path / "shipped")
+    cfg = recipe(tmp_path / "b")
+    cfg.init_from, cfg.freeze_encoder, cfg.lr, cfg.steps = str(tmp_path / "shipped"), True, 0.0, 1
+    cfg.overrides = {"decoder_base_dim": 16}
+    wide = train_vae(cfg, progress=False).eval()
+    assert wide.cfg.decoder_base_dim == 16 and wide.model.decoder.conv_out.in_channels == 16
+    assert vae_fingerprint(wide) == vae_fingerprint(shipped)
+    z = torch.randn(1, 4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # lr 0: still the widened start, the same function as init_from's decoder
+        torch.testing.assert_close(wide.decode(z), shipped.decode(z), atol=2e-5, rtol=0)
+
+    cfg = recipe(tmp_path / "c")
+    cfg.init_from, cfg.overrides = str(tmp_path / "shipped"), {"base_dim": 16}
+    with pytest.raises(ValueError, match=r"init_from=.* is a VAEConfig\(base_dim=8"):
+        train_vae(cfg, progress=False)

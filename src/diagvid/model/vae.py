@@ -70,6 +70,9 @@ class VAEConfig:
     """per-channel mean of the raw posterior means; z = (mu - mean) / std"""
     latents_std: list[float] = field(default_factory=lambda: list(_WAN21_STD))
     """per-channel standard deviation of the raw posterior means"""
+    decoder_base_dim: int | None = None
+    """channels at the decoder's full resolution (diffusers' `decoder_base_dim`, as in Wan2.2's VAE); None:
+    `base_dim`. A wider decoder than encoder decodes the same latents with more capacity"""
     decoder_norms: bool = True
     """keep the RMS norms inside the decoder's residual, attention and mid blocks (Wan does). The toy codec
     turns them off: at 16-64 channels they stall the learning of object colour (docs/status.md); the output
@@ -81,6 +84,8 @@ class VAEConfig:
                 f"base_dim={self.base_dim}, z_dim={self.z_dim} and num_res_blocks={self.num_res_blocks} "
                 "must all be >= 1"
             )
+        if self.decoder_base_dim is not None and self.decoder_base_dim < 1:
+            raise ValueError(f"decoder_base_dim={self.decoder_base_dim} must be >= 1, or None (= base_dim)")
         if len(self.dim_mult) < 2:
             raise ValueError(f"dim_mult={self.dim_mult} needs at least 2 levels (one 2x downsampling)")
         if len(self.temperal_downsample) != len(self.dim_mult) - 1:
@@ -123,7 +128,8 @@ class VAEConfig:
         return (
             f"VAEConfig(base_dim={self.base_dim}, z_dim={self.z_dim}, dim_mult={self.dim_mult}, "
             f"num_res_blocks={self.num_res_blocks}, attn_scales={self.attn_scales}, "
-            f"temperal_downsample={self.temperal_downsample}, decoder_norms={self.decoder_norms})"
+            f"temperal_downsample={self.temperal_downsample}, decoder_base_dim={self.decoder_base_dim}, "
+            f"decoder_norms={self.decoder_norms})"
         )
 
 
@@ -180,6 +186,7 @@ class WanVAE(nn.Module):
         self.cfg = cfg
         self.model = AutoencoderKLWan(
             base_dim=cfg.base_dim,
+            decoder_base_dim=cfg.decoder_base_dim,
             z_dim=cfg.z_dim,
             dim_mult=list(cfg.dim_mult),
             num_res_blocks=cfg.num_res_blocks,
@@ -337,7 +344,6 @@ def config_from_diffusers(raw: dict) -> VAEConfig:
         "out_channels": 3,
         "is_residual": False,
         "patch_size": None,
-        "decoder_base_dim": None,
     }
     for key, value in raw.items():
         if key.startswith("_") or key in ours or key.startswith("scale_factor_"):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from diagvid.config import to_dict
 from diagvid.model.vae import WanVAE, preset
+from diagvid.model.widen import widen_decoder
 from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, start_run
 
 log = logging.getLogger("diagvid.train")
@@ -63,7 +64,9 @@ class VAETrainConfig:
     """train the decoder alone: the encoder (and so every latent a teacher was trained on) stays exactly as
     loaded from `init_from`, so a better decoder can replace the shipped one without retraining the DiT"""
     init_from: str = ""
-    """a VAE folder (e.g. the shipped toy VAE) whose weights start the run when it has no checkpoint yet"""
+    """a VAE folder (e.g. the shipped toy VAE) whose weights start the run when it has no checkpoint yet. If
+    the run's `overrides` set a wider `decoder_base_dim` than init_from's, its decoder is widened first
+    (`diagvid.model.widen.widen_decoder`: the same function at step 0, more channels to learn with)"""
     latent_anchor: float = 0.0
     """with `init_from` and a trained encoder: weight of an extra loss, the mean squared distance between the
     encoder's latents and `init_from`'s on the same frames, in the DiT's units (init_from's statistics,
@@ -314,6 +317,11 @@ def train_vae(
     frozen = WanVAE.load(cfg.init_from) if cfg.freeze_encoder or cfg.latent_anchor else None
     if cfg.init_from and not (out / "checkpoint.pt").exists():
         start = frozen or WanVAE.load(cfg.init_from)
+        if start.cfg.decoder_base_dim != vae.cfg.decoder_base_dim and vae.cfg.decoder_base_dim:
+            # a wider decoder for the same encoder: start from init_from's decoder, widened so that it
+            # decodes exactly as before (diagvid.model.widen)
+            start = widen_decoder(start, vae.cfg.decoder_base_dim, seed=cfg.seed)
+            log.info("widened init_from's decoder to decoder_base_dim=%d", vae.cfg.decoder_base_dim)
         if start.cfg.summary() != vae.cfg.summary():
             raise ValueError(
                 f"init_from={cfg.init_from!r} is a {start.cfg.summary()}; this run trains {vae.cfg.summary()}"

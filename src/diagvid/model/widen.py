@@ -1,0 +1,88 @@
+"""Widen a Wan VAE's decoder without changing what it decodes.
+
+A decoder of `decoder_base_dim = D` has D * m channels where one of `base_dim` * m had them. The wider one is
+built so that at step 0 it is the same function: every old weight is copied to the old channels' places,
+every weight that *produces* a new channel is zero (so new channels hold exactly zero), and every weight that
+*reads* a new channel keeps the layer's random init (so the loss has a gradient into the new channels from the
+first step). Three places need more than a copy:
+
+- channel groups: the attention's `to_qkv` holds [q | k | v] and an `upsample3d` resample's `time_conv` holds
+  [frame 0 | frame 1]; each group is widened on its own;
+- RMS norms scale by sqrt(channels): the old gammas are scaled by sqrt(old / new) so that zero new channels
+  leave every old output as it was;
+- the attention is one head of width C, scaled by 1 / sqrt(C): its query rows are scaled by sqrt(new / old).
+
+The encoder, the quant convs and the latent statistics are copied as they are, so every latent (and every
+model trained on them) stays valid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from diagvid.model.vae import WanVAE
+
+# parameters whose output channels are several blocks of the layer's width, and how many
+_GROUPS = {"to_qkv": 3, "time_conv": 2}
+
+
+def _groups(name: str) -> int:
+    return next((g for key, g in _GROUPS.items() if f".{key}." in f".{name}"), 1)
+
+
+def _embed(old: int, new: int, groups: int) -> torch.Tensor:
+    """Indices in a dimension of size `new` where the `old` channels go, `groups` equal blocks each side."""
+    if old % groups or new % groups or new < old:
+        raise ValueError(f"cannot widen {old} channels in {groups} groups to {new}")
+    c_old, c_new = old // groups, new // groups
+    i = torch.arange(old)
+    return (i // c_old) * c_new + i % c_old
+
+
+def _widen_tensor(name: str, old: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+    """`old` placed inside a tensor shaped like `init` (see the module docstring for the rules)."""
+    if old.shape == init.shape:
+        return old.clone()
+    if old.ndim != init.ndim:
+        raise ValueError(f"{name}: shapes {tuple(old.shape)} and {tuple(init.shape)} differ in rank")
+    out = init.clone()
+    rows = _embed(old.shape[0], init.shape[0], _groups(name))
+    is_gamma = name.endswith("gamma")
+    if not is_gamma:
+        new_rows = torch.ones(init.shape[0], dtype=torch.bool)
+        new_rows[rows] = False
+        out[new_rows] = 0  # a new channel starts at exactly zero
+    if old.ndim >= 2 and old.shape[1] != init.shape[1]:
+        cols = _embed(old.shape[1], init.shape[1], 1)
+        out[rows.view(-1, 1), cols.view(1, -1)] = old
+    else:
+        out[rows] = old
+    if is_gamma:  # an RMS norm over more channels scales by a larger sqrt(C)
+        out[rows] *= math.sqrt(old.shape[0] / init.shape[0])
+    if name.endswith(("to_qkv.weight", "to_qkv.bias")):  # one attention head, scaled by 1/sqrt(width)
+        c_old, c_new = old.shape[0] // 3, init.shape[0] // 3
+        out[:c_old] *= math.sqrt(c_new / c_old)
+    return out
+
+
+@torch.no_grad()
+def widen_decoder(vae: WanVAE, decoder_base_dim: int, seed: int = 0) -> WanVAE:
+    """A copy of `vae` whose decoder has `decoder_base_dim` channels at full resolution and decodes the same
+    video from the same latents (to float rounding). `seed` draws the weights that read the new channels."""
+    old_dim = vae.cfg.decoder_base_dim or vae.cfg.base_dim
+    if decoder_base_dim < old_dim:
+        raise ValueError(f"decoder_base_dim={decoder_base_dim} is narrower than this decoder's {old_dim}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        wide = WanVAE(replace(vae.cfg, decoder_base_dim=decoder_base_dim))
+    old_sd = vae.model.state_dict()
+    new_sd = wide.model.state_dict()
+    if set(old_sd) != set(new_sd):
+        raise ValueError(f"widening changed the parameter names: {sorted(set(old_sd) ^ set(new_sd))[:4]}")
+    wide.model.load_state_dict(
+        {k: _widen_tensor(k, old_sd[k].float(), v.float()).to(v.dtype) for k, v in new_sd.items()}
+    )
+    return wide.to(vae.device, vae.dtype).train(vae.training)
