@@ -43,7 +43,9 @@ def test_widened_decoder_decodes_exactly_as_before(decoder_norms, width):
     torch.testing.assert_close(wide.decode(z), whole, atol=2e-5, rtol=0)
     # chunk by chunk through the causal caches too (upsample3d's time_conv holds two frames' channels)
     stream = wide.stream_decoder()
-    parts = torch.cat([stream.decode(z[:, :, :1]), stream.decode(z[:, :, 1:3]), stream.decode(z[:, :, 3:])], 2)
+    parts = torch.cat(
+        [stream.decode(z[:, :, :1]), stream.decode(z[:, :, 1:3]), stream.decode(z[:, :, 3:])], 2
+    )
     torch.testing.assert_close(parts, whole, atol=2e-5, rtol=0)
 
 
