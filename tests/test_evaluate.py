@@ -69,6 +69,31 @@ def test_fvd_world_against_real_clips_of_the_same_prompts_with_a_floor():
     assert off["fvd_world"] is None and off["results"]["real"]["1x"]["fvd_world"] is None
 
 
+def test_codec_psnr_by_region_against_an_independent_computation():
+    """Real clips reconstruct perfectly; a known change of the object pixels alone moves the object regions'
+    PSNR to the value computed by hand and leaves the background's perfect."""
+    from diagvid.train.vae import _render_with_mask
+
+    prompts, frames = ev.eval_prompts("heldout-8")[:3], 9
+    real = ev.real_method()(prompts, frames, 0)
+    perfect = ev.codec_psnr(real, prompts, frames)
+    assert set(perfect) == {"all", "background", "outline", "interior"} and min(perfect.values()) > 100
+    # every object pixel 10 levels darker (none of them is below 10 in this palette): squared error
+    # (20 / 255)^2 on exactly those pixels, in the [-1, 1] scale
+    masks = [_render_with_mask(s)[1][0].numpy() for s in ev._specs_for(prompts, frames, 64)]
+    darker = [
+        np.where(m[..., None], v.astype(np.int16) - 10, v).astype(np.uint8)
+        for v, m in zip(real, masks, strict=True)
+    ]
+    assert all(v[m].min() >= 10 for v, m in zip(real, masks, strict=True))
+    got = ev.codec_psnr(darker, prompts, frames)
+    object_db = 10 * np.log10(4 / (20 / 255) ** 2)
+    assert got["interior"] == pytest.approx(object_db, abs=1e-3)
+    share = sum(m.sum() for m in masks) / sum(m.size for m in masks)
+    assert got["all"] == pytest.approx(object_db - 10 * np.log10(share), abs=1e-3)
+    assert got["background"] > 100 and object_db < got["outline"] < got["all"]
+
+
 def test_fixed_length_methods_run_once_and_seeds_reach_the_method():
     seen = []
 
@@ -116,12 +141,15 @@ def test_real_clips_only_for_held_out_prompts():
 def test_cli_eval_writes_the_report(tmp_path):
     out = tmp_path / "r" / "eval.json"
     result = CliRunner().invoke(
-        app, ["eval", "--quick", "--methods", "real", "--lengths", "1", "--json", str(out)]
+        app, ["eval", "--quick", "--methods", "real,vae", "--lengths", "1", "--json", str(out)]
     )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["config"]["prompts"] == "heldout-8" and report["config"]["lengths"] == [1]
     assert report["vae"] == "toy/vae"  # which codec the vae method and the teacher used
+    assert "psnr" not in report["results"]["real"]["1x"]  # only reconstructions get a PSNR
+    codec = report["results"]["vae"]["1x"]["psnr"]
+    assert 12 < codec["outline"] < codec["all"] < codec["background"] < 45, codec
     assert report["results"]["real"]["1x"]["summary"]["all_accuracy"]["mean"] == 1.0
     assert report["results"]["real"]["1x"]["fvd_world"] == report["fvd_world"]["floor"]["1x"] > 0
     assert "fvd_world" in result.output

@@ -686,7 +686,11 @@ def eval_cmd(
         raise typer.Exit(2) from err
     try:  # a method can only check some settings against the clip length when it runs
         report = ev.run_eval(
-            runs, cfg, fixed_length=("teacher",), progress=lambda msg: console.print(f"[dim]{msg}[/dim]")
+            runs,
+            cfg,
+            fixed_length=("teacher",),
+            reconstructions=("vae",),
+            progress=lambda msg: console.print(f"[dim]{msg}[/dim]"),
         )
     except ValueError as err:
         console.print(f"[red]error:[/red] {err}")

@@ -18,6 +18,7 @@ no method starts from; the floor is what the real clips the methods do start fro
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -103,6 +104,35 @@ def vae_method(vae, size: int = 64) -> Method:
         return out
 
     return run
+
+
+def codec_psnr(videos: Sequence[np.ndarray], prompts: Sequence[str], num_frames: int, size: int = 64) -> dict:
+    """PSNR (dB) of reconstructions of draw 0's real clips (the `vae` method's videos) against those clips,
+    pooled over every clip: over the whole frame, and by region from the renderer's object masks: `outline`
+    (every pixel within 2 of an object's outline, where a codec blurs), `interior` (the rest of the objects)
+    and `background` (the rest of the frame)."""
+    from diagvid.train.vae import _render_with_mask, outline_band
+    from diagvid.world import frames_to_tensor
+
+    specs = _specs_for(prompts, num_frames, size)
+    sums = {"all": 0.0, "background": 0.0, "outline": 0.0, "interior": 0.0}
+    counts = dict.fromkeys(sums, 0)
+    for video, spec in zip(videos, specs, strict=True):
+        real, mask = _render_with_mask(spec)
+        err = (frames_to_tensor(video) - real).square().sum(0)  # [T, H, W], summed over RGB
+        band = outline_band(mask[None], 2)[0, 0].bool()
+        mask = mask[0]
+        regions = {"all": torch.ones_like(band), "outline": band, "interior": mask & ~band}
+        regions["background"] = ~mask & ~band
+        for name, where in regions.items():
+            sums[name] += err[where].sum().item()
+            counts[name] += 3 * int(where.sum())
+    # videos in [-1, 1]: a peak-to-peak range of 2, so PSNR = 10 log10(4 / MSE)
+    return {
+        name: round(10 * math.log10(4.0 / max(sums[name] / counts[name], 1e-12)), 3)
+        for name in sums
+        if counts[name]
+    }
 
 
 def student_method(pipe, schedule: str | None = None, context: str | None = None) -> Method:
@@ -363,11 +393,14 @@ def run_eval(
     cfg: EvalConfig = EvalConfig(),
     *,
     fixed_length: Sequence[str] = (),
+    reconstructions: Sequence[str] = (),
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Score every method at every length on the same prompts and seeds; one JSON-ready dict.
 
     `fixed_length` names methods that only run at 1x (the teacher: full attention over a fixed clip).
+    `reconstructions` names methods whose videos reconstruct draw 0's real clips (the `vae` method): their
+    scores gain `psnr` (`codec_psnr`, by region).
     Results: results[method][f"{n}x"] = score_videos(...) without the per-video detail, plus seconds and
     fvd_world (None when FVD-world is off or the clips are shorter than one window).
     """
@@ -392,6 +425,8 @@ def run_eval(
             scores = score_videos(videos, prompts, n_boot=cfg.n_boot, seed=cfg.seed)
             scores.pop("per_video")
             scores["fvd_world"] = fvd.score(videos, cfg.frames(n)) if fvd else None
+            if name in reconstructions:
+                scores["psnr"] = codec_psnr(videos, prompts, cfg.frames(n))
             scores["seconds"] = round(time.perf_counter() - t0, 2)
             results[name][f"{n}x"] = scores
     return {
