@@ -72,7 +72,7 @@ def test_fvd_world_against_real_clips_of_the_same_prompts_with_a_floor():
 def test_codec_psnr_by_region_against_an_independent_computation():
     """Real clips reconstruct perfectly; a known change of the object pixels alone moves the object regions'
     PSNR to the value computed by hand and leaves the background's perfect."""
-    from diagvid.train.vae import _render_with_mask
+    from diagvid.train.vae import render_with_mask
 
     prompts, frames = ev.eval_prompts("heldout-8")[:3], 9
     real = ev.real_method()(prompts, frames, 0)
@@ -80,7 +80,7 @@ def test_codec_psnr_by_region_against_an_independent_computation():
     assert set(perfect) == {"all", "background", "outline", "interior"} and min(perfect.values()) > 100
     # every object pixel 10 levels darker (none of them is below 10 in this palette): squared error
     # (20 / 255)^2 on exactly those pixels, in the [-1, 1] scale
-    masks = [_render_with_mask(s)[1][0].numpy() for s in ev._specs_for(prompts, frames, 64)]
+    masks = [render_with_mask(s)[1][0].numpy() for s in ev._specs_for(prompts, frames, 64)]
     darker = [
         np.where(m[..., None], v.astype(np.int16) - 10, v).astype(np.uint8)
         for v, m in zip(real, masks, strict=True)

@@ -111,14 +111,14 @@ def codec_psnr(videos: Sequence[np.ndarray], prompts: Sequence[str], num_frames:
     pooled over every clip: over the whole frame, and by region from the renderer's object masks: `outline`
     (every pixel within 2 of an object's outline, where a codec blurs), `interior` (the rest of the objects)
     and `background` (the rest of the frame)."""
-    from diagvid.train.vae import _render_with_mask, outline_band
+    from diagvid.train.vae import outline_band, render_with_mask
     from diagvid.world import frames_to_tensor
 
     specs = _specs_for(prompts, num_frames, size)
     sums = {"all": 0.0, "background": 0.0, "outline": 0.0, "interior": 0.0}
     counts = dict.fromkeys(sums, 0)
     for video, spec in zip(videos, specs, strict=True):
-        real, mask = _render_with_mask(spec)
+        real, mask = render_with_mask(spec)
         err = (frames_to_tensor(video) - real).square().sum(0)  # [T, H, W], summed over RGB
         band = outline_band(mask[None], 2)[0, 0].bool()
         mask = mask[0]

@@ -130,7 +130,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
-def _render_with_mask(spec) -> tuple[torch.Tensor, torch.Tensor]:
+def render_with_mask(spec) -> tuple[torch.Tensor, torch.Tensor]:
     """A world clip [3, T, H, W] in [-1, 1] and its object mask [1, T, H, W] (pixels that differ from the
     clip's background, which the renderer knows)."""
     from diagvid.world import background_frame, frames_to_tensor, render
@@ -165,7 +165,7 @@ def world_batch(
     clips, masks = [], []
     for i in range(batch_size):
         spec = sample_spec(step * batch_size + i, num_frames=num_frames, size=size)
-        video, mask = _render_with_mask(spec)
+        video, mask = render_with_mask(spec)
         y, x = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=gen))
         clips.append(video[:, :, y : y + crop, x : x + crop])
         masks.append(mask[:, :, y : y + crop, x : x + crop].float())
@@ -212,7 +212,7 @@ def heldout_clips(n: int, size: int, num_frames: int = 17) -> tuple[torch.Tensor
     specs = eval_specs("heldout-48", num_frames=num_frames, size=size)
     specs = [specs[i] for i in sorted(range(len(specs)), key=lambda i: (i % 8, i // 8))]
     specs = (specs * 2)[:n]
-    clips, masks = zip(*(_render_with_mask(spec) for spec in specs), strict=True)
+    clips, masks = zip(*(render_with_mask(spec) for spec in specs), strict=True)
     return torch.stack(clips), torch.stack(masks)
 
 
