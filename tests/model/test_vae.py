@@ -182,6 +182,9 @@ def test_config_validation():
         VAEConfig(z_dim=4, latents_mean=[0.0] * 3, latents_std=[1.0] * 4)
     with pytest.raises(ValueError, match="unknown VAE preset"):
         preset("nope")
+    # another channel count without statistics gets the placeholders; with them, they are kept
+    assert preset("wan2.1", z_dim=4).latents_std == [1.0] * 4
+    assert preset("tiny", z_dim=2, latents_mean=[1.0, 2.0], latents_std=[3.0, 4.0]).latents_mean == [1.0, 2.0]
 
 
 @torch.no_grad()

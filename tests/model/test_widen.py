@@ -1,4 +1,4 @@
-"""Widening a VAE decoder: the same function at step 0, gradients into every new channel."""
+"""Widening a VAE's decoder or latent: the same function at step 0, gradients into every new channel."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diagvid.model.vae import WanVAE, preset
-from diagvid.model.widen import widen_decoder
+from diagvid.model.widen import widen_decoder, widen_latent
 
 
 def trained_looking(decoder_norms: bool) -> WanVAE:
@@ -91,3 +91,34 @@ def test_widened_vae_saves_and_loads(tmp_path):
     z = latents(2)
     with torch.no_grad():
         torch.testing.assert_close(loaded.decode(z), wide.decode(z), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("decoder_norms", [True, False])
+@torch.no_grad()
+def test_widened_latent_keeps_the_old_channels_and_decodes_as_before(decoder_norms):
+    vae = trained_looking(decoder_norms)
+    wide = widen_latent(vae, 6)
+    assert wide.z_dim == 6 and wide.cfg.latents_mean == [*vae.cfg.latents_mean, 0.0, 0.0]
+    assert wide.cfg.latents_std == [*vae.cfg.latents_std, 1.0, 1.0]
+    x = torch.rand(1, 3, 9, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    z_old, z_new = vae.encode(x), wide.encode(x)
+    torch.testing.assert_close(z_new[:, :4], z_old, atol=1e-6, rtol=0)  # mean and log-variance kept apart
+    assert z_new[:, 4:].abs().max() == 0
+    whole = vae.decode(z_old)
+    torch.testing.assert_close(wide.decode(z_new), whole, atol=2e-5, rtol=0)
+    stream = wide.stream_decoder()
+    parts = torch.cat([stream.decode(z_new[:, :, :1]), stream.decode(z_new[:, :, 1:])], dim=2)
+    torch.testing.assert_close(parts, whole, atol=2e-5, rtol=0)
+    # the posterior's log-variance of the old channels is kept too (the second half of quant_conv's output)
+    old_var = vae.model.encode(x).latent_dist.var
+    torch.testing.assert_close(wide.model.encode(x).latent_dist.var[:, :4], old_var, atol=1e-5, rtol=1e-5)
+
+
+def test_widened_latent_channels_get_a_gradient_from_the_decoder():
+    wide = widen_latent(trained_looking(decoder_norms=False), 6).train()
+    x = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    (wide.decode(wide.encode(x)) - x).square().mean().backward()
+    conv_out = wide.model.encoder.conv_out.weight  # [mean of 6 | log-variance of 6] output channels
+    assert conv_out.grad[4:6].abs().sum() > 0  # the new means
+    with pytest.raises(ValueError, match="z_dim=3 is fewer latent channels than this VAE's 6"):
+        widen_latent(wide, 3)

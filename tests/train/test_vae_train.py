@@ -319,3 +319,43 @@ def test_a_wider_decoder_starts_from_init_froms_widened_decoder(tmp_path):
     cfg.init_from, cfg.overrides = str(tmp_path / "shipped"), {"base_dim": 16}
     with pytest.raises(ValueError, match=r"init_from=.* is a VAEConfig\(base_dim=8"):
         train_vae(cfg, progress=False)
+
+
+def test_more_latent_channels_start_from_init_from_widened_and_anchor_the_old_ones(tmp_path):
+    """overrides.z_dim above init_from's: the run starts from init_from with its latent widened, the anchor
+    holds the old channels (the new ones are free), and the export keeps the old channels' statistics and
+    measures the new ones'."""
+    from diagvid.model.vae import WanVAE
+    from diagvid.train.vae import latent_drift
+
+    train_vae(recipe(tmp_path / "a"), progress=False).save(tmp_path / "shipped")
+    shipped = WanVAE.load(tmp_path / "shipped")
+
+    def widened(out, anchor):
+        cfg = recipe(out)
+        cfg.init_from, cfg.latent_anchor, cfg.overrides = str(tmp_path / "shipped"), anchor, {"z_dim": 6}
+        cfg.lr, cfg.warmup, cfg.steps, cfg.ema_decay = 3e-3, 1, 4, 0.0
+        return train_vae(cfg, progress=False)
+
+    wide, free = widened(tmp_path / "z", 100.0), widened(tmp_path / "f", 0.0)
+    assert wide.z_dim == 6
+    assert wide.cfg.latents_mean[:4] == shipped.cfg.latents_mean
+    assert wide.cfg.latents_std[:4] == shipped.cfg.latents_std
+    assert wide.cfg.latents_std[4:] != [1.0, 1.0]  # measured, not the placeholders
+    x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    with torch.no_grad():
+        start = shipped.encode(x)
+        assert wide.encode(x)[:, 4:].abs().max() > 0  # the new channels learned something
+        drift = [latent_drift(v.encode(x), v, start, shipped).item() for v in (wide, free)]
+    assert 0 < drift[0] < drift[1]  # the anchor holds the old channels
+
+    for key, value, word in (
+        ("freeze_encoder", True, "freeze_encoder"),
+        ("latent_noise", 0.3, "latent_noise"),
+    ):
+        bad = recipe(tmp_path / key)
+        bad.init_from, bad.overrides = str(tmp_path / "shipped"), {"z_dim": 6}
+        bad.latent_anchor = 0.0 if key == "freeze_encoder" else 1.0
+        setattr(bad, key, value)
+        with pytest.raises(ValueError, match=rf"z_dim=6 differs from init_from's 4.*{word}"):
+            train_vae(bad, progress=False)

@@ -161,10 +161,15 @@ PRESETS: dict[str, VAEConfig] = {
 
 
 def preset(name: str, **overrides) -> VAEConfig:
-    """A named VAE config, with fields replaced by `overrides`."""
+    """A named VAE config, with fields replaced by `overrides`. A new `z_dim` without statistics gets the
+    placeholders 0 and 1 (what training measures), not the preset's for another channel count."""
     if name not in PRESETS:
         raise ValueError(f"unknown VAE preset {name!r}; allowed: {sorted(PRESETS)}")
-    return VAEConfig.from_dict({**PRESETS[name].to_dict(), **overrides})
+    base = PRESETS[name].to_dict()
+    z = overrides.get("z_dim", base["z_dim"])
+    if z != base["z_dim"] and not {"latents_mean", "latents_std"} & set(overrides):
+        base["latents_mean"], base["latents_std"] = [0.0] * z, [1.0] * z
+    return VAEConfig.from_dict({**base, **overrides})
 
 
 def allowed_frame_counts(t: int) -> str:

@@ -1,19 +1,22 @@
-"""Widen a Wan VAE's decoder without changing what it decodes.
+"""Widen a Wan VAE, its decoder or its latent, without changing what it computes.
 
-A decoder of `decoder_base_dim = D` has D * m channels where one of `base_dim` * m had them. The wider one is
-built so that at step 0 it is the same function: every old weight is copied to the old channels' places,
-every weight that *produces* a new channel is zero (so new channels hold exactly zero), and every weight that
-*reads* a new channel keeps the layer's random init (so the loss has a gradient into the new channels from the
-first step). Three places need more than a copy:
+`widen_decoder`: a decoder of `decoder_base_dim = D` has D * m channels where one of `base_dim` * m had
+them. `widen_latent`: more latent channels (z_dim), the old ones first. Either way the wider model is built
+so that at step 0 it is the same function: every old weight is copied to the old channels' places, every
+weight that *produces* a new channel is zero (so new channels hold exactly zero), and every weight that
+*reads* a new channel keeps the layer's random init (so the loss has a gradient into the new channels from
+the first step). Three places need more than a copy:
 
-- channel groups: the attention's `to_qkv` holds [q | k | v] and an `upsample3d` resample's `time_conv` holds
-  [frame 0 | frame 1]; each group is widened on its own;
+- channel groups: the attention's `to_qkv` holds [q | k | v], an `upsample3d` resample's `time_conv` holds
+  [frame 0 | frame 1], and the encoder's `conv_out` and `quant_conv` hold [mean | log-variance]; each group
+  is widened on its own;
 - RMS norms scale by sqrt(channels): the old gammas are scaled by sqrt(old / new) so that zero new channels
   leave every old output as it was;
 - the attention is one head of width C, scaled by 1 / sqrt(C): its query rows are scaled by sqrt(new / old).
 
-The encoder, the quant convs and the latent statistics are copied as they are, so every latent (and every
-model trained on them) stays valid.
+A widened decoder keeps the encoder, the quant convs and the latent statistics as they are, so every latent
+(and every model trained on them) stays valid. A widened latent keeps the old channels' values and
+statistics; the new channels start at zero, with statistics 0 and 1 until they are measured.
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ from dataclasses import replace
 
 import torch
 
-from diagvid.model.vae import WanVAE
+from diagvid.model.vae import VAEConfig, WanVAE
 
-# parameters whose output channels are several blocks of the layer's width, and how many
-_GROUPS = {"to_qkv": 3, "time_conv": 2}
+# parameters whose channels are several blocks of the layer's width: (output blocks, input blocks)
+_GROUPS = {"to_qkv": (3, 1), "time_conv": (2, 1), "encoder.conv_out": (2, 1), "quant_conv": (2, 2)}
 
 
-def _groups(name: str) -> int:
-    return next((g for key, g in _GROUPS.items() if f".{key}." in f".{name}"), 1)
+def _groups(name: str) -> tuple[int, int]:
+    return next((g for key, g in _GROUPS.items() if f".{key}." in f".{name}"), (1, 1))
 
 
 def _embed(old: int, new: int, groups: int) -> torch.Tensor:
@@ -49,14 +52,15 @@ def _widen_tensor(name: str, old: torch.Tensor, init: torch.Tensor) -> torch.Ten
     if old.ndim != init.ndim:
         raise ValueError(f"{name}: shapes {tuple(old.shape)} and {tuple(init.shape)} differ in rank")
     out = init.clone()
-    rows = _embed(old.shape[0], init.shape[0], _groups(name))
+    out_groups, in_groups = _groups(name)
+    rows = _embed(old.shape[0], init.shape[0], out_groups)
     is_gamma = name.endswith("gamma")
     if not is_gamma:
         new_rows = torch.ones(init.shape[0], dtype=torch.bool)
         new_rows[rows] = False
         out[new_rows] = 0  # a new channel starts at exactly zero
     if old.ndim >= 2 and old.shape[1] != init.shape[1]:
-        cols = _embed(old.shape[1], init.shape[1], 1)
+        cols = _embed(old.shape[1], init.shape[1], in_groups)
         out[rows.view(-1, 1), cols.view(1, -1)] = old
     else:
         out[rows] = old
@@ -68,21 +72,41 @@ def _widen_tensor(name: str, old: torch.Tensor, init: torch.Tensor) -> torch.Ten
     return out
 
 
-@torch.no_grad()
+def _widened(vae: WanVAE, cfg: VAEConfig, seed: int) -> WanVAE:
+    """A VAE of `cfg` (wider than vae.cfg somewhere) holding `vae`'s weights by the rules above."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        wide = WanVAE(cfg)
+    old_sd = vae.model.state_dict()
+    new_sd = wide.model.state_dict()
+    if set(old_sd) != set(new_sd):
+        raise ValueError(f"widening changed the parameter names: {sorted(set(old_sd) ^ set(new_sd))[:4]}")
+    with torch.no_grad():
+        wide.model.load_state_dict(
+            {k: _widen_tensor(k, old_sd[k].float(), v.float()).to(v.dtype) for k, v in new_sd.items()}
+        )
+    return wide.to(vae.device, vae.dtype).train(vae.training)
+
+
 def widen_decoder(vae: WanVAE, decoder_base_dim: int, seed: int = 0) -> WanVAE:
     """A copy of `vae` whose decoder has `decoder_base_dim` channels at full resolution and decodes the same
     video from the same latents (to float rounding). `seed` draws the weights that read the new channels."""
     old_dim = vae.cfg.decoder_base_dim or vae.cfg.base_dim
     if decoder_base_dim < old_dim:
         raise ValueError(f"decoder_base_dim={decoder_base_dim} is narrower than this decoder's {old_dim}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        wide = WanVAE(replace(vae.cfg, decoder_base_dim=decoder_base_dim))
-    old_sd = vae.model.state_dict()
-    new_sd = wide.model.state_dict()
-    if set(old_sd) != set(new_sd):
-        raise ValueError(f"widening changed the parameter names: {sorted(set(old_sd) ^ set(new_sd))[:4]}")
-    wide.model.load_state_dict(
-        {k: _widen_tensor(k, old_sd[k].float(), v.float()).to(v.dtype) for k, v in new_sd.items()}
+    return _widened(vae, replace(vae.cfg, decoder_base_dim=decoder_base_dim), seed)
+
+
+def widen_latent(vae: WanVAE, z_dim: int, seed: int = 0) -> WanVAE:
+    """A copy of `vae` with `z_dim` latent channels: the old ones first, with their values and statistics,
+    the new ones zero (statistics 0 and 1); it decodes every video as `vae` does (to float rounding)."""
+    if z_dim < vae.cfg.z_dim:
+        raise ValueError(f"z_dim={z_dim} is fewer latent channels than this VAE's {vae.cfg.z_dim}")
+    extra = z_dim - vae.cfg.z_dim
+    cfg = replace(
+        vae.cfg,
+        z_dim=z_dim,
+        latents_mean=[*vae.cfg.latents_mean, *[0.0] * extra],
+        latents_std=[*vae.cfg.latents_std, *[1.0] * extra],
     )
-    return wide.to(vae.device, vae.dtype).train(vae.training)
+    return _widened(vae, cfg, seed)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from diagvid.config import to_dict
 from diagvid.model.vae import WanVAE, preset
-from diagvid.model.widen import widen_decoder
+from diagvid.model.widen import widen_decoder, widen_latent
 from diagvid.train.loop import EMA, adamw_with_warmup, run_loop, start_run
 
 log = logging.getLogger("diagvid.train")
@@ -302,8 +302,9 @@ def _anchor_latents(frozen: WanVAE, x: torch.Tensor, warm: int) -> torch.Tensor:
 
 def latent_drift(z: torch.Tensor, vae: WanVAE, anchor: torch.Tensor, frozen: WanVAE) -> torch.Tensor:
     """Mean squared distance between latents `z` of `vae` and `anchor` of `frozen` on the same frames, both
-    expressed in the frozen codec's normalised units (the DiT's)."""
-    return F.mse_loss(frozen.normalize(vae.denormalize(z)), anchor)
+    expressed in the frozen codec's normalised units (the DiT's). A widened latent is anchored on its first
+    channels, the frozen codec's; the rest are free."""
+    return F.mse_loss(frozen.normalize(vae.denormalize(z)[:, : frozen.z_dim]), anchor)
 
 
 def train_vae(
@@ -315,13 +316,21 @@ def train_vae(
     # with the encoder frozen or anchored, init_from's latent statistics stay the codec's: they scale
     # `latent_noise` and the exported model keeps them bit for bit
     frozen = WanVAE.load(cfg.init_from) if cfg.freeze_encoder or cfg.latent_anchor else None
+    if frozen is not None and frozen.z_dim != vae.z_dim and (cfg.freeze_encoder or cfg.latent_noise):
+        raise ValueError(
+            f"z_dim={vae.z_dim} differs from init_from's {frozen.z_dim}: the new channels need a trained "
+            "encoder (freeze_encoder=false) and have no statistics to scale latent_noise by (use 0)"
+        )
     if cfg.init_from and not (out / "checkpoint.pt").exists():
         start = frozen or WanVAE.load(cfg.init_from)
+        # a wider decoder or more latent channels than init_from's: start from init_from widened, the same
+        # function at step 0 (diagvid.model.widen)
         if start.cfg.decoder_base_dim != vae.cfg.decoder_base_dim and vae.cfg.decoder_base_dim:
-            # a wider decoder for the same encoder: start from init_from's decoder, widened so that it
-            # decodes exactly as before (diagvid.model.widen)
             start = widen_decoder(start, vae.cfg.decoder_base_dim, seed=cfg.seed)
             log.info("widened init_from's decoder to decoder_base_dim=%d", vae.cfg.decoder_base_dim)
+        if start.cfg.z_dim < vae.cfg.z_dim:
+            start = widen_latent(start, vae.cfg.z_dim, seed=cfg.seed)
+            log.info("widened init_from's latent to z_dim=%d", vae.cfg.z_dim)
         if start.cfg.summary() != vae.cfg.summary():
             raise ValueError(
                 f"init_from={cfg.init_from!r} is a {start.cfg.summary()}; this run trains {vae.cfg.summary()}"
@@ -399,10 +408,13 @@ def train_vae(
         progress=progress,
     )
     final = ema.model
-    if frozen is not None:  # the latents are (near) the init encoder's: keep its statistics bit for bit
-        mean, std = frozen.cfg.latents_mean, frozen.cfg.latents_std
-    else:
+    if frozen is None:
         mean, std = latent_statistics(final, held)
+    else:  # the latents are (near) the init encoder's: keep its statistics bit for bit
+        mean, std = list(frozen.cfg.latents_mean), list(frozen.cfg.latents_std)
+        if final.z_dim > frozen.z_dim:  # a widened latent: its new channels' are measured
+            new_mean, new_std = latent_statistics(final, held)
+            mean, std = mean + new_mean[frozen.z_dim :], std + new_std[frozen.z_dim :]
     final.cfg.latents_mean, final.cfg.latents_std = mean, std
     shape = final.latents_mean.shape
     final.latents_mean.copy_(torch.tensor(mean).view(shape))
