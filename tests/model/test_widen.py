@@ -103,7 +103,7 @@ def test_widened_latent_keeps_the_old_channels_and_decodes_as_before(decoder_nor
     x = torch.rand(1, 3, 9, 16, 16, generator=torch.Generator().manual_seed(3)) * 2 - 1
     z_old, z_new = vae.encode(x), wide.encode(x)
     torch.testing.assert_close(z_new[:, :4], z_old, atol=1e-6, rtol=0)  # mean and log-variance kept apart
-    assert z_new[:, 4:].abs().max() == 0
+    assert z_new[:, 4:].std() > 0.01  # random features of the encoder, which nothing reads yet
     whole = vae.decode(z_old)
     torch.testing.assert_close(wide.decode(z_new), whole, atol=2e-5, rtol=0)
     stream = wide.stream_decoder()
@@ -114,11 +114,11 @@ def test_widened_latent_keeps_the_old_channels_and_decodes_as_before(decoder_nor
     torch.testing.assert_close(wide.model.encode(x).latent_dist.var[:, :4], old_var, atol=1e-5, rtol=1e-5)
 
 
-def test_widened_latent_channels_get_a_gradient_from_the_decoder():
+def test_the_decoder_learns_to_read_the_new_latent_channels():
     wide = widen_latent(trained_looking(decoder_norms=False), 6).train()
     x = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
     (wide.decode(wide.encode(x)) - x).square().mean().backward()
-    conv_out = wide.model.encoder.conv_out.weight  # [mean of 6 | log-variance of 6] output channels
-    assert conv_out.grad[4:6].abs().sum() > 0  # the new means
+    reads = wide.model.decoder.conv_in.weight  # [out, 6 latent channels, 3, 3, 3]
+    assert reads[:, 4:].abs().max() == 0 and reads.grad[:, 4:].abs().sum() > 0
     with pytest.raises(ValueError, match="z_dim=3 is fewer latent channels than this VAE's 6"):
         widen_latent(wide, 3)

@@ -2,10 +2,13 @@
 
 `widen_decoder`: a decoder of `decoder_base_dim = D` has D * m channels where one of `base_dim` * m had
 them. `widen_latent`: more latent channels (z_dim), the old ones first. Either way the wider model is built
-so that at step 0 it is the same function: every old weight is copied to the old channels' places, every
-weight that *produces* a new channel is zero (so new channels hold exactly zero), and every weight that
-*reads* a new channel keeps the layer's random init (so the loss has a gradient into the new channels from
-the first step). Three places need more than a copy:
+so that at step 0 it is the same function: every old weight is copied to the old channels' places. In a
+widened decoder every weight that *produces* a new channel is zero (so new channels hold exactly zero) and
+every weight that *reads* one keeps the layer's random init (so the loss has a gradient into the new
+channels from the first step). A widened latent does the mirror image: its new channels are random
+features of the encoder (the weights that produce them keep their init) and every weight that reads them
+starts at zero, so they carry information from step 0 and the decoder learns to use it. Three places need
+more than a copy:
 
 - channel groups: the attention's `to_qkv` holds [q | k | v], an `upsample3d` resample's `time_conv` holds
   [frame 0 | frame 1], and the encoder's `conv_out` and `quant_conv` hold [mean | log-variance]; each group
@@ -16,7 +19,7 @@ the first step). Three places need more than a copy:
 
 A widened decoder keeps the encoder, the quant convs and the latent statistics as they are, so every latent
 (and every model trained on them) stays valid. A widened latent keeps the old channels' values and
-statistics; the new channels start at zero, with statistics 0 and 1 until they are measured.
+statistics; the new channels get statistics 0 and 1 until they are measured.
 """
 
 from __future__ import annotations
@@ -45,8 +48,12 @@ def _embed(old: int, new: int, groups: int) -> torch.Tensor:
     return (i // c_old) * c_new + i % c_old
 
 
-def _widen_tensor(name: str, old: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
-    """`old` placed inside a tensor shaped like `init` (see the module docstring for the rules)."""
+def _widen_tensor(name: str, old: torch.Tensor, init: torch.Tensor, new_start_at_zero: bool) -> torch.Tensor:
+    """`old` placed inside a tensor shaped like `init` (see the module docstring for the rules).
+
+    `new_start_at_zero`: the weights that produce a new channel are zero and those that read one keep their
+    init; otherwise the other way round (new channels start as random features, nothing reads them yet).
+    """
     if old.shape == init.shape:
         return old.clone()
     if old.ndim != init.ndim:
@@ -55,12 +62,14 @@ def _widen_tensor(name: str, old: torch.Tensor, init: torch.Tensor) -> torch.Ten
     out_groups, in_groups = _groups(name)
     rows = _embed(old.shape[0], init.shape[0], out_groups)
     is_gamma = name.endswith("gamma")
-    if not is_gamma:
+    if not is_gamma and new_start_at_zero:
         new_rows = torch.ones(init.shape[0], dtype=torch.bool)
         new_rows[rows] = False
         out[new_rows] = 0  # a new channel starts at exactly zero
     if old.ndim >= 2 and old.shape[1] != init.shape[1]:
         cols = _embed(old.shape[1], init.shape[1], in_groups)
+        if not new_start_at_zero:
+            out[rows] = 0  # an old channel does not read the new ones (yet)
         out[rows.view(-1, 1), cols.view(1, -1)] = old
     else:
         out[rows] = old
@@ -72,7 +81,7 @@ def _widen_tensor(name: str, old: torch.Tensor, init: torch.Tensor) -> torch.Ten
     return out
 
 
-def _widened(vae: WanVAE, cfg: VAEConfig, seed: int) -> WanVAE:
+def _widened(vae: WanVAE, cfg: VAEConfig, seed: int, new_start_at_zero: bool) -> WanVAE:
     """A VAE of `cfg` (wider than vae.cfg somewhere) holding `vae`'s weights by the rules above."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -83,7 +92,10 @@ def _widened(vae: WanVAE, cfg: VAEConfig, seed: int) -> WanVAE:
         raise ValueError(f"widening changed the parameter names: {sorted(set(old_sd) ^ set(new_sd))[:4]}")
     with torch.no_grad():
         wide.model.load_state_dict(
-            {k: _widen_tensor(k, old_sd[k].float(), v.float()).to(v.dtype) for k, v in new_sd.items()}
+            {
+                k: _widen_tensor(k, old_sd[k].float(), v.float(), new_start_at_zero).to(v.dtype)
+                for k, v in new_sd.items()
+            }
         )
     return wide.to(vae.device, vae.dtype).train(vae.training)
 
@@ -94,12 +106,14 @@ def widen_decoder(vae: WanVAE, decoder_base_dim: int, seed: int = 0) -> WanVAE:
     old_dim = vae.cfg.decoder_base_dim or vae.cfg.base_dim
     if decoder_base_dim < old_dim:
         raise ValueError(f"decoder_base_dim={decoder_base_dim} is narrower than this decoder's {old_dim}")
-    return _widened(vae, replace(vae.cfg, decoder_base_dim=decoder_base_dim), seed)
+    return _widened(vae, replace(vae.cfg, decoder_base_dim=decoder_base_dim), seed, new_start_at_zero=True)
 
 
 def widen_latent(vae: WanVAE, z_dim: int, seed: int = 0) -> WanVAE:
-    """A copy of `vae` with `z_dim` latent channels: the old ones first, with their values and statistics,
-    the new ones zero (statistics 0 and 1); it decodes every video as `vae` does (to float rounding)."""
+    """A copy of `vae` with `z_dim` latent channels: the old ones first, with their values and statistics;
+    the new ones random features of the encoder's last block (statistics 0 and 1 until measured), which
+    nothing reads yet, so it decodes every video as `vae` does (to float rounding). (Started at zero
+    instead, the new channels grew to 1 % of the old ones' spread in 500 steps at lr 1e-4 and added little.)"""
     if z_dim < vae.cfg.z_dim:
         raise ValueError(f"z_dim={z_dim} is fewer latent channels than this VAE's {vae.cfg.z_dim}")
     extra = z_dim - vae.cfg.z_dim
@@ -109,4 +123,4 @@ def widen_latent(vae: WanVAE, z_dim: int, seed: int = 0) -> WanVAE:
         latents_mean=[*vae.cfg.latents_mean, *[0.0] * extra],
         latents_std=[*vae.cfg.latents_std, *[1.0] * extra],
     )
-    return _widened(vae, cfg, seed)
+    return _widened(vae, cfg, seed, new_start_at_zero=False)
