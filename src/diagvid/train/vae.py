@@ -65,8 +65,8 @@ class VAETrainConfig:
     loaded from `init_from`, so a better decoder can replace the shipped one without retraining the DiT"""
     init_from: str = ""
     """a VAE folder (e.g. the shipped toy VAE) whose weights start the run when it has no checkpoint yet. If
-    the run's `overrides` set a wider `decoder_base_dim` than init_from's, its decoder is widened first
-    (`diagvid.model.widen.widen_decoder`: the same function at step 0, more channels to learn with)"""
+    the run's `overrides` set a wider `decoder_base_dim` or a larger `z_dim` than init_from's, init_from is
+    widened first (`diagvid.model.widen`: the same function at step 0, more channels to learn with)"""
     latent_anchor: float = 0.0
     """with `init_from` and a trained encoder: weight of an extra loss, the mean squared distance between the
     encoder's latents and `init_from`'s on the same frames, in the DiT's units (init_from's statistics,
