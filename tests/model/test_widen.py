@@ -122,3 +122,29 @@ def test_the_decoder_learns_to_read_the_new_latent_channels():
     assert reads[:, 4:].abs().max() == 0 and reads.grad[:, 4:].abs().sum() > 0
     with pytest.raises(ValueError, match="z_dim=3 is fewer latent channels than this VAE's 6"):
         widen_latent(wide, 3)
+
+
+def test_a_dit_widened_to_more_latent_channels_keeps_the_old_ones_velocity(tiny_dit):
+    """Whatever the new channels hold, the old channels' velocity is the old model's; the new ones start at
+    0 (Wan's zero head), and both the new input columns and the new output rows get a gradient."""
+    from diagvid.model.widen import widen_dit_latent
+    from tests.conftest import tiny_inputs
+
+    wide = widen_dit_latent(tiny_dit, 6)
+    assert wide.cfg.in_dim == wide.cfg.out_dim == 6
+    x, t, ctx = tiny_inputs(tiny_dit)
+    extra = torch.randn(x.shape[0], 2, *x.shape[2:], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        old = tiny_dit(x, t, ctx)
+        new = wide(torch.cat([x, extra], dim=1), t, ctx)
+    torch.testing.assert_close(new[:, :4], old, atol=1e-5, rtol=1e-5)
+    assert new[:, 4:].abs().max() == 0
+    wide.train()
+    (wide(torch.cat([x, extra], dim=1), t, ctx)[:, 4:] - 1).square().mean().backward()  # new channels only
+    head = wide.head.head.weight.grad.view(4, 6, -1)  # patch positions (1 x 2 x 2) x channels, channels last
+    assert head[:, 4:].abs().sum() > 0 and head[:, :4].abs().sum() == 0
+    wide.zero_grad()
+    (wide(torch.cat([x, extra], dim=1), t, ctx) - 1).square().mean().backward()  # every channel
+    assert wide.patch_embedding.weight.grad[:, 4:].abs().sum() > 0  # the model learns to read the new ones
+    with pytest.raises(ValueError, match="channels=3: widening needs as many or more than this DiT's 4"):
+        widen_dit_latent(tiny_dit, 3)

@@ -1,4 +1,5 @@
-"""Widen a Wan VAE, its decoder or its latent, without changing what it computes.
+"""Widen a Wan VAE, its decoder or its latent, and a DiT to a widened latent, without changing what they
+compute.
 
 `widen_decoder`: a decoder of `decoder_base_dim = D` has D * m channels where one of `base_dim` * m had
 them. `widen_latent`: more latent channels (z_dim), the old ones first. Either way the wider model is built
@@ -29,6 +30,7 @@ from dataclasses import replace
 
 import torch
 
+from diagvid.model.dit import WanDiT
 from diagvid.model.vae import VAEConfig, WanVAE
 
 # parameters whose channels are several blocks of the layer's width: (output blocks, input blocks)
@@ -124,3 +126,36 @@ def widen_latent(vae: WanVAE, z_dim: int, seed: int = 0) -> WanVAE:
         latents_std=[*vae.cfg.latents_std, *[1.0] * extra],
     )
     return _widened(vae, cfg, seed, new_start_at_zero=False)
+
+
+@torch.no_grad()
+def widen_dit_latent(dit: WanDiT, channels: int) -> WanDiT:
+    """A copy of `dit` that reads and predicts `channels` latent channels, the old ones first (a DiT for a
+    codec widened by `widen_latent`). The new channels' patch-embedding columns start at zero, so the tokens,
+    and the velocity of the old channels, are the old model's whatever the new channels hold; the new
+    channels' output rows start at zero (velocity 0, like Wan's zero-initialised head). Fine-tuning then
+    teaches it the new channels from the shipped model instead of from scratch."""
+    cfg = dit.cfg
+    if cfg.in_dim != cfg.out_dim or channels < cfg.in_dim:
+        raise ValueError(
+            f"channels={channels}: widening needs as many or more than this DiT's {cfg.in_dim}, and a DiT that "
+            f"predicts the channels it reads (in_dim={cfg.in_dim}, out_dim={cfg.out_dim})"
+        )
+    wide = WanDiT(replace(cfg, in_dim=channels, out_dim=channels))
+    old_sd, new_sd = dit.state_dict(), wide.state_dict()
+    patch = math.prod(cfg.patch_size)
+    state = {}
+    for name, init in new_sd.items():
+        old = old_sd[name]
+        if old.shape == init.shape:
+            state[name] = old.clone()
+            continue
+        out = torch.zeros_like(init)
+        if name.startswith(("patch_embedding.", "motion_stem.")):  # [D, C, ...]: new input columns
+            out[:, : cfg.in_dim] = old
+        else:  # head.head: [P * C (, D)], channels last within each patch position
+            rows = _embed(old.shape[0], init.shape[0], patch)
+            out[rows] = old
+        state[name] = out
+    wide.load_state_dict(state)
+    return wide.to(next(dit.parameters()).device).train(dit.training)
