@@ -24,6 +24,8 @@ KINDS = {
     "vae-decoder-robust": VAETrainConfig,
     "vae-decoder-edge": VAETrainConfig,
     "vae-anchored": VAETrainConfig,
+    "vae-decoder-wide": VAETrainConfig,
+    "vae-z16": VAETrainConfig,
     "vae-decoder-edge2": VAETrainConfig,
     "teacher": TeacherConfig,
     "teacher-contrast": TeacherConfig,
