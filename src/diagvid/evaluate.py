@@ -18,7 +18,6 @@ no method starts from; the floor is what the real clips the methods do start fro
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -111,7 +110,7 @@ def codec_psnr(videos: Sequence[np.ndarray], prompts: Sequence[str], num_frames:
     pooled over every clip: over the whole frame, and by region from the renderer's object masks: `outline`
     (every pixel within 2 of an object's outline, where a codec blurs), `interior` (the rest of the objects)
     and `background` (the rest of the frame)."""
-    from diagvid.train.vae import outline_band, render_with_mask
+    from diagvid.train.vae import outline_band, psnr_from_mse, render_with_mask
     from diagvid.world import frames_to_tensor
 
     specs = _specs_for(prompts, num_frames, size)
@@ -127,12 +126,7 @@ def codec_psnr(videos: Sequence[np.ndarray], prompts: Sequence[str], num_frames:
         for name, where in regions.items():
             sums[name] += err[where].sum().item()
             counts[name] += 3 * int(where.sum())
-    # videos in [-1, 1]: a peak-to-peak range of 2, so PSNR = 10 log10(4 / MSE)
-    return {
-        name: round(10 * math.log10(4.0 / max(sums[name] / counts[name], 1e-12)), 3)
-        for name in sums
-        if counts[name]
-    }
+    return {name: round(psnr_from_mse(sums[name] / counts[name]), 3) for name in sums if counts[name]}
 
 
 def student_method(pipe, schedule: str | None = None, context: str | None = None) -> Method:

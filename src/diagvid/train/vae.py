@@ -124,10 +124,14 @@ EVAL_CLIPS = 6
 """held-out clips scored at each periodic evaluation: one per colour"""
 
 
+def psnr_from_mse(mse: float) -> float:
+    """PSNR in dB of a mean squared error between videos in [-1, 1] (a peak-to-peak range of 2)."""
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of videos in [-1, 1]."""
-    mse = F.mse_loss(a.float(), b.float()).item()
-    return 10 * math.log10(4.0 / max(mse, 1e-12))
+    return psnr_from_mse(F.mse_loss(a.float(), b.float()).item())
 
 
 def render_with_mask(spec) -> tuple[torch.Tensor, torch.Tensor]:
