@@ -26,6 +26,7 @@ KINDS = {
     "vae-anchored": VAETrainConfig,
     "vae-decoder-wide": VAETrainConfig,
     "vae-z16": VAETrainConfig,
+    "vae-z16-decay": VAETrainConfig,
     "vae-decoder-edge2": VAETrainConfig,
     "teacher": TeacherConfig,
     "teacher-contrast": TeacherConfig,

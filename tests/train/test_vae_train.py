@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -29,12 +31,19 @@ def recipe(out) -> VAETrainConfig:
 
 
 def test_resume_is_bit_identical_and_statistics_are_filled(tmp_path):
-    straight = train_vae(recipe(tmp_path / "a"), progress=False)
-    train_vae(recipe(tmp_path / "b"), max_steps=1, progress=False)
-    resumed = train_vae(recipe(tmp_path / "b"), progress=False)
+    def decaying(out):  # the rate falls linearly over the last 2 of 3 steps to half, across the restart too
+        cfg = recipe(out)
+        cfg.warmup, cfg.decay_steps, cfg.final_lr_ratio = 1, 2, 0.5
+        return cfg
+
+    straight = train_vae(decaying(tmp_path / "a"), progress=False)
+    train_vae(decaying(tmp_path / "b"), max_steps=1, progress=False)
+    resumed = train_vae(decaying(tmp_path / "b"), progress=False)
     a = load_checkpoint(tmp_path / "a/checkpoint.pt")["state"]["vae"]
     b = load_checkpoint(tmp_path / "b/checkpoint.pt")["state"]["vae"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(line) for line in (tmp_path / "b/log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log if "lr" in r] == pytest.approx([1e-3, 7.5e-4, 5e-4])
     assert straight.cfg.latents_std == resumed.cfg.latents_std
     assert straight.cfg.latents_std != [1.0] * 4  # measured, not the placeholder
 
@@ -260,6 +269,13 @@ def test_outline_psnr_scores_the_band_alone():
     scores = reconstruction_scores(rec, clips, masks)
     assert scores["outline_psnr"] == pytest.approx(20.0, abs=1e-3)
     assert scores["psnr"] > scores["outline_psnr"] + 3  # the band is under half the frame
+
+
+def test_decay_steps_are_checked():
+    with pytest.raises(ValueError, match=r"decay_steps=4 must be in \[0, steps=3\]"):
+        from_dict(VAETrainConfig, {"steps": 3, "decay_steps": 4})
+    with pytest.raises(ValueError, match=r"final_lr_ratio=1\.5 must be in \[0, 1\]"):
+        from_dict(VAETrainConfig, {"final_lr_ratio": 1.5})
 
 
 def test_edge_weight_is_checked():
