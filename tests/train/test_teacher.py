@@ -419,6 +419,31 @@ def test_a_run_with_a_motion_stem_starts_from_a_model_without_one():
         starting_state(run, replace(cfg, motion_stem=(1, 1)), where="'x'")
 
 
+def test_a_run_for_more_latent_channels_starts_from_the_narrower_model_widened():
+    """A run whose model reads twice the start's latent channels (a codec widened by `widen_latent`), grown as
+    well: the old channels' velocity is the start's whatever the new channels hold, the new ones' is zero;
+    fewer channels than the start's are refused."""
+    from dataclasses import replace
+
+    from diagvid.model.dit import WanDiT, preset
+    from diagvid.train.teacher import starting_state
+    from tests.conftest import randomize, tiny_inputs
+
+    torch.manual_seed(0)
+    start = randomize(WanDiT(preset("tiny"))).eval()
+    x, t, ctx = tiny_inputs(start)
+    c = start.cfg.in_dim
+    cfg = replace(start.cfg, in_dim=2 * c, out_dim=2 * c, num_layers=2 * start.cfg.num_layers)
+    run = WanDiT(cfg).eval()
+    run.load_state_dict(starting_state(start, cfg))
+    wide_x = torch.cat([x, torch.randn_like(x)], dim=1)
+    v = run(wide_x, t, ctx)
+    torch.testing.assert_close(v[:, :c], start(x, t, ctx), rtol=0, atol=1e-6)
+    assert not v[:, c:].any()
+    with pytest.raises(ValueError, match=r"this run trains .*in_dim=" + str(c)):
+        starting_state(run, start.cfg, where="'x'")
+
+
 def test_latent_cache_is_keyed_by_the_vae(codec_folders, tmp_path):
     from diagvid.model.vae import WanVAE, preset
     from diagvid.train.teacher import build_latent_cache

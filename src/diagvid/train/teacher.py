@@ -359,13 +359,15 @@ def grown(model: WanDiT, cfg: DiTConfig, where: str = "the model") -> WanDiT:
 def starting_state(
     start: WanDiT, cfg: DiTConfig, where: str = "the model", anchor_rms: float = 0.0, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """The weights of a run of `cfg` that starts from `start`: grown to the run's depth (`grown`, the same
-    function), and given the embeddings of ours the run has and `start` not (`first_frame_embedding`,
+    """The weights of a run of `cfg` that starts from `start`: widened to the run's latent channels when it
+    reads more (`widen_dit_latent`: the old channels' velocity unchanged, the new ones' zero), grown to the
+    run's depth (`grown`, the same function), and given the embeddings of ours the run has and `start` not (`first_frame_embedding`,
     `position_grid`, `motion_stem`): zero (the same function again) or, with `anchor_rms` > 0, seeded noise
     of that RMS."""
     from dataclasses import replace
 
     from diagvid.model.weights import expected_shapes
+    from diagvid.model.widen import widen_dit_latent
 
     ours = {
         "first_frame_embedding": "first_frame",
@@ -378,6 +380,8 @@ def starting_state(
             raise ValueError(f"{where} has a {option}; this run's model has none, so it would be lost")
         if theirs and theirs != mine:
             raise ValueError(f"{where} has {option}={theirs}; this run's model has {mine}")
+    if start.cfg.in_dim < cfg.in_dim:  # a codec with more latent channels (widen_latent): the old ones first
+        start = widen_dit_latent(start, cfg.in_dim)
     same = replace(cfg, **{option: getattr(start.cfg, option) for option in ours})
     if start.cfg != same:
         start = grown(start, same, where=where)
