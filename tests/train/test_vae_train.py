@@ -30,6 +30,14 @@ def recipe(out) -> VAETrainConfig:
     )
 
 
+@pytest.fixture(scope="module")
+def shipped_dir(tmp_path_factory):
+    """A tiny codec trained 3 steps and saved: the `init_from` of the fine-tuning tests (never written to)."""
+    root = tmp_path_factory.mktemp("shipped")
+    train_vae(recipe(root / "run"), progress=False).save(root / "codec")
+    return root / "codec"
+
+
 def test_resume_is_bit_identical_and_statistics_are_filled(tmp_path):
     def decaying(out):  # the rate falls linearly over the last 2 of 3 steps to half, across the restart too
         cfg = recipe(out)
@@ -71,29 +79,27 @@ def test_warm_up_streams_the_cache_then_trains_on_the_rest(tmp_path):
     assert load_checkpoint(tmp_path / "w/checkpoint.pt")["step"] == 3
 
 
-def test_init_from_starts_from_the_given_weights(tmp_path):
-    first = train_vae(recipe(tmp_path / "a"), progress=False)
-    first.save(tmp_path / "shipped")
+def test_init_from_starts_from_the_given_weights(tmp_path, shipped_dir):
+    from diagvid.model.vae import WanVAE
+
     cfg = recipe(tmp_path / "b")
-    cfg.init_from, cfg.lr, cfg.steps = str(tmp_path / "shipped"), 0.0, 1
+    cfg.init_from, cfg.lr, cfg.steps = str(shipped_dir), 0.0, 1
     train_vae(cfg, progress=False)
     started = load_checkpoint(tmp_path / "b/checkpoint.pt")["state"]["vae"]
-    for name, tensor in first.model.state_dict().items():
+    for name, tensor in WanVAE.load(shipped_dir).model.state_dict().items():
         assert torch.equal(started[f"model.{name}"], tensor), name
 
 
-def test_freeze_encoder_trains_the_decoder_alone_and_keeps_the_latents(tmp_path):
+def test_freeze_encoder_trains_the_decoder_alone_and_keeps_the_latents(tmp_path, shipped_dir):
     """A decoder fine-tune leaves every latent unchanged: encoder weights, statistics and the latent-cache key
     (so a teacher trained on the old codec stays valid), while the decoder moves."""
     from diagvid.model.vae import WanVAE
     from diagvid.train.teacher import vae_fingerprint
 
-    first = train_vae(recipe(tmp_path / "a"), progress=False)
-    first.save(tmp_path / "shipped")
-    shipped = WanVAE.load(tmp_path / "shipped")
     cfg = recipe(tmp_path / "b")
-    cfg.init_from, cfg.freeze_encoder, cfg.lr, cfg.warmup = str(tmp_path / "shipped"), True, 1e-2, 1
+    cfg.init_from, cfg.freeze_encoder, cfg.lr, cfg.warmup = str(shipped_dir), True, 1e-2, 1
     tuned = train_vae(cfg, progress=False)
+    shipped = WanVAE.load(shipped_dir)
     new, old = tuned.model.state_dict(), shipped.model.state_dict()
     frozen = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
     assert frozen and all(torch.equal(new[k], old[k]) for k in frozen)
@@ -139,13 +145,11 @@ def test_add_latent_noise_is_one_level_a_clip_in_the_dits_units():
 
 
 @pytest.mark.parametrize("warm_chunks_max", [0, 2])
-def test_latent_noise_reaches_the_decoder_and_resumes_exactly(tmp_path, warm_chunks_max):
-    first = train_vae(recipe(tmp_path / "a"), progress=False)
-    first.save(tmp_path / "shipped")
+def test_latent_noise_reaches_the_decoder_and_resumes_exactly(tmp_path, shipped_dir, warm_chunks_max):
 
     def tune(out, noise, max_steps=None):
         cfg = recipe(out)
-        cfg.init_from, cfg.freeze_encoder, cfg.latent_noise = str(tmp_path / "shipped"), True, noise
+        cfg.init_from, cfg.freeze_encoder, cfg.latent_noise = str(shipped_dir), True, noise
         cfg.warm_chunks_max, cfg.eval_frames = warm_chunks_max, 9
         train_vae(cfg, max_steps=max_steps, progress=False)
         return load_checkpoint(out / "checkpoint.pt")["state"]["vae"]
@@ -200,18 +204,17 @@ def test_anchor_latents_are_the_frozen_codecs_on_the_trained_frames():
 
 
 @pytest.mark.parametrize("warm_chunks_max", [0, 2])
-def test_latent_anchor_holds_the_trained_encoder_near_its_start(tmp_path, warm_chunks_max):
+def test_latent_anchor_holds_the_trained_encoder_near_its_start(tmp_path, shipped_dir, warm_chunks_max):
     """With the anchor the encoder still trains, its drift is logged, the exported codec keeps init_from's
     statistics, and a strong anchor keeps its latents nearer the start than no anchor does."""
     from diagvid.model.vae import WanVAE
     from diagvid.train.vae import latent_drift
 
-    train_vae(recipe(tmp_path / "a"), progress=False).save(tmp_path / "shipped")
-    shipped = WanVAE.load(tmp_path / "shipped")
+    shipped = WanVAE.load(shipped_dir)
 
     def tune(out, anchor):
         cfg = recipe(out)
-        cfg.init_from, cfg.latent_anchor = str(tmp_path / "shipped"), anchor
+        cfg.init_from, cfg.latent_anchor = str(shipped_dir), anchor
         cfg.lr, cfg.warmup, cfg.steps = 3e-3, 1, 8
         cfg.warm_chunks_max, cfg.eval_frames, cfg.ema_decay = warm_chunks_max, 9, 0.0
         return train_vae(cfg, progress=False)
@@ -313,16 +316,15 @@ def test_decoder_loss_weights_objects_and_their_outlines():
     assert not torch.allclose(decoder_loss(rec, x, mask, 4.0, 3.0, 1), decoder_loss(rec, x, mask, 4.0))
 
 
-def test_a_wider_decoder_starts_from_init_froms_widened_decoder(tmp_path):
+def test_a_wider_decoder_starts_from_init_froms_widened_decoder(tmp_path, shipped_dir):
     """overrides.decoder_base_dim wider than init_from's: the run starts from init_from's decoder, widened,
     so at step 0 it decodes exactly as init_from does; the encoder and latents stay as they were."""
     from diagvid.model.vae import WanVAE
     from diagvid.train.teacher import vae_fingerprint
 
-    train_vae(recipe(tmp_path / "a"), progress=False).save(tmp_path / "shipped")
-    shipped = WanVAE.load(tmp_path / "shipped")
+    shipped = WanVAE.load(shipped_dir)
     cfg = recipe(tmp_path / "b")
-    cfg.init_from, cfg.freeze_encoder, cfg.lr, cfg.steps = str(tmp_path / "shipped"), True, 0.0, 1
+    cfg.init_from, cfg.freeze_encoder, cfg.lr, cfg.steps = str(shipped_dir), True, 0.0, 1
     cfg.overrides = {"decoder_base_dim": 16}
     wide = train_vae(cfg, progress=False).eval()
     assert wide.cfg.decoder_base_dim == 16 and wide.model.decoder.conv_out.in_channels == 16
@@ -332,24 +334,23 @@ def test_a_wider_decoder_starts_from_init_froms_widened_decoder(tmp_path):
         torch.testing.assert_close(wide.decode(z), shipped.decode(z), atol=2e-5, rtol=0)
 
     cfg = recipe(tmp_path / "c")
-    cfg.init_from, cfg.overrides = str(tmp_path / "shipped"), {"base_dim": 16}
+    cfg.init_from, cfg.overrides = str(shipped_dir), {"base_dim": 16}
     with pytest.raises(ValueError, match=r"init_from=.* is a VAEConfig\(base_dim=8"):
         train_vae(cfg, progress=False)
 
 
-def test_more_latent_channels_start_from_init_from_widened_and_anchor_the_old_ones(tmp_path):
+def test_more_latent_channels_start_from_init_from_widened_and_anchor_the_old_ones(tmp_path, shipped_dir):
     """overrides.z_dim above init_from's: the run starts from init_from with its latent widened, the anchor
     holds the old channels (the new ones are free), and the export keeps the old channels' statistics and
     measures the new ones'."""
     from diagvid.model.vae import WanVAE
     from diagvid.train.vae import latent_drift
 
-    train_vae(recipe(tmp_path / "a"), progress=False).save(tmp_path / "shipped")
-    shipped = WanVAE.load(tmp_path / "shipped")
+    shipped = WanVAE.load(shipped_dir)
 
     def widened(out, anchor):
         cfg = recipe(out)
-        cfg.init_from, cfg.latent_anchor, cfg.overrides = str(tmp_path / "shipped"), anchor, {"z_dim": 6}
+        cfg.init_from, cfg.latent_anchor, cfg.overrides = str(shipped_dir), anchor, {"z_dim": 6}
         cfg.lr, cfg.warmup, cfg.steps, cfg.ema_decay = 3e-3, 1, 4, 0.0
         return train_vae(cfg, progress=False)
 
@@ -370,7 +371,7 @@ def test_more_latent_channels_start_from_init_from_widened_and_anchor_the_old_on
         ("latent_noise", 0.3, "latent_noise"),
     ):
         bad = recipe(tmp_path / key)
-        bad.init_from, bad.overrides = str(tmp_path / "shipped"), {"z_dim": 6}
+        bad.init_from, bad.overrides = str(shipped_dir), {"z_dim": 6}
         bad.latent_anchor = 0.0 if key == "freeze_encoder" else 1.0
         setattr(bad, key, value)
         with pytest.raises(ValueError, match=rf"z_dim=6 differs from init_from's 4.*{word}"):
