@@ -278,6 +278,17 @@ def test_teacher_method_samples_the_asked_length(tiny_pipeline):
     assert not np.array_equal(guided[0], videos[0])  # same noise, another CFG scale
 
 
+def test_teacher_method_refuses_a_teacher_for_another_codec(tiny_pipeline):
+    from diagvid.model.widen import widen_dit_latent
+
+    wide = widen_dit_latent(tiny_pipeline.generator, 2 * tiny_pipeline.vae.z_dim)
+    models = (tiny_pipeline.generator, tiny_pipeline.vae, tiny_pipeline.text_encoder)
+    with pytest.raises(ValueError, match=r"the teacher reads 8 and writes 8 latent channels; the VAE makes 4"):
+        ev.teacher_method(wide, *models[1:])
+    with pytest.raises(ValueError, match=r"the image_to_video reads 8 and writes 8 latent channels"):
+        ev.teacher_method(*models, image_to_video=wide)
+
+
 def test_teacher_method_resamples_the_frames_after_the_first_with_an_image_to_video_model(tiny_pipeline):
     """The second pass keeps the first pass's latent frame 0 (the causal VAE decodes it alone into pixel frame
     0, so that frame is the same bit for bit) and samples the frames after it again: twice the forwards."""

@@ -208,6 +208,12 @@ def teacher_method(
         sample_euler_best_of,
     )
 
+    for role, model in (("teacher", teacher), ("image_to_video", image_to_video)):
+        if model is not None and not model.cfg.in_dim == model.cfg.out_dim == vae.z_dim:
+            raise ValueError(
+                f"the {role} reads {model.cfg.in_dim} and writes {model.cfg.out_dim} latent channels; the VAE "
+                f"makes {vae.z_dim} (a teacher is sampled with the codec whose latents it was trained on)"
+            )
     start = partial_timesteps(num_steps, shift, start_sigma)[0] / NUM_TRAIN_TIMESTEPS  # fails early if empty
     classifiers = [] if motion is None else list(motion) if isinstance(motion, Sequence) else [motion]
     scales = [float(x) for x in motion_scale] if isinstance(motion_scale, Sequence) else [float(motion_scale)]
