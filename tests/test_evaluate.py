@@ -283,7 +283,9 @@ def test_teacher_method_refuses_a_teacher_for_another_codec(tiny_pipeline):
 
     wide = widen_dit_latent(tiny_pipeline.generator, 2 * tiny_pipeline.vae.z_dim)
     models = (tiny_pipeline.generator, tiny_pipeline.vae, tiny_pipeline.text_encoder)
-    with pytest.raises(ValueError, match=r"the teacher reads 8 and writes 8 latent channels; the VAE makes 4"):
+    with pytest.raises(
+        ValueError, match=r"the teacher reads 8 and writes 8 latent channels; the VAE makes 4"
+    ):
         ev.teacher_method(wide, *models[1:])
     with pytest.raises(ValueError, match=r"the image_to_video reads 8 and writes 8 latent channels"):
         ev.teacher_method(*models, image_to_video=wide)
