@@ -358,10 +358,11 @@ def test_the_shipped_image_to_video_expert_tells_the_asked_direction_from_its_re
 
 
 def test_the_sixteen_channel_codec_keeps_the_shipped_latents_in_its_first_eight():
-    """`toy/vae-z16` (configs/toy/vae-z16.toml, not yet the pipeline's codec): the bundled codec with its
-    latent widened to 16 channels and trained 3500 steps with the old 8 anchored. Its first 8 channels stay
-    within 0.03 RMS of toy/vae's latents (against a spread of ~1), so a DiT widened by `widen_dit_latent`
-    starts where the shipped one is; it measured 30.2 dB here against toy/vae's 29.2."""
+    """`toy/vae-z16` (configs/toy/vae-z16.toml, then vae-z16-decay.toml; not yet the pipeline's codec): the
+    bundled codec with its latent widened to 16 channels, trained 3500 steps with the old 8 anchored to
+    toy/vae's latents, then 4000 more with all 16 anchored to its own. Its first 8 channels stay within
+    0.075 RMS of toy/vae's latents (measured 0.049, against a spread of ~1), so a DiT widened by
+    `widen_dit_latent` starts near where the shipped one is; it measured 30.9 dB here against toy/vae's 29.2."""
     import torch
 
     from diagvid.train.vae import evaluate_vae, heldout_clips
@@ -372,6 +373,6 @@ def test_the_sixteen_channel_codec_keeps_the_shipped_latents_in_its_first_eight(
     with torch.no_grad():
         old = torch.cat([shipped.encode(c[None]) for c in clips])
         new = torch.cat([wide.encode(c[None]) for c in clips])
-    assert (new[:, :8] - old).square().mean().sqrt() < 0.05
+    assert (new[:, :8] - old).square().mean().sqrt() < 0.075
     assert new[:, 8:].std() > 0.5  # normalised by their measured statistics
-    assert evaluate_vae(wide, clips, masks)["psnr"] > evaluate_vae(shipped, clips, masks)["psnr"] + 0.6
+    assert evaluate_vae(wide, clips, masks)["psnr"] > evaluate_vae(shipped, clips, masks)["psnr"] + 1.2
