@@ -361,9 +361,9 @@ def starting_state(
 ) -> dict[str, torch.Tensor]:
     """The weights of a run of `cfg` that starts from `start`: widened to the run's latent channels when it
     reads more (`widen_dit_latent`: the old channels' velocity unchanged, the new ones' zero), grown to the
-    run's depth (`grown`, the same function), and given the embeddings of ours the run has and `start` not (`first_frame_embedding`,
-    `position_grid`, `motion_stem`): zero (the same function again) or, with `anchor_rms` > 0, seeded noise
-    of that RMS."""
+    run's depth (`grown`, the same function), and given the embeddings of ours the run has and `start` not
+    (`first_frame_embedding`, `position_grid`, `motion_stem`): zero (the same function again) or, with
+    `anchor_rms` > 0, seeded noise of that RMS."""
     from dataclasses import replace
 
     from diagvid.model.weights import expected_shapes

@@ -39,9 +39,9 @@ class VAETrainConfig:
     lr: float = 1e-3
     warmup: int = 100
     decay_steps: int = 0
-    """the last `decay_steps` steps of the run lower the learning rate linearly to `final_lr_ratio * lr`: the
-    batches are small (two clips), and at a constant rate the held-out PSNR wanders by 0.1-0.2 dB between
-    evaluations; 0 keeps the rate constant after the warm-up"""
+    """the last `decay_steps` steps of the run lower the learning rate linearly to `final_lr_ratio * lr`. The
+    fine-tuning recipes' batches are small (two clips), and at a constant rate their held-out PSNR wanders by
+    0.1-0.2 dB between evaluations; 0 keeps the rate constant after the warm-up"""
     final_lr_ratio: float = 0.1
     kl_weight: float = 1e-6
     fg_weight: float = 10.0
@@ -411,8 +411,13 @@ def train_vae(
         opt.step()
         sched.step()
         ema.update(vae)
-        stats = {"loss": loss.item(), "l1": l1.item(), "psnr": psnr(rec.detach(), x), "kl": kl.item()}
-        stats["lr"] = float(sched.get_last_lr()[0])
+        stats = {
+            "loss": loss.item(),
+            "l1": l1.item(),
+            "psnr": psnr(rec.detach(), x),
+            "kl": kl.item(),
+            "lr": float(sched.get_last_lr()[0]),
+        }
         if cfg.latent_anchor:
             stats["drift"] = drift.item()
         return stats
