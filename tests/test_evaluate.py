@@ -289,6 +289,17 @@ def test_teacher_method_refuses_a_teacher_for_another_codec(tiny_pipeline):
         ev.teacher_method(wide, *models[1:])
     with pytest.raises(ValueError, match=r"the image_to_video reads 8 and writes 8 latent channels"):
         ev.teacher_method(*models, image_to_video=wide)
+    from diagvid.verify import DirectionVerifier
+
+    with pytest.raises(ValueError, match=r"the verifier reads 8 latent channels; the VAE makes 4"):
+        ev.teacher_method(*models, motion_candidates=2, verifier=DirectionVerifier(wide, models[2]))
+    from diagvid.model.motion import MotionClassifier, MotionClassifierConfig
+
+    clf = MotionClassifier(
+        MotionClassifierConfig(in_dim=8, frames=2, width=8, groups=2, freq_dim=8, hidden=8)
+    )
+    with pytest.raises(ValueError, match=r"the motion classifier 0 reads 8 latent channels; the VAE makes 4"):
+        ev.teacher_method(*models, motion=clf, motion_scale=1.0)
 
 
 def test_teacher_method_resamples_the_frames_after_the_first_with_an_image_to_video_model(tiny_pipeline):

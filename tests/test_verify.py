@@ -77,3 +77,17 @@ def test_verifier_refuses_bad_settings_and_input(tiny_pipeline):
         verifier.score(torch.zeros(2, model.cfg.in_dim, 3, 4, 4), "a red circle")
     with pytest.raises(ValueError, match=r"latents \[N, C, F >= 2, h, w\]; got \[2, 4, 1, 4, 4\]"):
         verifier.score(torch.zeros(2, model.cfg.in_dim, 1, 4, 4), "a red circle moves left")
+
+
+def test_verifier_reads_the_leading_channels_of_wider_latents(tiny_pipeline):
+    """Candidates from a codec grown from the judge's (more latent channels) are judged by the channels the
+    judge reads; fewer channels than it reads are refused by name."""
+    model, text = tiny_pipeline.generator.eval(), tiny_pipeline.text_encoder
+    c = model.cfg.in_dim
+    x0 = torch.randn(2, c, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    wide = torch.cat([x0, 3 * torch.randn(2, c, 4, 4, 4)], dim=1)
+    verifier = DirectionVerifier(model, text, sigmas=(0.8,), draws=1, frames=3)
+    prompt = "a red circle moves left"
+    torch.testing.assert_close(verifier.score(wide, prompt), verifier.score(x0, prompt), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"candidates have {c - 1} latent channels; the judge reads {c}"):
+        verifier.score(x0[:, : c - 1], prompt)

@@ -216,6 +216,12 @@ def teacher_method(
             )
     start = partial_timesteps(num_steps, shift, start_sigma)[0] / NUM_TRAIN_TIMESTEPS  # fails early if empty
     classifiers = [] if motion is None else list(motion) if isinstance(motion, Sequence) else [motion]
+    readers = [(f"motion classifier {i}", c.cfg.in_dim) for i, c in enumerate(classifiers)]
+    if verifier is not None:
+        readers.append(("verifier", verifier.model.cfg.in_dim))
+    for role, channels in readers:  # fewer is fine: the leading channels of a codec grown from theirs
+        if channels > vae.z_dim:
+            raise ValueError(f"the {role} reads {channels} latent channels; the VAE makes {vae.z_dim}")
     scales = [float(x) for x in motion_scale] if isinstance(motion_scale, Sequence) else [float(motion_scale)]
     if any(scales) and not classifiers:
         raise ValueError(f"motion_scale={motion_scale}: classifier guidance needs a motion classifier")

@@ -61,13 +61,20 @@ class DirectionVerifier:
 
     @torch.no_grad()
     def score(self, x0: torch.Tensor, prompt: str) -> torch.Tensor:
-        """Scores [N] of the finished candidates x0 [N, C, F, h, w] of one prompt; higher is better."""
+        """Scores [N] of the finished candidates x0 [N, C, F, h, w] of one prompt; higher is better.
+
+        Candidates with more latent channels than the judge reads (C > its `in_dim`) are judged by their first
+        `in_dim`: a codec grown from the judge's (`toy/vae-z16` from `toy/vae`) keeps those channels' meaning.
+        """
         if x0.dim() != 5 or x0.shape[2] < 2:
             raise ValueError(f"candidates must be latents [N, C, F >= 2, h, w]; got {list(x0.shape)}")
         if not self.judges(prompt):
             raise ValueError(f"prompt {prompt!r} asks for no direction: nothing to verify")
+        channels = self.model.cfg.in_dim  # latents of a codec grown from the judge's: its leading channels
+        if x0.shape[1] < channels:
+            raise ValueError(f"candidates have {x0.shape[1]} latent channels; the judge reads {channels}")
         n, dev = x0.shape[0], x0.device
-        x0 = x0[:, :, : self.frames].float()
+        x0 = x0[:, :channels, : self.frames].float()
         ctx = self.text_encoder.encode([prompt, reversed_caption(prompt)])[0].to(dev)
         ctx = ctx.repeat_interleave(n, dim=0)  # [2N, L, D]: the prompt's N rows, then the reverse's
         fm = FlowMatch(shift=1.0, sigma_mode="exact")

@@ -41,8 +41,10 @@ def test_logits_per_class_and_clear_errors():
     torch.testing.assert_close(clf(x, torch.tensor(0.5)), clf(y, torch.tensor(0.5)))
     # the noise level is an input: the same latents read differently at another level
     assert not torch.allclose(clf(x, torch.tensor(0.2)), clf(x, torch.tensor(0.9)))
-    with pytest.raises(ValueError, match=r"expected \[B, 4, F >= 3, h, w\]"):
+    with pytest.raises(ValueError, match=r"expected \[B, C >= 4, F >= 3, h, w\]"):
         clf(torch.randn(2, 4, 2, 4, 4), torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"latents of shape \(2, 3, 5, 4, 6\): expected \[B, C >= 4"):
+        clf(x[:, :3], torch.tensor(0.5))
     with pytest.raises(ValueError, match="multiple of groups"):
         MotionClassifierConfig(width=10, groups=4)
 
@@ -249,3 +251,17 @@ def test_a_caption_aware_discriminator_guides_toward_real_clips_of_the_asked_dir
         MotionClassifierConfig(
             target="realness-direction", classes=["generated up", "real left", "generated left"]
         )
+
+
+def test_wider_latents_are_read_by_their_leading_channels():
+    """A codec grown from the classifier's (16 channels from 8) is read by the channels it had: the logits
+    are those of the leading channels alone, and guidance leaves the others untouched."""
+    clf = _classifier()
+    x = torch.randn(2, 4, 5, 4, 6)
+    wide = torch.cat([x, 5 * torch.randn(2, 3, 5, 4, 6)], dim=1)
+    torch.testing.assert_close(clf(wide, torch.tensor(0.5)), clf(x, torch.tensor(0.5)), rtol=0, atol=0)
+    guide = MotionGuidance(clf, torch.tensor([3, 1]), scale=2.0, sigma_min=0.5)
+    shift = guide.velocity_shift(wide, 0.8)
+    assert shift[:, 4:].abs().max() == 0  # the new channels
+    torch.testing.assert_close(shift[:, :4], guide.velocity_shift(x, 0.8))
+    assert shift[:, :4].abs().max() > 0

@@ -148,11 +148,18 @@ class MotionClassifier(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Logits [B, K] of x [B, C >= in_dim, F >= frames, h, w] at noise level `sigma` [1] or [B].
+
+        Latents with more channels than `in_dim` are read by their first `in_dim`: a codec grown from the
+        one the classifier learned (`toy/vae-z16` from `toy/vae`, its first 8 channels anchored to the old
+        latents) keeps those channels' meaning; the others get no gradient.
+        """
         cfg = self.cfg
-        if x.ndim != 5 or x.shape[1] != cfg.in_dim or x.shape[2] < cfg.frames:
+        if x.ndim != 5 or x.shape[1] < cfg.in_dim or x.shape[2] < cfg.frames:
             raise ValueError(
-                f"latents of shape {tuple(x.shape)}: expected [B, {cfg.in_dim}, F >= {cfg.frames}, h, w]"
+                f"latents of shape {tuple(x.shape)}: expected [B, C >= {cfg.in_dim}, F >= {cfg.frames}, h, w]"
             )
+        x = x[:, : cfg.in_dim]
         dtype = self.head[0].weight.dtype  # computes in the weights' precision
         levels = 1000.0 * sigma.expand(x.shape[0])  # read as Wan's timesteps, as the DiT reads them
         film = self.noise_mlp(sinusoidal_embedding(levels, cfg.freq_dim).to(dtype)).chunk(
