@@ -22,22 +22,24 @@ def test_shipped_weights_are_small_and_readable_by_all(weights):
 
 
 @pytest.mark.parametrize(
-    ("name", "layers", "levels"),
+    ("name", "layers", "levels", "codec"),
     [
-        ("toy/teacher", 6, (0.0, 1.0)),
-        ("toy/teacher-deep", 12, (0.0, 1.0)),
-        ("toy/teacher-high", 12, (0.7, 1.0)),  # configs/toy/teacher-high.toml: sigma_min 0.7
-        ("toy/teacher-high-tuned", 12, (0.7, 1.0)),  # configs/toy/teacher-high-tuned.toml: the same levels
-        ("toy/teacher-i2v-high", 12, (0.5, 1.0)),  # configs/toy/teacher-i2v-high.toml: sigma_min 0.5
-        ("toy/teacher-low", 12, (0.0, 0.7)),  # configs/toy/teacher-low.toml: sigma_max 0.7
+        ("toy/teacher", 6, (0.0, 1.0), "toy/vae"),
+        ("toy/teacher-deep", 12, (0.0, 1.0), "toy/vae"),
+        ("toy/teacher-high", 12, (0.7, 1.0), "toy/vae"),  # configs/toy/teacher-high.toml: sigma_min 0.7
+        ("toy/teacher-high-tuned", 12, (0.7, 1.0), "toy/vae"),  # teacher-high-tuned.toml: the same levels
+        ("toy/teacher-i2v-high", 12, (0.5, 1.0), "toy/vae"),  # teacher-i2v-high.toml: sigma_min 0.5
+        ("toy/teacher-low", 12, (0.0, 0.7), "toy/vae"),  # configs/toy/teacher-low.toml: sigma_max 0.7
+        ("toy/teacher-high-z16", 12, (0.7, 1.0), "toy/vae-z16"),  # teacher-high-tuned-z16.toml
+        ("toy/teacher-low-z16", 12, (0.0, 0.7), "toy/vae-z16"),  # teacher-low-z16.toml
     ],
 )
-def test_the_toy_teachers_fit_the_toy_codec_and_text_encoder(name, layers, levels):
+def test_the_toy_teachers_fit_the_toy_codec_and_text_encoder(name, layers, levels, codec):
     from diagvid.model.weights import read_noise_range
     from diagvid.pretrained import ASSETS as BUNDLED
 
     teacher = load_dit_model(name)
-    vae, text = load_vae("toy/vae"), load_text_encoder("toy/text")
+    vae, text = load_vae(codec), load_text_encoder("toy/text")
     assert teacher.cfg.in_dim == teacher.cfg.out_dim == vae.z_dim
     assert teacher.cfg.text_dim == text.dim
     assert teacher.cfg.num_layers == layers
