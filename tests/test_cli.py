@@ -122,8 +122,10 @@ def test_info_json():
     assert data["noise_experts"] == {
         "toy/teacher-high": [0.7, 1.0],
         "toy/teacher-high-tuned": [0.7, 1.0],
+        "toy/teacher-high-z16": [0.7, 1.0],
         "toy/teacher-i2v-high": [0.5, 1.0],
         "toy/teacher-low": [0.0, 0.7],
+        "toy/teacher-low-z16": [0.0, 0.7],
     }
     text = " ".join(runner.invoke(app, ["info"]).output.split())
     assert "toy/teacher-low (noise expert: levels 0-0.7):" in text
