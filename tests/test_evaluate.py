@@ -278,8 +278,10 @@ def test_teacher_method_samples_the_asked_length(tiny_pipeline):
     assert not np.array_equal(guided[0], videos[0])  # same noise, another CFG scale
 
 
-def test_teacher_method_refuses_a_teacher_for_another_codec(tiny_pipeline):
+def test_teacher_method_refuses_models_for_another_codec(tiny_pipeline):
+    from diagvid.model.motion import MotionClassifier, MotionClassifierConfig
     from diagvid.model.widen import widen_dit_latent
+    from diagvid.verify import DirectionVerifier
 
     wide = widen_dit_latent(tiny_pipeline.generator, 2 * tiny_pipeline.vae.z_dim)
     models = (tiny_pipeline.generator, tiny_pipeline.vae, tiny_pipeline.text_encoder)
@@ -289,12 +291,8 @@ def test_teacher_method_refuses_a_teacher_for_another_codec(tiny_pipeline):
         ev.teacher_method(wide, *models[1:])
     with pytest.raises(ValueError, match=r"the image_to_video reads 8 and writes 8 latent channels"):
         ev.teacher_method(*models, image_to_video=wide)
-    from diagvid.verify import DirectionVerifier
-
     with pytest.raises(ValueError, match=r"the verifier reads 8 latent channels; the VAE makes 4"):
         ev.teacher_method(*models, motion_candidates=2, verifier=DirectionVerifier(wide, models[2]))
-    from diagvid.model.motion import MotionClassifier, MotionClassifierConfig
-
     clf = MotionClassifier(
         MotionClassifierConfig(in_dim=8, frames=2, width=8, groups=2, freq_dim=8, hidden=8)
     )
